@@ -1,0 +1,272 @@
+"""The ``compose`` command: generate, inspect and benchmark.
+
+Errors a user can act on (a bad LoRA file, a model that cannot be loaded, a wrong
+setting) are printed as one line, ``compose: error: ...``, with exit status 2; no
+traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .loading import CATEGORIES
+
+DEFAULT_MODEL = "tiny:sd1"
+EPILOG_GENERATE = """\
+examples:
+  compose generate --prompt "a cat"                               (embedded default model)
+  compose generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --lora knight.safetensors --lora watercolor.safetensors:0.7 \\
+      --method composite --prompt "a knight, watercolor" --seed 1 2 3 --out knight.png
+  compose generate --from-png knight-1.png --lora knight.safetensors --lora watercolor.safetensors
+"""
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT``."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+    parser = argparse.ArgumentParser(
+        prog="compose",
+        description="Compose several LoRA adapters into one Stable Diffusion image.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate images with LoRAs composed by a method",
+        description="Generate images with several LoRAs composed by one method. Every PNG carries "
+        "AUTOMATIC1111-style 'parameters' and a full JSON record that reproduces it.",
+        epilog=EPILOG_GENERATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / "
+        "tiny:sdxl (random weights, the embedded default until the demo world ships) "
+        f"[default: {DEFAULT_MODEL}]",
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=_lora_arg,
+        metavar="PATH[:WEIGHT]",
+        help="a LoRA file and its weight (default 1); repeat for several, in method order",
+    )
+    gen.add_argument("--method", choices=sorted(METHODS), default="merge", help="composition method [merge]")
+    gen.add_argument("--prompt", help="the prompt (required unless --from-png)")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt")
+    gen.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds, one image each [0]")
+    gen.add_argument("--steps", type=int, default=25, help="denoising steps [25]")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale [7.5]")
+    gen.add_argument("--width", type=int, help="width in pixels [the model's native size]")
+    gen.add_argument("--height", type=int, help="height in pixels [the model's native size]")
+    gen.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=DEFAULT_SCHEDULER,
+        help=f"sampler [{DEFAULT_SCHEDULER}]",
+    )
+    gen.add_argument(
+        "--lora-scale",
+        type=float,
+        default=0.8,
+        help="global LoRA scale multiplying every weight (reference: 0.8) [0.8]",
+    )
+    gen.add_argument("--tau", type=int, default=5, help="switch: steps per LoRA [5]")
+    gen.add_argument(
+        "--reference-offset",
+        action="store_true",
+        help="switch: reproduce the reference code's schedule (first LoRA tau+1 steps)",
+    )
+    gen.add_argument(
+        "--max-batch", type=int, help="cap on UNet batch rows per call (composite runs its LoRAs in chunks)"
+    )
+    gen.add_argument(
+        "--out",
+        default="outputs/compose.png",
+        help="output PNG; with several seeds, -SEED is added to the name [outputs/compose.png]",
+    )
+    gen.add_argument(
+        "--from-png",
+        metavar="PNG",
+        help="take every setting from a PNG made by compose (LoRA files still given with --lora)",
+    )
+    gen.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle LoRA files (.bin/.pt/.ckpt), loaded with torch.load(weights_only=True)",
+    )
+    gen.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
+
+    ins = commands.add_parser(
+        "inspect",
+        help="show what a LoRA file holds",
+        description="Show a LoRA file's format, base family, rank, targeted modules, "
+        "trigger words and metadata, and any keys that were not used.",
+    )
+    ins.add_argument("lora", help="LoRA file")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--allow-pickle", action="store_true", help="allow pickle files (weights only)")
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark the methods",
+        description="--speed times one denoising step of every method for N = 1..5 LoRAs against a "
+        "LoRA-free step and against diffusers' own PEFT path, side by side in one process.",
+    )
+    bench.add_argument("--speed", action="store_true", required=True, help="run the speed benchmark")
+    bench.add_argument(
+        "--preset",
+        choices=["tiny", "small", "sd15", "sdxl"],
+        default="small",
+        help="UNet shape with random weights: tiny, small (SD1.5 topology, narrow), sd15, sdxl [small]",
+    )
+    bench.add_argument("--max-loras", type=int, default=5, help="largest N [5]")
+    bench.add_argument("--rank", type=int, default=16, help="LoRA rank [16]")
+    bench.add_argument("--latent-size", type=int, help="latent side [the preset's sample size]")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration [5]")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls [2]")
+    bench.add_argument("--no-baselines", action="store_true", help="skip diffusers' PEFT baselines")
+    bench.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on CPU]")
+    bench.add_argument("--out", default="outputs/speed", help="folder for speed.json and speed.md")
+    return parser
+
+
+def _load_composer(model: str, device: str | None):
+    from .composer import Composer
+
+    if model.startswith("tiny:"):
+        return Composer.tiny(model.removeprefix("tiny:"))
+    return Composer.from_pretrained(model, device=device)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .composer import generate_kwargs
+    from .metadata import read_record, save_png
+
+    settings: dict
+    if args.from_png:
+        record = read_record(args.from_png)
+        settings = generate_kwargs(record)
+        seeds = [settings.pop("seed")]
+    else:
+        if args.prompt is None:
+            raise ValueError("--prompt is required (or --from-png)")
+        method_params = {"tau": args.tau, "reference_offset": args.reference_offset} if args.method == "switch" else {}
+        settings = dict(
+            prompt=args.prompt,
+            method=args.method,
+            method_params=method_params,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            width=args.width,
+            height=args.height,
+            scheduler=args.scheduler,
+            lora_scale=args.lora_scale,
+        )
+        seeds = args.seed
+    composer = _load_composer(args.model, args.device)
+    loaded = [(composer.load_lora(path, allow_pickle=args.allow_pickle), weight) for path, weight in args.lora]
+    if args.from_png:
+        by_hash = {lora.sha256: lora for lora, _ in loaded}
+        pairs = []
+        for entry in record["loras"]:
+            lora = by_hash.get(entry["sha256"])
+            if lora is None:
+                raise ValueError(
+                    f"{args.from_png} uses LoRA {entry['name']!r} ({entry['file']}, sha256 "
+                    f"{entry['sha256'][:12]}...); pass that file with --lora"
+                )
+            pairs.append((lora.name, entry["weight"]))
+        settings["loras"] = pairs
+    else:
+        settings["loras"] = [(lora.name, weight) for lora, weight in loaded]
+    out = Path(args.out)
+    for seed in seeds:
+        image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]
+        path = out if len(seeds) == 1 else out.with_name(f"{out.stem}-{seed}{out.suffix}")
+        save_png(image, path)
+        print(path)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .loading import load_lora
+
+    summary = load_lora(args.lora, allow_pickle=args.allow_pickle).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if key == "metadata":
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value) if value else "none"
+        print(f"{key:<{width}}  {value}")
+    if summary["metadata"]:
+        print("metadata:")
+        for key, value in summary["metadata"].items():
+            print(f"  {key}: {value}")
+    if summary["category"] is None:
+        print(f"(no category stored; set one with category= / a sidecar JSON: {', '.join(CATEGORIES)})")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .speed import run_speed_benchmark, to_markdown, write_results
+
+    result = run_speed_benchmark(
+        preset=args.preset,
+        max_loras=args.max_loras,
+        rank=args.rank,
+        latent_size=args.latent_size,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baselines=not args.no_baselines,
+    )
+    print(to_markdown(result))
+    for path in write_results(result, Path(args.out)):
+        print(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from .composer import ModelLoadError
+    from .loop import GenerationCancelled, NonFiniteLatentsError
+
+    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench}
+    try:
+        handlers[args.command](args)
+    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        parser.exit(2, f"compose: error: {message}\n")
+    except (KeyboardInterrupt, GenerationCancelled):
+        parser.exit(130, "compose: interrupted; images already written are complete\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""The Python API: a Stable Diffusion pipeline with composable LoRAs.
+
+    composer = Composer.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    composer.load_lora("knight.safetensors", category="character")
+    composer.load_lora("watercolor.safetensors", category="style")
+    images = composer.generate("a knight, watercolor", loras=["knight", "watercolor"],
+                               method="composite", seed=[1, 2, 3])
+
+The composer keeps the pipeline's components (UNet, VAE, text encoders, tokenizers,
+scheduler config) and one :class:`~compose.layers.LayerRegistry` per model it
+composes LoRAs into. Loading, unloading and re-weighting LoRAs never reloads or
+copies the base model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import platform
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from . import metadata
+from .layers import Factors, LayerRegistry, get_submodule
+from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
+from .loop import Conditioning, StepCallback, denoise
+from .methods import CompositionMethod, MethodContext, get_method
+from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
+
+LoRASpec = str | tuple[str, float]
+DEFAULT_LORA_SCALE = 0.8
+
+
+class ModelLoadError(RuntimeError):
+    """A base model that cannot be loaded; the message says why and what to do."""
+
+
+def _versions() -> dict[str, str]:
+    names = ("compose-lora", "diffusers", "torch", "transformers")
+    found = {name: version(name) for name in names[1:]}
+    try:
+        found["compose"] = version(names[0])
+    except Exception:
+        found["compose"] = "source"
+    found["python"] = platform.python_version()
+    return found
+
+
+def _fit(base: nn.Module, f: Factors) -> Factors | None:
+    """The factors shaped for ``base`` (1x1 convolutions and linears interchange), or
+    ``None`` when they do not fit."""
+    down, up = f.down, f.up
+    if isinstance(base, nn.Linear):
+        if down.dim() == 4 and down.shape[2:] == (1, 1):
+            down, up = down.flatten(1), up.flatten(1)
+        ok = down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
+    elif isinstance(base, nn.Conv2d):
+        if down.dim() == 2 and base.kernel_size == (1, 1):
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        ok = (
+            down.dim() == 4
+            and base.groups == 1
+            and down.shape[1:] == (base.in_channels, *base.kernel_size)
+            and up.shape[0] == base.out_channels
+        )
+    else:
+        return None
+    return Factors(down, up) if ok else None
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """The noise generators (ancestral samplers) and ``eta=0`` (DDIM) where ``step`` takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in (("generator", generators), ("eta", 0.0)) if k in accepted}
+
+
+class Composer:
+    """A diffusers SD1.x/SD2.x/SDXL pipeline plus composable LoRAs and the methods."""
+
+    def __init__(self, pipeline, model_name: str = "custom") -> None:
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipeline, part, None) is None:
+                raise ModelLoadError(
+                    f"{model_name}: a {type(pipeline).__name__} has no {part}; "
+                    "compose needs a Stable Diffusion 1.x/2.x or SDXL text-to-image pipeline"
+                )
+        self.pipeline = pipeline
+        self.model_name = model_name
+        self.family = model_family(pipeline.unet)
+        self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        self.registries = {
+            c: LayerRegistry(getattr(pipeline, c)) for c in COMPONENTS if getattr(pipeline, c, None) is not None
+        }
+        self.loras: dict[str, LoRA] = {}
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> Composer:
+        """Load a base model: a diffusers folder, a single-file checkpoint
+        (``.safetensors``/``.ckpt``, SD1.x/2.x or SDXL) or a Hugging Face Hub id.
+
+        Defaults: CUDA with float16 when available, else CPU with float32.
+        """
+        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        path = Path(model)
+        try:
+            if path.is_file():
+                if path.suffix in (".ckpt", ".pt", ".bin"):
+                    raise ModelLoadError(
+                        f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first"
+                    )
+                with safe_open(path, framework="pt") as handle:
+                    xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
+                pipe_cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+                pipeline = pipe_cls.from_single_file(str(path), torch_dtype=dtype)
+            elif path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ModelLoadError(
+                        f"{path}: folder has no model_index.json, so it is not a diffusers "
+                        "pipeline folder (save one with pipeline.save_pretrained, or give a "
+                        "single-file .safetensors checkpoint)"
+                    )
+                pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+            elif path.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") != 1:
+                raise ModelLoadError(f"{model}: no such file or folder")
+            else:
+                try:
+                    pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+                except OSError as error:
+                    raise ModelLoadError(
+                        f"{model}: could not be loaded from the Hugging Face Hub or its local "
+                        f"cache ({str(error).splitlines()[0]}). Without internet, download it "
+                        f"elsewhere with `hf download {model}` and pass the local folder."
+                    ) from error
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            raise ModelLoadError(f"{model}: cannot be loaded as a pipeline: {error}") from error
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline.to(device), model_name=str(model))
+
+    @classmethod
+    def tiny(cls, family: str = "sd1", seed: int = 0) -> Composer:
+        """A composer over a tiny random pipeline (see :mod:`compose.tiny`)."""
+        from .tiny import tiny_pipeline
+
+        return cls(tiny_pipeline(family, seed), model_name=f"tiny-random-{family}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    # -- LoRAs -----------------------------------------------------------------------
+
+    def load_lora(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        category: str | None = None,
+        triggers: list[str] | None = None,
+        allow_pickle: bool = False,
+    ) -> LoRA:
+        """Load a LoRA file and make it available to :meth:`generate` under ``name``
+        (default: the file name without extension)."""
+        lora = load_lora(
+            path,
+            name=name,
+            category=category,
+            triggers=triggers,
+            allow_pickle=allow_pickle,
+            unet_config=dict(self.pipeline.unet.config),
+        )
+        return self.add_lora(lora)
+
+    def add_lora(self, lora: LoRA) -> LoRA:
+        """Check that ``lora`` fits this base model and register it.
+
+        Modules the model lacks are reported in ``lora.unused_keys``; factors whose
+        shapes do not fit refuse the whole LoRA, naming the family it was made for.
+        """
+        if lora.name in self.loras:
+            raise ValueError(f"a LoRA named {lora.name!r} is already loaded; unload it or pick another name")
+        known = ("SD1.x", "SD2.x", "SDXL")
+        if lora.family in known and self.family in known and lora.family != self.family:
+            raise LoRAError(lora.path, f"was made for {lora.family}, but the base model is {self.family}")
+        fitted: dict[str, dict[str, Factors]] = {}
+        unused = list(lora.unused_keys)
+        for component, table in lora.factors.items():
+            registry = self.registries.get(component)
+            for module, f in table.items():
+                base = get_submodule(registry.model, module) if registry is not None else None
+                if base is None and component.startswith("text_encoder"):
+                    base = (
+                        get_submodule(registry.model, module.removeprefix("text_model."))
+                        if registry is not None
+                        else None
+                    )
+                    module = module.removeprefix("text_model.")
+                if base is None:
+                    unused.append(f"{component}.{module}")
+                    continue
+                shaped = _fit(base, f)
+                if shaped is None:
+                    raise LoRAError(
+                        lora.path,
+                        f"does not fit this base model: {component}.{module} is "
+                        f"{type(base).__name__} with weight {tuple(base.weight.shape)}, the LoRA's "
+                        f"factors are {tuple(f.down.shape)} and {tuple(f.up.shape)}. The LoRA was "
+                        f"made for {lora.family}; the base model is {self.family}.",
+                    )
+                fitted.setdefault(component, {})[module] = shaped
+        if not fitted:
+            raise LoRAError(
+                lora.path,
+                f"none of its {sum(len(t) for t in lora.factors.values())} modules exist in the "
+                f"base model (the LoRA was made for {lora.family}; the base model is {self.family})",
+            )
+        lora.factors, lora.unused_keys = fitted, sorted(unused)
+        for component, table in fitted.items():
+            for module in table:
+                self.registries[component].wrap(module)
+        self.loras[lora.name] = lora
+        return lora
+
+    def unload_lora(self, name: str) -> None:
+        """Forget a LoRA; layers no other LoRA targets go back to the plain base layer."""
+        self._lookup([name])
+        del self.loras[name]
+        for component, registry in self.registries.items():
+            registry.unwrap_unused({m for lora in self.loras.values() for m in lora.factors.get(component, {})})
+
+    def _lookup(self, names: Iterable[str]) -> list[LoRA]:
+        missing = [n for n in names if n not in self.loras]
+        if missing:
+            loaded = ", ".join(self.loras) or "none"
+            raise KeyError(f"LoRA {missing[0]!r} is not loaded (loaded: {loaded})")
+        return [self.loras[n] for n in names]
+
+    # -- generation ------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str], negatives: list[str], cfg: bool, size: tuple[int, int]) -> Conditioning:
+        pipe, device = self.pipeline, self.device
+        if not self.is_sdxl:
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
+            return Conditioning(torch.cat([uncond, cond]) if cfg else cond)
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negatives,
+        )
+        time_ids = (
+            pipe._get_add_time_ids(
+                size,
+                (0, 0),
+                size,
+                dtype=cond.dtype,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            )
+            .to(device)
+            .repeat(len(prompts), 1)
+        )
+        if cfg:
+            return Conditioning(
+                torch.cat([uncond, cond]),
+                {
+                    "text_embeds": torch.cat([pooled_uncond, pooled]),
+                    "time_ids": torch.cat([time_ids, time_ids]),
+                },
+            )
+        return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents)
+            std = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        loras: Sequence[LoRASpec] | dict[str, float] | None = None,
+        method: str | CompositionMethod = "merge",
+        *,
+        negative_prompt: str = "",
+        seed: int | Sequence[int] = 0,
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        lora_scale: float = DEFAULT_LORA_SCALE,
+        method_params: dict | None = None,
+        callback: StepCallback | None = None,
+        max_batch: int | None = None,
+        progress: bool = False,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Generate one image per (prompt, seed) with the given LoRAs composed by ``method``.
+
+        ``loras``: names, ``(name, weight)`` pairs or ``{name: weight}``, in the order
+        methods use (Switch rotates in this order). Each LoRA's effective weight is
+        ``weight * lora_scale`` (reference: 1 and 0.8). A list of prompts and/or seeds
+        makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
+        one generated alone with its prompt and seed. ``max_batch`` caps the UNet batch
+        (rows) per call: Composite then runs its N branches in chunks. Returns PIL images
+        whose ``info`` carries the A1111 ``parameters`` text and the full ``compose``
+        record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``
+        instead, as diffusers pipelines do.
+        """
+        pipe = self.pipeline
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        if len(prompts) == 1 and len(seeds) > 1:
+            prompts = prompts * len(seeds)
+        elif len(seeds) == 1 and len(prompts) > 1:
+            seeds = [seeds[0] + i for i in range(len(prompts))]
+        if len(prompts) != len(seeds) or not prompts:
+            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed or one per prompt")
+        scale_factor = pipe.vae_scale_factor
+        default_size = pipe.unet.config.sample_size * scale_factor
+        width, height = width or default_size, height or default_size
+        if width % scale_factor or height % scale_factor or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of {scale_factor}, got {width}x{height}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+
+        specs = loras.items() if isinstance(loras, dict) else (loras or [])
+        pairs = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in specs]
+        active = self._lookup([name for name, _ in pairs])
+        if len({lora.name for lora in active}) != len(active):
+            raise ValueError("a LoRA is listed twice")
+        weights = torch.tensor([w for _, w in pairs], dtype=torch.float32) * lora_scale
+        method = get_method(method, **(method_params or {}))
+        if not active and method.name != "merge":
+            raise ValueError(f"method {method.name!r} needs at least one LoRA")
+
+        for component, registry in self.registries.items():
+            registry.activate([lora.factors.get(component, {}) for lora in active])
+        unet_registry = self.registries["unet"]
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        cfg = guidance_scale > 1.0
+        text_weights = weights[None, :].to(self.device) if active else None
+        for component, registry in self.registries.items():
+            if component != "unet":
+                registry.state.weights = text_weights
+        try:
+            conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, (height, width))
+        finally:
+            for registry in self.registries.values():
+                registry.state.weights = None
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (len(prompts), pipe.unet.config.in_channels, height // scale_factor, width // scale_factor)
+        latents = randn_tensor(
+            shape, generator=generators, device=self.device, dtype=conditioning.encoder_hidden_states.dtype
+        )
+        latents = latents * sched.init_noise_sigma
+        method.prepare(MethodContext(active, weights.to(self.device), steps, len(unet_registry)))
+        latents = denoise(
+            pipe.unet,
+            sched,
+            unet_registry.state,
+            latents,
+            conditioning,
+            method,
+            guidance_scale,
+            extra_step_kwargs=_step_kwargs(sched, generators),
+            callback=callback,
+            max_rows=max_batch,
+            progress=progress,
+        )
+        if output_type == "latent":
+            return latents
+        images = self._decode(latents)
+        shared = {
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "scheduler": scheduler,
+            "sampler": a1111_sampler_name(scheduler),
+            "guidance_scale": guidance_scale,
+            "width": width,
+            "height": height,
+            "model": self.model_name,
+            "model_family": self.family,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "loras": [
+                {
+                    "name": lora.name,
+                    "file": Path(lora.path).name,
+                    "sha256": lora.sha256,
+                    "a1111_hash": lora.short_hash,
+                    "weight": w,
+                    "category": lora.category,
+                    "triggers": lora.triggers,
+                }
+                for lora, (_, w) in zip(active, pairs, strict=True)
+            ],
+            "lora_scale": lora_scale,
+            "method": {"name": method.name, "parameters": method.parameters()},
+            "versions": _versions(),
+        }
+        return [
+            metadata.attach(image, {"prompt": p, "seed": s, **shared})
+            for image, p, s in zip(images, prompts, seeds, strict=True)
+        ]
+
+
+def generate_kwargs(record: dict) -> dict:
+    """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record."""
+    return {
+        "prompt": record["prompt"],
+        "loras": [(lora["name"], lora["weight"]) for lora in record["loras"]],
+        "method": record["method"]["name"],
+        "method_params": record["method"]["parameters"],
+        "negative_prompt": record["negative_prompt"],
+        "seed": record["seed"],
+        "steps": record["steps"],
+        "guidance_scale": record["guidance_scale"],
+        "width": record["width"],
+        "height": record["height"],
+        "scheduler": record["scheduler"],
+        "lora_scale": record["lora_scale"],
+    }

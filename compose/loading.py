@@ -1,0 +1,378 @@
+"""Reading LoRA files of every common format into one normalised record.
+
+Formats: kohya/Civitai (``lora_unet_...``, ``lora_te_...`` with ``alpha``),
+diffusers/PEFT (``unet.`` / ``text_encoder.`` prefixes, ``lora_A``/``lora_B`` or the
+older ``lora.down``/``lora_linear_layer`` names), and the 2023 attention-processor
+format (``...processor.to_k_lora.down.weight`` with no prefix). Key conversion is
+diffusers' own (``lora_state_dict``, ``convert_unet_state_dict_to_peft``,
+``convert_state_dict_to_peft``); what is written here is alpha folding, validation,
+base-family detection and the record.
+
+Every refusal is a :class:`LoRAError` whose message names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+from diffusers.utils.state_dict_utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .layers import Factors
+
+CATEGORIES = ("character", "clothing", "style", "background", "object")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+CROSS_ATTENTION_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+_LYCORIS_MARKERS = ("hada_w", "lokr_w", ".lokr_", "oft_", "ia3_", ".diff", ".w_norm")
+
+
+class LoRAError(ValueError):
+    """A LoRA file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class LoRA:
+    """A LoRA adapter, normalised: factors per component and module, alpha folded in.
+
+    ``factors[component][module]`` holds the down/up factors for ``component`` in
+    :data:`COMPONENTS` and a module path of that diffusers/transformers model.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    short_hash: str
+    format: str
+    family: str
+    factors: dict[str, dict[str, Factors]]
+    category: str | None = None
+    triggers: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    unused_keys: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over the targeted modules."""
+        return max(f.rank for table in self.factors.values() for f in table.values())
+
+    @property
+    def targets(self) -> list[str]:
+        """Targeted modules as ``component:module``."""
+        return [f"{c}:{m}" for c, table in self.factors.items() for m in table]
+
+    def summary(self) -> dict:
+        """What ``compose inspect`` shows: everything but the tensors."""
+        kinds = Counter(
+            re.sub(r"^.*?\.?([a-z_0-9]+(\.\d+)?)$", r"\1", m) for table in self.factors.values() for m in table
+        )
+        return {
+            "name": self.name,
+            "file": self.path,
+            "format": self.format,
+            "base_family": self.family,
+            "rank": self.rank,
+            "category": self.category,
+            "triggers": self.triggers,
+            "sha256": self.sha256,
+            "a1111_hash": self.short_hash,
+            "modules": {c: len(t) for c, t in self.factors.items()},
+            "module_kinds": dict(sorted(kinds.items())),
+            "unused_keys": self.unused_keys,
+            "metadata": {k: v if len(v) < 200 else v[:200] + "..." for k, v in self.metadata.items()},
+        }
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """``(sha256 of the file, A1111 short hash)``.
+
+    A1111 and Civitai ("AutoV3") hash a safetensors LoRA over its tensor data only,
+    skipping the 8-byte header length and the JSON header, and show 12 hex digits.
+    """
+    full, data = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        full.update(head)
+        skip = int.from_bytes(head, "little") if path.suffix == ".safetensors" else None
+        if skip is not None and len(head) == 8:
+            header = handle.read(skip)
+            full.update(header)
+        else:
+            data.update(head)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            full.update(chunk)
+            data.update(chunk)
+    return full.hexdigest(), data.hexdigest()[:12]
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of a LoRA file, refusing what is unsafe or broken.
+
+    Pickle files (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) can run code when unpickled;
+    they load only with ``allow_pickle=True``, and then with ``weights_only=True``.
+    """
+    if not path.exists():
+        raise LoRAError(path, "no such file")
+    if path.is_dir():
+        raise LoRAError(path, "is a folder; give the .safetensors file inside it")
+    if path.stat().st_size == 0:
+        raise LoRAError(path, "the file is empty (0 bytes)")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoRAError(
+                path,
+                "is a pickle file, which can run code when loaded; convert it to .safetensors, "
+                "or opt in with allow_pickle=True (--allow-pickle) to load it with "
+                "torch.load(weights_only=True)",
+            )
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise LoRAError(path, f"cannot be read as a weights-only pickle: {error}") from error
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise LoRAError(path, "does not hold a flat dictionary of tensors")
+        return loaded, {}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise LoRAError(path, f"is not a valid safetensors file (truncated or corrupt: {error})") from error
+    return tensors, metadata
+
+
+def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Scale every kohya ``lora_down`` by ``alpha / rank`` and drop the alphas.
+
+    ``B (alpha/r) A`` equals the adapter's effective update, so the converted state
+    dict needs no alphas (alpha = rank convention) and none can be lost in renaming.
+    """
+    folded, unused = {}, []
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            module = key[: -len(".lora_down.weight")]
+            up_key = module + ".lora_up.weight"
+            if up_key not in tensors:
+                raise LoRAError(path, f"{key} has no matching {up_key}")
+            rank = tensor.shape[0]
+            alpha = tensors.get(module + ".alpha")
+            scale = float(alpha) / rank if alpha is not None else 1.0
+            folded[key] = tensor.float() * scale
+            folded[up_key] = tensors[up_key].float()
+        elif not key.endswith((".lora_up.weight", ".alpha")):
+            unused.append(key)
+    return folded, unused
+
+
+def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tuple[dict, str, list]:
+    """Group the keys by model component, in PEFT naming (``module.lora_A.weight``)."""
+    keys = list(tensors)
+    unused: list[str] = []
+    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
+        fmt = "kohya"
+        tensors, unused = _fold_kohya_alphas(path, tensors)
+        try:
+            tensors, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(tensors, unet_config=unet_config)
+        except ValueError as error:
+            raise LoRAError(path, f"kohya keys could not be converted: {error}") from error
+    elif any(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):
+        fmt = "diffusers"
+    else:
+        fmt = "attn-processor" if any(".processor." in k for k in keys) else "peft"
+        tensors = {f"unet.{k}": v for k, v in tensors.items()}
+    parts: dict[str, dict] = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        if component in COMPONENTS:
+            parts.setdefault(component, {})[rest] = value
+        else:
+            unused.append(key)
+    for component, part in parts.items():
+        if component == "unet":
+            parts[component] = convert_unet_state_dict_to_peft(part)
+        elif not any(".lora_A." in k for k in part):
+            try:
+                parts[component] = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            except ValueError:
+                unused.extend(f"{component}.{k}" for k in part)
+                parts[component] = {}
+    return parts, fmt, unused
+
+
+def _adapter_alphas(metadata: dict[str, str], component: str) -> tuple[float | None, dict]:
+    """``lora_alpha`` and ``alpha_pattern`` that diffusers' ``save_lora_weights`` stores."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, {}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, {}
+    return packed.get(f"{component}.lora_alpha"), packed.get(f"{component}.alpha_pattern") or {}
+
+
+def _alpha_for(module: str, default: float | None, pattern: dict) -> float | None:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key.lstrip('^')})$", module):
+            return float(value)
+    return default
+
+
+def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, list[str]]:
+    """Pair ``lora_A``/``lora_B`` per module and fold any per-module alpha."""
+    factors: dict[str, dict[str, Factors]] = {}
+    unused: list[str] = []
+    for component, part in parts.items():
+        default_alpha, pattern = _adapter_alphas(metadata, component)
+        table: dict[str, Factors] = {}
+        consumed = set()
+        for key, down in part.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            up_key, alpha_key = module + ".lora_B.weight", module + ".alpha"
+            if up_key not in part:
+                raise LoRAError(path, f"{component}.{key} has no matching lora_B")
+            up = part[up_key].float()
+            rank = down.shape[0]
+            if up.dim() != down.dim() or up.shape[1] != rank:
+                raise LoRAError(
+                    path, f"{component}.{module}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}"
+                )
+            if up.dim() == 4 and up.shape[2:] != (1, 1):
+                raise LoRAError(
+                    path,
+                    f"{component}.{module}: a convolution LoRA whose up factor is not 1x1 is not supported",
+                )
+            alpha = part.get(alpha_key)
+            alpha = float(alpha) if alpha is not None else _alpha_for(module, default_alpha, pattern)
+            scale = alpha / rank if alpha is not None else 1.0
+            table[module] = Factors(down.float() * scale, up)
+            consumed.update((key, up_key, alpha_key))
+        unused.extend(f"{component}.{k}" for k in part if k not in consumed)
+        if table:
+            factors[component] = table
+    if not factors:
+        raise LoRAError(path, "holds no LoRA weights in a known format (kohya, diffusers/PEFT, attention-processor)")
+    return factors, unused
+
+
+def detect_family(factors: dict[str, dict[str, Factors]]) -> str:
+    """SD1.x / SD2.x / SDXL from the shapes: the cross-attention width of ``attn2.to_k``
+    (768 / 1024 / 2048), else a second text encoder (SDXL), else the text width."""
+    for module, f in factors.get("unet", {}).items():
+        if module.endswith("attn2.to_k") or module.endswith("attn2.to_v"):
+            width = f.down.shape[1]
+            return CROSS_ATTENTION_FAMILIES.get(width, f"unknown (cross-attention width {width})")
+    if "text_encoder_2" in factors:
+        return "SDXL"
+    for module, f in factors.get("text_encoder", {}).items():
+        if module.endswith("q_proj"):
+            return {768: "SD1.x", 1024: "SD2.x"}.get(f.down.shape[1], "unknown")
+    return "unknown"
+
+
+def model_family(unet) -> str:
+    """The family of a diffusers UNet, named like :func:`detect_family` names LoRAs."""
+    width = unet.config.cross_attention_dim
+    width = width[0] if isinstance(width, (list, tuple)) else width
+    return CROSS_ATTENTION_FAMILIES.get(width, f"custom (cross-attention width {width})")
+
+
+def _triggers_from_metadata(metadata: dict[str, str], limit: int = 3) -> list[str]:
+    """kohya's ``ss_tag_frequency``: the most frequent caption tags are the triggers."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        datasets = json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+    counts: Counter = Counter()
+    for tags in datasets.values():
+        if isinstance(tags, dict):
+            counts.update({tag.strip(): int(n) for tag, n in tags.items() if str(n).isdigit()})
+    return [tag for tag, _ in counts.most_common(limit) if tag]
+
+
+def _sidecar(path: Path) -> dict:
+    """A ``<file>.json`` beside the LoRA (``triggers``/``trigger_words``/``trainedWords``, ``category``)."""
+    for candidate in (path.with_suffix(".json"), path.with_suffix(".civitai.info")):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                raise LoRAError(candidate, f"sidecar is not valid JSON: {error}") from error
+    return {}
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoRAError(path, f"tensor {key} contains NaN or Inf values")
+
+
+def load_lora(
+    path: str | Path,
+    name: str | None = None,
+    category: str | None = None,
+    triggers: list[str] | None = None,
+    allow_pickle: bool = False,
+    unet_config: dict | None = None,
+) -> LoRA:
+    """Read a LoRA file into a :class:`LoRA` record.
+
+    ``category`` and ``triggers`` override what the file's metadata or a sidecar JSON
+    say. ``unet_config`` lets kohya SDXL files with SGM block names map correctly.
+    """
+    path = Path(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    _check_finite(path, tensors)
+    if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
+        raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
+    parts, fmt, unused = _split_components(path, tensors, unet_config)
+    factors, more_unused = _collect_factors(path, parts, metadata)
+    sidecar = _sidecar(path) if path.suffix else {}
+    category = category or sidecar.get("category") or metadata.get("compose_category")
+    if category is not None and category not in CATEGORIES:
+        raise LoRAError(path, f"category {category!r} is not one of {', '.join(CATEGORIES)}")
+    if triggers is None:
+        triggers = (
+            sidecar.get("triggers")
+            or sidecar.get("trigger_words")
+            or sidecar.get("trainedWords")
+            or _triggers_from_metadata(metadata)
+        )
+    sha256, short_hash = file_hashes(path)
+    lora = LoRA(
+        name=name or path.stem,
+        path=str(path),
+        sha256=sha256,
+        short_hash=short_hash,
+        format=fmt,
+        family=detect_family(factors),
+        factors=factors,
+        category=category,
+        triggers=list(triggers),
+        metadata=metadata,
+        unused_keys=sorted(unused + more_unused),
+    )
+    return lora

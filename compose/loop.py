@@ -1,0 +1,128 @@
+"""The denoising loop, built from a diffusers UNet and scheduler.
+
+It is the project's own loop because composition methods need per-step control of the
+LoRA weights and of the batch layout; everything else (timesteps, model-input scaling,
+the update rule) is the scheduler's. With one branch and CFG it performs the same
+operations in the same order as diffusers' ``StableDiffusionPipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .layers import WeightState
+from .methods import CompositionMethod
+
+StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised when a step callback asks to stop; nothing half-made is returned."""
+
+
+class NonFiniteLatentsError(RuntimeError):
+    """The latents became NaN/Inf; raised instead of decoding a black image."""
+
+
+@dataclass
+class Conditioning:
+    """Prompt conditioning for a batch of ``B`` images, rows ordered ``[uncond; cond]``.
+
+    ``encoder_hidden_states`` is ``(2B, T, D)`` with CFG (``(B, T, D)`` without);
+    ``added_cond_kwargs`` holds SDXL's ``text_embeds``/``time_ids`` in the same order.
+    """
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    def repeat(self, groups: int) -> tuple[torch.Tensor, dict | None]:
+        """The conditioning for ``groups`` branches stacked along the batch."""
+        ehs = self.encoder_hidden_states.repeat(groups, 1, 1)
+        added = self.added_cond_kwargs
+        if added is not None:
+            added = {k: v.repeat(groups, *([1] * (v.dim() - 1))) for k, v in added.items()}
+        return ehs, added
+
+
+def predict_noise(
+    unet,
+    state: WeightState,
+    latent_input: torch.Tensor,
+    timestep: torch.Tensor,
+    conditioning: Conditioning,
+    weights: torch.Tensor,
+    max_rows: int | None = None,
+) -> torch.Tensor:
+    """UNet predictions for every branch: ``(G * R, C, H, W)`` for ``R`` rows per branch.
+
+    ``weights`` is ``(G, N)`` or ``(L, G, N)``; branch ``g`` reads ``weights[..., g, :]``
+    for its ``R`` rows. Branches run in one call unless ``max_rows`` splits them.
+    """
+    groups = weights.shape[-2]
+    rows = latent_input.shape[0]
+    per_call = groups if max_rows is None else max(1, max_rows // rows)
+    outputs = []
+    for start in range(0, groups, per_call):
+        chunk = weights[..., start : start + per_call, :]
+        g = chunk.shape[-2]
+        ehs, added = conditioning.repeat(g)
+        state.weights = chunk.repeat_interleave(rows, dim=-2)
+        try:
+            out = unet(
+                latent_input.repeat(g, 1, 1, 1),
+                timestep,
+                encoder_hidden_states=ehs,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+        finally:
+            state.weights = None
+        outputs.append(out)
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def denoise(
+    unet,
+    scheduler,
+    state: WeightState,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    method: CompositionMethod,
+    guidance_scale: float,
+    extra_step_kwargs: dict | None = None,
+    callback: StepCallback | None = None,
+    max_rows: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the scheduler's timesteps from ``latents`` (``(B, C, H, W)``, already scaled by
+    ``init_noise_sigma``) and return the final latents.
+
+    ``callback(step, num_steps, latents)`` runs after every step; returning ``False``
+    raises :class:`GenerationCancelled`.
+    """
+    timesteps = scheduler.timesteps
+    num_steps = len(timesteps)
+    cfg = guidance_scale > 1.0
+    batch = latents.shape[0]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
+        latent_input = torch.cat([latents] * 2) if cfg else latents
+        latent_input = scheduler.scale_model_input(latent_input, t)
+        weights = method.weights(i).to(latents.device)
+        eps = predict_noise(unet, state, latent_input, t, conditioning, weights, max_rows)
+        eps = eps.view(weights.shape[-2], 2 if cfg else 1, batch, *eps.shape[1:])
+        noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i)
+        latents = scheduler.step(noise, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
+        if not torch.isfinite(latents).all():
+            raise NonFiniteLatentsError(
+                f"the latents became NaN/Inf at step {i + 1} of {num_steps}; "
+                "lower the LoRA weights or guidance, or use float32"
+            )
+        if callback is not None and callback(i, num_steps, latents) is False:
+            raise GenerationCancelled(f"cancelled after step {i + 1} of {num_steps}")
+    return latents

@@ -1,0 +1,26 @@
+"""Composition methods: strategies that set the composable layers' weights per step."""
+
+from __future__ import annotations
+
+from .base import CompositionMethod, MethodContext
+from .composite import Composite
+from .merge import Merge
+from .switch import Switch
+
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite)}
+
+
+def get_method(method: str | CompositionMethod, **parameters) -> CompositionMethod:
+    """A method object from its name and parameters (or the object itself)."""
+    if isinstance(method, CompositionMethod):
+        if parameters:
+            raise ValueError("give parameters either in the method object or as keywords, not both")
+        return method
+    try:
+        cls = METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}") from None
+    return cls(**parameters)
+
+
+__all__ = ["METHODS", "Composite", "CompositionMethod", "Merge", "MethodContext", "Switch", "get_method"]

@@ -1,0 +1,75 @@
+"""The strategy interface every composition method implements.
+
+Per denoising step a method says which LoRA weights each *branch* of the UNet batch
+uses (:meth:`CompositionMethod.weights`) and how the branches' noise predictions are
+combined (:meth:`CompositionMethod.combine`). The loop runs all branches of a step in
+one batched UNet call (chunked when memory demands), so a method never owns a copy of
+the denoising loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+
+from ..loading import LoRA
+
+
+@dataclass
+class MethodContext:
+    """What a method may look at when a generation starts.
+
+    ``weights`` are the effective per-LoRA weights, shape ``(N,)``: the user's weight
+    times the global LoRA scale. ``num_layers`` is the number of composable UNet
+    layers, for methods that weight each layer separately.
+    """
+
+    loras: list[LoRA]
+    weights: torch.Tensor
+    num_steps: int
+    num_layers: int
+
+
+class CompositionMethod(ABC):
+    """A composition method: a small strategy over the shared composable layer.
+
+    Subclasses are dataclasses whose fields are the method's parameters, so a method
+    is configuration as data (recorded in every image's metadata).
+    """
+
+    name: ClassVar[str]
+
+    def prepare(self, context: MethodContext) -> None:
+        """Called once per generation before the first step."""
+        self.context = context
+
+    @abstractmethod
+    def weights(self, step: int) -> torch.Tensor:
+        """LoRA weights for step ``step`` (0-based).
+
+        Shape ``(G, N)``: one row per branch of the UNet batch, one column per LoRA;
+        or ``(L, G, N)`` to give each of the ``L`` composable layers its own weights.
+        """
+
+    def combine(
+        self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
+    ) -> torch.Tensor:
+        """Noise prediction for the scheduler from the per-branch predictions.
+
+        ``uncond`` and ``cond`` are ``(G, B, C, H, W)``; ``uncond`` is ``None`` without
+        classifier-free guidance. The default averages the branches' unconditional and
+        conditional predictions separately, then applies guidance: plain CFG for one
+        branch, the reference LoRA Composite for several.
+        """
+        c = cond.mean(0)
+        if uncond is None:
+            return c
+        u = uncond.mean(0)
+        return u + guidance_scale * (c - u)
+
+    def parameters(self) -> dict:
+        """The method's parameters, for metadata and reproduction."""
+        return asdict(self)

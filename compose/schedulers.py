@@ -1,0 +1,55 @@
+"""Schedulers by name, with the sampler names AUTOMATIC1111 writes into PNG metadata.
+
+Any diffusers scheduler works with the loop; these names cover what artists pick. Each
+entry is a scheduler class and the config overrides that make it that sampler.
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+DEFAULT_SCHEDULER = "dpm++2m"
+
+SCHEDULERS: dict[str, tuple[type, dict, str]] = {
+    "dpm++2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False},
+        "DPM++ 2M",
+    ),
+    "dpm++2m-karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "euler": (EulerDiscreteScheduler, {}, "Euler"),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}, "Euler a"),
+    "ddim": (DDIMScheduler, {}, "DDIM"),
+    "pndm": (PNDMScheduler, {}, "PLMS"),
+    "lms": (LMSDiscreteScheduler, {}, "LMS"),
+    "heun": (HeunDiscreteScheduler, {}, "Heun"),
+    "unipc": (UniPCMultistepScheduler, {}, "UniPC"),
+}
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler ``name`` configured from the model's own scheduler config."""
+    try:
+        cls, overrides, _ = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    config = {k: v for k, v in base_config.items() if k != "algorithm_type"}
+    return cls.from_config({**config, **overrides})
+
+
+def a1111_sampler_name(name: str) -> str:
+    """The sampler name A1111 would show for scheduler ``name``."""
+    return SCHEDULERS[name][2]

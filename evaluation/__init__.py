@@ -1,0 +1,1 @@
+"""Evaluation (CLIPScore, composition sets, the benchmark), installed as ``compose.evaluation``."""

@@ -1,0 +1,133 @@
+"""The ``compose`` command, in-process for speed and once as the installed script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from compose.cli import main
+
+TINY = ["--steps", "2", "--width", "32", "--height", "32"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_itself(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and all(word in out for word in ("generate", "inspect", "bench"))
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "PATH[:WEIGHT]" in out and "composite" in out and "examples:" in out
+
+
+def test_generate_with_loras_and_reproduce(capsys, tmp_path, lora_files):
+    a, b = lora_files["sd1", 0]["peft"], lora_files["sd1", 1]["kohya"]
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--prompt",
+        "a cat",
+        "--lora",
+        a,
+        "--lora",
+        f"{b}:0.5",
+        "--method",
+        "composite",
+        "--seed",
+        "1",
+        "2",
+        "--out",
+        tmp_path / "cat.png",
+        *TINY,
+    )
+    assert code == 0, err
+    paths = [tmp_path / "cat-1.png", tmp_path / "cat-2.png"]
+    assert out.split() == [str(p) for p in paths]
+    with Image.open(paths[1]) as image:
+        text = image.text["parameters"]
+    assert "Seed: 2" in text and "Composition method: composite" in text and f"{b.stem}: 0.5" in text
+
+    code, out, err = run(
+        capsys, "generate", "--from-png", paths[1], "--lora", a, "--lora", b, "--out", tmp_path / "again.png"
+    )
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(paths[1])))
+
+    code, _, err = run(capsys, "generate", "--from-png", paths[1], "--lora", a, "--out", tmp_path / "x.png")
+    assert code == 2 and "pass that file with --lora" in err
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 5)
+    code, _, err = run(capsys, "generate", "--prompt", "x", "--lora", broken, *TINY)
+    assert code == 2 and err.startswith("compose: error: ") and "Traceback" not in err
+    assert "broken.safetensors" in err and "not a valid safetensors file" in err
+    code, _, err = run(capsys, "generate", "--prompt", "x", "--model", tmp_path, *TINY)
+    assert code == 2 and "no model_index.json" in err
+    code, _, err = run(capsys, "generate", "--prompt", "x", "--model", tmp_path / "missing", *TINY)
+    assert code == 2 and "no such file or folder" in err
+    code, _, err = run(capsys, "generate", *TINY)
+    assert code == 2 and "--prompt is required" in err
+
+
+def test_inspect(capsys, fixtures_dir):
+    path = fixtures_dir / "sd15_pokemon.safetensors"
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and "attn-processor" in out and "SD1.x" in out and "24e64ef62ffc" in out
+    code, out, _ = run(capsys, "inspect", path, "--json")
+    summary = json.loads(out)
+    assert summary["rank"] == 4 and summary["modules"] == {"unet": 128} and summary["unused_keys"] == []
+
+
+def test_speed_benchmark_writes_its_table(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "bench",
+        "--speed",
+        "--preset",
+        "tiny",
+        "--max-loras",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        tmp_path,
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "speed.json").read_text())
+    configs = {(r["config"], r["n"]) for r in result["rows"]}
+    for n in (1, 2):
+        assert {("merge", n), ("switch", n), ("composite", n), ("diffusers merge", n)} <= configs
+    assert all(r["median_ms"] > 0 and r["vs_floor"] > 0 for r in result["rows"])
+    assert (tmp_path / "speed.md").read_text().count("\n| composite |") == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("compose") is None and not (sys.prefix and shutil.which("compose", path=f"{sys.prefix}/bin")),
+    reason="the compose script is not installed (pip install -e .)",
+)
+def test_console_script(tmp_path):
+    exe = shutil.which("compose", path=f"{sys.prefix}/bin") or shutil.which("compose")
+    result = subprocess.run(
+        [exe, "generate", "--prompt", "a cat", "--out", str(tmp_path / "c.png"), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "c.png").is_file()

@@ -1,0 +1,161 @@
+"""The Python API: batches, callbacks, cancellation, validation, metadata, reloading."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SIZE, STEPS
+from PIL import Image
+
+from compose import (
+    Composer,
+    GenerationCancelled,
+    NonFiniteLatentsError,
+    generate_kwargs,
+    read_record,
+    save_png,
+)
+
+
+@pytest.fixture(scope="module")
+def composer(lora_files) -> Composer:
+    composer = Composer.tiny("sd1")
+    for i, name in enumerate(("a", "b", "c")):
+        composer.load_lora(lora_files["sd1", i]["peft"], name=name, category="style" if i else "character")
+    return composer
+
+
+def gen(composer, prompt="a cat", **kwargs):
+    kwargs = {"steps": STEPS, "width": SIZE, "height": SIZE, "output_type": "latent", **kwargs}
+    return composer.generate(prompt, **kwargs)
+
+
+def test_batch_equals_singles(composer):
+    batch = gen(composer, ["a cat", "a dog"], loras=["a", "b"], method="composite", seed=[4, 9])
+    for row, (prompt, seed) in enumerate([("a cat", 4), ("a dog", 9)]):
+        single = gen(composer, prompt, loras=["a", "b"], method="composite", seed=seed)
+        torch.testing.assert_close(batch[row : row + 1], single, atol=1e-5, rtol=0)
+
+
+def test_int_seed_counts_up_per_prompt(composer):
+    images = composer.generate(["x", "y"], seed=5, steps=1, width=SIZE, height=SIZE)
+    assert [read_record_from(i)["seed"] for i in images] == [5, 6]
+
+
+def read_record_from(image: Image.Image) -> dict:
+    import json
+
+    return json.loads(image.info["compose"])
+
+
+def test_callback_reports_every_step_and_cancels(composer):
+    seen = []
+    gen(composer, loras=["a"], callback=lambda i, n, latents: seen.append((i, n)))
+    assert seen == [(i, STEPS) for i in range(STEPS)]
+    with pytest.raises(GenerationCancelled, match="after step 2 of 4"):
+        gen(composer, loras=["a"], method="composite", callback=lambda i, n, latents: i < 1)
+    assert composer.registries["unet"].state.weights is None
+    torch.testing.assert_close(gen(composer, loras=["a"]), gen(composer, loras=["a"]))
+
+
+def test_weight_zero_and_unload_restore_the_base_model(lora_files):
+    composer = Composer.tiny("sd1")
+    base_modules = dict(composer.pipeline.unet.named_modules())
+    before = gen(composer)
+    composer.load_lora(lora_files["sd1", 0]["peft"], name="a")
+    torch.testing.assert_close(gen(composer, loras=[("a", 0.0)]), before, atol=0, rtol=0)
+    assert (gen(composer, loras=["a"]) - before).abs().max() > 0.01
+    composer.unload_lora("a")
+    assert len(composer.registries["unet"]) == 0 and composer.loras == {}
+    after = dict(composer.pipeline.unet.named_modules())
+    assert after.keys() == base_modules.keys()
+    assert all(after[k] is base_modules[k] for k in after)
+    torch.testing.assert_close(gen(composer), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 31}, "multiples of 2"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"loras": ["zzz"]}, "'zzz' is not loaded"),
+        ({"loras": ["a", "a"]}, "listed twice"),
+        ({"method": "nope"}, "unknown method 'nope'"),
+        ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"method": "composite"}, "needs at least one LoRA"),
+        ({"seed": [1, 2, 3], "prompt": ["a", "b"]}, "2 prompts and 3 seeds"),
+    ],
+)
+def test_bad_settings_are_refused(composer, kwargs, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        gen(composer, **kwargs)
+
+
+def test_nan_latents_stop_with_the_step(lora_files):
+    composer = Composer.tiny("sd1")
+    lora = composer.load_lora(lora_files["sd1", 0]["peft"], name="a")
+    for f in lora.factors["unet"].values():
+        f.up.mul_(1e30)
+    with pytest.raises(NonFiniteLatentsError, match="at step 1 of 4"):
+        gen(composer, loras=["a"], output_type="pil")
+
+
+@pytest.mark.parametrize("scheduler", ["euler-a", "ddim", "unipc", "dpm++2m-karras"])
+def test_other_schedulers(composer, scheduler):
+    latents = gen(composer, loras=["a", "b"], method="switch", scheduler=scheduler)
+    assert torch.isfinite(latents).all()
+
+
+def test_png_metadata_reproduces_the_image(composer, tmp_path):
+    image = composer.generate(
+        "a cat, watercolor",
+        loras=[("a", 1.0), ("b", 0.5)],
+        method="switch",
+        method_params={"tau": 2},
+        negative_prompt="blurry",
+        seed=11,
+        steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        guidance_scale=6.0,
+    )[0]
+    path = save_png(image, tmp_path / "out" / "x.png")
+    with Image.open(path) as png:
+        parameters = png.text["parameters"]
+    prompt, negative, fields = parameters.split("\n")
+    assert prompt == "a cat, watercolor" and negative == "Negative prompt: blurry"
+    assert fields.startswith("Steps: 4, Sampler: DPM++ 2M, CFG scale: 6.0, Seed: 11, Size: 32x32, ")
+    lora = composer.loras["a"]
+    assert f'Lora hashes: "a: {lora.short_hash}, b: {composer.loras["b"].short_hash}"' in fields
+    assert "Composition method: switch" in fields
+    record = read_record(path)
+    assert record["loras"][0]["sha256"] == lora.sha256 and record["method"]["parameters"]["tau"] == 2
+    again = composer.generate(**generate_kwargs(record))[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_save_is_atomic(composer, tmp_path, monkeypatch):
+    image = composer.generate("a cat", steps=1, width=SIZE, height=SIZE)[0]
+    path = save_png(image, tmp_path / "x.png")
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    other = composer.generate("a dog", steps=1, width=SIZE, height=SIZE, seed=3)[0]
+    with pytest.raises(OSError, match="No space left"):
+        save_png(other, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_sdxl_generates_images_with_metadata(lora_files):
+    composer = Composer.tiny("sdxl")
+    composer.load_lora(lora_files["sdxl", 0]["kohya"], name="k")
+    images = composer.generate(["a", "b"], loras=["k"], method="composite", steps=2, width=SIZE, height=SIZE)
+    assert [i.size for i in images] == [(SIZE, SIZE)] * 2
+    assert "Model: tiny-random-sdxl" in images[0].info["parameters"]

@@ -144,9 +144,9 @@ class Composer:
                     pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
                 except OSError as error:
                     raise ModelLoadError(
-                        f"{model}: could not be loaded from the Hugging Face Hub or its local "
-                        f"cache ({str(error).splitlines()[0]}). Without internet, download it "
-                        f"elsewhere with `hf download {model}` and pass the local folder."
+                        f"{model}: not a local file or folder, and not loadable from the Hugging Face "
+                        f"Hub or its local cache ({str(error).splitlines()[0]}). Without internet, "
+                        f"download it elsewhere with `hf download {model}` and pass the local folder."
                     ) from error
         except ModelLoadError:
             raise

@@ -90,25 +90,36 @@ def _conditioning(unet, rows: int, device, dtype) -> Conditioning:
     )
 
 
-def _measure(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
-) -> tuple[float, float, float | None]:
-    """Median and interquartile range in ms, and peak CUDA memory in MiB."""
+Job = tuple[str, int, list, Callable[[], object]]
+
+
+def _measure(jobs: list[Job], activate: Callable[[list], None], device: torch.device, warmup: int, repeats: int):
+    """Per job: median and interquartile range in ms, and peak CUDA memory in MiB.
+
+    Repeats run round-robin over the jobs, so slow drifts of the machine (clock,
+    other load) spread over every configuration instead of biasing some.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1000)
-    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(samples), quartiles[2] - quartiles[0], peak
+    samples: list[list[float]] = [[] for _ in jobs]
+    peaks: list[float | None] = [None] * len(jobs)
+    for sweep in tqdm(range(warmup + repeats), desc="timing sweeps", unit="sweep"):
+        for k, (_, _, active, fn) in enumerate(jobs):
+            activate(active)
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            fn()
+            sync()
+            if sweep >= warmup:
+                samples[k].append((time.perf_counter() - start) * 1000)
+                if device.type == "cuda":
+                    peaks[k] = max(peaks[k] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+    results = []
+    for times, peak in zip(samples, peaks, strict=True):
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        results.append((statistics.median(times), quartiles[2] - quartiles[0], peak))
+    return results
 
 
 def run_speed_benchmark(
@@ -156,8 +167,7 @@ def run_speed_benchmark(
     for module in loras[0].factors["unet"]:
         registry.wrap(module)
 
-    rows: list[Timing] = []
-    jobs: list[tuple[str, int, list, Callable[[], object]]] = []
+    jobs: list[Job] = []
 
     def ours(name: str, n: int) -> Callable[[], object]:
         method = get_method(name)
@@ -202,9 +212,8 @@ def run_speed_benchmark(
         if reference is not None:
             jobs.append(("diffusers merge", n, [], diffusers_merge(n)))
             jobs.append(("diffusers composite (sequential)", n, [], diffusers_composite(n)))
-    for config, n, active, fn in tqdm(jobs, desc="timing", unit="config"):
-        registry.activate(active)
-        rows.append(Timing(config, n, *_round(_measure(fn, device, warmup, repeats))))
+    measured = _measure(jobs, registry.activate, device, warmup, repeats)
+    rows = [Timing(config, n, *_round(m)) for (config, n, _, _), m in zip(jobs, measured, strict=True)]
 
     floor_ms = rows[0].median_ms
     by_key = {(r.config, r.n): r for r in rows}

@@ -13,6 +13,7 @@ from PIL import Image
 from compose import (
     Composer,
     GenerationCancelled,
+    ModelLoadError,
     NonFiniteLatentsError,
     generate_kwargs,
     read_record,
@@ -159,3 +160,32 @@ def test_sdxl_generates_images_with_metadata(lora_files):
     images = composer.generate(["a", "b"], loras=["k"], method="composite", steps=2, width=SIZE, height=SIZE)
     assert [i.size for i in images] == [(SIZE, SIZE)] * 2
     assert "Model: tiny-random-sdxl" in images[0].info["parameters"]
+
+
+def test_from_pretrained_folder_round_trip(tmp_path):
+    tiny = Composer.tiny("sd1")
+    tiny.pipeline.save_pretrained(tmp_path / "model")
+    loaded = Composer.from_pretrained(tmp_path / "model", device="cpu")
+    assert loaded.family == tiny.family and loaded.model_name == str(tmp_path / "model")
+    torch.testing.assert_close(gen(loaded, seed=2), gen(tiny, seed=2), atol=1e-6, rtol=0)
+
+
+def test_unsupported_pipeline_class(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        layers_per_block=1,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(ModelLoadError, match="DDPMPipeline has no vae; compose needs a Stable Diffusion"):
+        Composer.from_pretrained(tmp_path / "ddpm", device="cpu")
+
+
+def test_hub_id_without_internet_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hf download nobody/no-such-model"):
+        Composer.from_pretrained("nobody/no-such-model", device="cpu")

@@ -10,15 +10,17 @@ from .composer import Composer, ModelLoadError, generate_kwargs
 from .loading import CATEGORIES, LoRA, LoRAError, load_lora
 from .loop import GenerationCancelled, NonFiniteLatentsError
 from .metadata import read_record, save_png
-from .methods import METHODS, Composite, CompositionMethod, Merge, Switch, get_method
+from .methods import METHODS, CMLoRA, Composite, CompositionMethod, KLoRA, Merge, Switch, get_method
 
 __all__ = [
     "CATEGORIES",
+    "CMLoRA",
     "METHODS",
     "Composer",
     "Composite",
     "CompositionMethod",
     "GenerationCancelled",
+    "KLoRA",
     "LoRA",
     "LoRAError",
     "Merge",

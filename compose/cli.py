@@ -36,6 +36,35 @@ def _lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _pair(text: str) -> tuple[str, str]:
+    """``NAME=VALUE``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _method_params(args: argparse.Namespace) -> dict:
+    """The chosen method's parameters from its options."""
+    if args.method == "switch":
+        return {"tau": args.tau, "reference_offset": args.reference_offset}
+    if args.method == "klora":
+        return {
+            "alpha": args.klora_alpha,
+            "beta": args.klora_beta,
+            "top_k": args.top_k,
+            "roles": dict(args.role) or None,
+        }
+    if args.method == "cmlora":
+        return {
+            "ordering": args.ordering,
+            "schedule": args.cache_schedule,
+            "switch_at": args.switch_at,
+            "cache": not args.no_feature_cache,
+        }
+    return {}
+
+
 def _parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -96,6 +125,42 @@ def _parser() -> argparse.ArgumentParser:
         help="switch: reproduce the reference code's schedule (first LoRA tau+1 steps)",
     )
     gen.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=ROLE",
+        help="klora: content or style for LoRA NAME (default: category style is style, others content)",
+    )
+    gen.add_argument("--klora-alpha", type=float, default=1.5, help="klora: alpha of the content-to-style bias [1.5]")
+    gen.add_argument("--klora-beta", type=float, default=0.5, help="klora: beta of the content-to-style bias [0.5]")
+    gen.add_argument("--top-k", type=int, default=64, help="klora: K of the top-K weight mass [64]")
+    gen.add_argument(
+        "--ordering",
+        choices=["frequency", "category"],
+        default="frequency",
+        help="cmlora: order LoRAs by the spectra of their single-LoRA images (computed once, cached) "
+        "or by category [frequency]",
+    )
+    gen.add_argument(
+        "--cache-schedule",
+        choices=["nonuniform", "uniform", "off"],
+        default="nonuniform",
+        help="cmlora: steps at which every LoRA branch is recomputed in full [nonuniform]",
+    )
+    gen.add_argument("--switch-at", type=float, default=0.6, help="cmlora: fraction of steps led by H [0.6]")
+    gen.add_argument(
+        "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
+    )
+    gen.add_argument(
+        "--category",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=CATEGORY",
+        help=f"category of LoRA NAME (the file name without extension): {', '.join(CATEGORIES)}",
+    )
+    gen.add_argument(
         "--max-batch", type=int, help="cap on UNet batch rows per call (composite runs its LoRAs in chunks)"
     )
     gen.add_argument(
@@ -124,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("lora", help="LoRA file")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--allow-pickle", action="store_true", help="allow pickle files (weights only)")
+    ins.add_argument(
+        "--frequency",
+        action="store_true",
+        help="also show the LoRA's spectral profile on --model (generated once, then cached)",
+    )
+    ins.add_argument("--model", default=DEFAULT_MODEL, help=f"base model for --frequency [{DEFAULT_MODEL}]")
+    ins.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
 
     bench = commands.add_parser(
         "bench",
@@ -170,7 +242,7 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png)")
-        method_params = {"tau": args.tau, "reference_offset": args.reference_offset} if args.method == "switch" else {}
+        method_params = _method_params(args)
         settings = dict(
             prompt=args.prompt,
             method=args.method,
@@ -185,7 +257,11 @@ def _generate(args: argparse.Namespace) -> None:
         )
         seeds = args.seed
     composer = _load_composer(args.model, args.device)
-    loaded = [(composer.load_lora(path, allow_pickle=args.allow_pickle), weight) for path, weight in args.lora]
+    categories = dict(getattr(args, "category", []))
+    loaded = [
+        (composer.load_lora(path, allow_pickle=args.allow_pickle, category=categories.get(Path(path).stem)), weight)
+        for path, weight in args.lora
+    ]
     if args.from_png:
         by_hash = {lora.sha256: lora for lora, _ in loaded}
         pairs = []
@@ -212,16 +288,33 @@ def _inspect(args: argparse.Namespace) -> None:
     from .loading import load_lora
 
     summary = load_lora(args.lora, allow_pickle=args.allow_pickle).summary()
+    if args.frequency:
+        from .frequency import sparkline
+
+        composer = _load_composer(args.model, args.device)
+        lora = composer.load_lora(args.lora, allow_pickle=args.allow_pickle)
+        profile = composer.frequency_profile(lora.name)
+        summary["frequency"] = {
+            "model": args.model,
+            "high_frequency_score": round(profile.score, 4),
+            "cutoff_radius_px": profile.cutoff,
+            "image_size_px": profile.size,
+            "profile": sparkline(profile.profile),
+        }
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
-        if key == "metadata":
+        if key in ("metadata", "frequency"):
             continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value) if value else "none"
         print(f"{key:<{width}}  {value}")
+    if "frequency" in summary:
+        print("frequency:")
+        for key, value in summary["frequency"].items():
+            print(f"  {key}: {value}")
     if summary["metadata"]:
         print("metadata:")
         for key, value in summary["metadata"].items():

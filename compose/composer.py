@@ -26,7 +26,8 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from . import metadata
+from . import frequency, metadata
+from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .loop import Conditioning, StepCallback, denoise
@@ -249,6 +250,22 @@ class Composer:
         for component, registry in self.registries.items():
             registry.unwrap_unused({m for lora in self.loras.values() for m in lora.factors.get(component, {})})
 
+    def frequency_profile(self, name: str, seeds: Sequence[int] = (0, 1), steps: int = 20) -> FrequencyProfile:
+        """The spectral profile of LoRA ``name`` alone on this base model (see
+        :mod:`compose.frequency`): its trigger words (or name) as the prompt, weight 1,
+        Merge, at the model's native size. Cached in memory and on disk by base model,
+        settings and the LoRA's sha256, so it is computed once."""
+        lora = self._lookup([name])[0]
+        prompt = ", ".join(lora.triggers) or lora.name
+        key = f"{self.model_name}|{self.family}|{prompt}|{list(seeds)}|{steps}"
+        cached = lora.derived.get(("frequency", key)) or frequency.load_cached(key, lora.sha256)
+        if cached is None:
+            images = self.generate(prompt, [lora.name], "merge", seed=list(seeds), steps=steps, lora_scale=1.0)
+            cached = frequency.profile_images(images, prompt, list(seeds))
+            frequency.store(key, lora.sha256, cached)
+        lora.derived[("frequency", key)] = cached
+        return cached
+
     def _lookup(self, names: Iterable[str]) -> list[LoRA]:
         missing = [n for n in names if n not in self.loras]
         if missing:
@@ -371,6 +388,9 @@ class Composer:
         method = get_method(method, **(method_params or {}))
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
+        frequency = (
+            {lora.name: self.frequency_profile(lora.name).score for lora in active} if method.needs_frequency else {}
+        )
 
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
@@ -394,7 +414,9 @@ class Composer:
             shape, generator=generators, device=self.device, dtype=conditioning.encoder_hidden_states.dtype
         )
         latents = latents * sched.init_noise_sigma
-        method.prepare(MethodContext(active, weights.to(self.device), steps, len(unet_registry)))
+        method.prepare(
+            MethodContext(active, weights.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency)
+        )
         latents = denoise(
             pipe.unet,
             sched,

@@ -68,6 +68,8 @@ class LoRA:
     triggers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     unused_keys: list[str] = field(default_factory=list)
+    derived: dict = field(default_factory=dict, repr=False)
+    """Quantities methods derive from the factors once (K-LoRA's top-K sums ...), by key."""
 
     @property
     def rank(self) -> int:

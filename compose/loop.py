@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -62,6 +63,7 @@ def predict_noise(
     ``weights`` is ``(G, N)`` or ``(L, G, N)``; branch ``g`` reads ``weights[..., g, :]``
     for its ``R`` rows. Branches run in one call unless ``max_rows`` splits them.
     """
+    weights = weights.to(latent_input.device)
     groups = weights.shape[-2]
     rows = latent_input.shape[0]
     per_call = groups if max_rows is None else max(1, max_rows // rows)
@@ -113,9 +115,9 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
         latent_input = torch.cat([latents] * 2) if cfg else latents
         latent_input = scheduler.scale_model_input(latent_input, t)
-        weights = method.weights(i).to(latents.device)
-        eps = predict_noise(unet, state, latent_input, t, conditioning, weights, max_rows)
-        eps = eps.view(weights.shape[-2], 2 if cfg else 1, batch, *eps.shape[1:])
+        run = partial(predict_noise, unet, state, latent_input, t, conditioning, max_rows=max_rows)
+        eps = method.predict(i, run)
+        eps = eps.view(eps.shape[0] // latent_input.shape[0], 2 if cfg else 1, batch, *eps.shape[1:])
         noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i)
         latents = scheduler.step(noise, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if not torch.isfinite(latents).all():

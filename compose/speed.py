@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from .layers import LayerRegistry
 from .loading import LoRA
 from .loop import Conditioning, predict_noise
-from .methods import MethodContext, get_method
+from .methods import CMLoRA, CompositionMethod, MethodContext, get_method
+from .methods.cmlora import refresh_steps
 from .tiny import ATTENTION_PROJECTIONS, random_factors, tiny_sd_unet
 
 SD15 = dict(
@@ -53,7 +55,9 @@ SDXL = dict(
 )
 SMALL = {**SD15, "block_out_channels": (64, 128, 256, 256), "sample_size": 32}
 PRESETS = {"tiny": None, "small": SMALL, "sd15": SD15, "sdxl": SDXL}
-METHOD_NAMES = ("merge", "switch", "composite")
+METHOD_NAMES = ("merge", "switch", "composite", "klora")
+SCHEDULE_STEPS = 25
+CMLORA_ROWS = ("cmlora refresh step", "cmlora cached step")
 
 
 @dataclass
@@ -169,17 +173,22 @@ def run_speed_benchmark(
 
     jobs: list[Job] = []
 
-    def ours(name: str, n: int) -> Callable[[], object]:
-        method = get_method(name)
-        method.prepare(MethodContext(loras[:n], torch.full((n,), 0.8, device=device), 20, len(registry)))
+    run = partial(predict_noise, unet, registry.state, latents, t, conditioning)
 
-        def step() -> object:
+    def ours(method: CompositionMethod, n: int, step: int = 1) -> Callable[[], object]:
+        weights = torch.full((n,), 0.8, device=device)
+        method.prepare(MethodContext(loras[:n], weights, SCHEDULE_STEPS, list(registry.layers), unet))
+
+        def one_step() -> object:
             with torch.no_grad():
-                eps = predict_noise(unet, registry.state, latents, t, conditioning, method.weights(1).to(device))
+                eps = method.predict(step, run)
                 eps = eps.view(-1, 2, 1, *eps.shape[1:])
-                return method.combine(eps[:, 0], eps[:, 1], 7.5, 1)
+                return method.combine(eps[:, 0], eps[:, 1], 7.5, step)
 
-        return step
+        if isinstance(method, CMLoRA):
+            registry.activate([lora.factors["unet"] for lora in loras[:n]])
+            method.predict(0, run)
+        return one_step
 
     def diffusers_merge(n: int) -> Callable[[], object]:
         def step() -> object:
@@ -208,13 +217,21 @@ def run_speed_benchmark(
     for n in range(1, max_loras + 1):
         active = [lora.factors["unet"] for lora in loras[:n]]
         for name in METHOD_NAMES:
-            jobs.append((name, n, active, ours(name, n)))
+            jobs.append((name, n, active, ours(get_method(name), n)))
+        cmlora = CMLoRA(ordering="category")
+        jobs.append(("cmlora refresh step", n, active, ours(cmlora, n, step=0)))
+        jobs.append(("cmlora cached step", n, active, ours(cmlora, n, step=1)))
         if reference is not None:
             jobs.append(("diffusers merge", n, [], diffusers_merge(n)))
             jobs.append(("diffusers composite (sequential)", n, [], diffusers_composite(n)))
     measured = _measure(jobs, registry.activate, device, warmup, repeats)
     rows = [Timing(config, n, *_round(m)) for (config, n, _, _), m in zip(jobs, measured, strict=True)]
 
+    refreshed = len(refresh_steps("nonuniform", SCHEDULE_STEPS)) / SCHEDULE_STEPS
+    for n in range(1, max_loras + 1):
+        full, cached = (next(r for r in rows if r.config == c and r.n == n) for c in CMLORA_ROWS)
+        average = refreshed * full.median_ms + (1 - refreshed) * cached.median_ms
+        rows.append(Timing(f"cmlora ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, full.peak_mib))
     floor_ms = rows[0].median_ms
     by_key = {(r.config, r.n): r for r in rows}
     for r in rows:
@@ -224,7 +241,7 @@ def run_speed_benchmark(
                 f"diffusers {r.config}"
                 if r.config == "merge"
                 else "diffusers composite (sequential)"
-                if r.config == "composite"
+                if r.config == "composite" or r.config.startswith("cmlora")
                 else "",
                 r.n,
             )

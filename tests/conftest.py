@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -68,6 +69,35 @@ def reference_pipeline(fam: str, loras: list[tuple[str, dict]]):
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def reference_loop(
+    pipe, prompt: str, passes, guidance: float = 7.5, seed: int = 3, mix=None, steps: int = STEPS
+) -> torch.Tensor:
+    """The references' sampling loop written out with diffusers parts: per step ``i``,
+    for each setup in ``passes(i)`` run the setup (switch adapters, patch weights...),
+    then one batch-2 UNet pass; the unconditional and conditional predictions are
+    averaged over the passes (weighted by ``mix(i)`` if given) before guidance. The
+    prompt is encoded with whatever the text encoder carries when this is called."""
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    ehs = torch.cat([uncond, cond])
+    sched = make_scheduler("dpm++2m", dict(pipe.scheduler.config))
+    sched.set_timesteps(steps)
+    latents = randn_tensor((1, 4, SIZE // 2, SIZE // 2), generator=generator(seed)) * sched.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            x = sched.scale_model_input(torch.cat([latents] * 2), t)
+            us, cs = [], []
+            for setup in passes(i):
+                setup()
+                u, c = pipe.unet(x, t, encoder_hidden_states=ehs).sample.chunk(2)
+                us.append(u)
+                cs.append(c)
+            w = torch.full((len(us),), 1 / len(us)) if mix is None else torch.tensor(mix(i))
+            w = w.view(-1, 1, 1, 1, 1)
+            u, c = (w * torch.stack(us)).sum(0), (w * torch.stack(cs)).sum(0)
+            latents = sched.step(u + guidance * (c - u), t, latents).prev_sample
+    return latents
 
 
 @pytest.fixture

@@ -131,3 +131,49 @@ def test_console_script(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "c.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("klora", ["--role", "{b}=style", "--top-k", "16"]),
+        ("cmlora", ["--ordering", "category", "--cache-schedule", "uniform"]),
+        ("cmlora", []),
+    ],
+)
+def test_generate_newer_methods(capsys, tmp_path, lora_files, monkeypatch, method, options):
+    monkeypatch.setenv("COMPOSE_CACHE", str(tmp_path / "cache"))
+    a, b = lora_files["sd1", 0]["peft"], lora_files["sd1", 1]["peft"]
+    options = [o.format(b=b.stem) for o in options]
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--prompt",
+        "a cat",
+        "--lora",
+        a,
+        "--lora",
+        b,
+        "--category",
+        f"{b.stem}=background",
+        "--method",
+        method,
+        *options,
+        "--out",
+        tmp_path / "x.png",
+        *TINY,
+    )
+    assert code == 0, err
+    record = json.loads(Image.open(tmp_path / "x.png").text["compose"])
+    assert record["method"]["name"] == method
+    assert [lora["category"] for lora in record["loras"]] == [None, "background"]
+    if method == "klora":
+        assert record["method"]["parameters"]["roles"] == {b.stem: "style"}
+
+
+def test_inspect_frequency(capsys, tmp_path, lora_files, monkeypatch):
+    monkeypatch.setenv("COMPOSE_CACHE", str(tmp_path))
+    code, out, err = run(capsys, "inspect", lora_files["sd1", 2]["peft"], "--frequency", "--json")
+    assert code == 0, err
+    frequency = json.loads(out)["frequency"]
+    assert 0 < frequency["high_frequency_score"] < 1 and frequency["model"] == "tiny:sd1"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, STEPS, generator, reference_pipeline
-from diffusers.utils.torch_utils import randn_tensor
+from conftest import SIZE, STEPS, generator, reference_loop, reference_pipeline
 from loras import attn_processor_state_dict, lora_parts, peft_state_dict, write
 
 from compose import Composer, Switch
@@ -89,36 +88,14 @@ def test_merge_equals_set_adapters(family, lora_files):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def sequential_reference(pipe, step_adapters, guidance=7.5, seed=3) -> torch.Tensor:
-    """The references' loop: per step, one batch-2 UNet pass per adapter set, then the
-    unconditional and conditional predictions averaged over passes before guidance.
-    Text encoders carry all adapters merged (the project's documented policy)."""
-    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, "")
-    ehs = torch.cat([uncond, cond])
-    sched = make_scheduler("dpm++2m", dict(pipe.scheduler.config))
-    sched.set_timesteps(STEPS)
-    latents = randn_tensor((1, 4, SIZE // 2, SIZE // 2), generator=generator(seed)) * sched.init_noise_sigma
-    with torch.no_grad():
-        for i, t in enumerate(sched.timesteps):
-            x = sched.scale_model_input(torch.cat([latents] * 2), t)
-            us, cs = [], []
-            for names, weights in step_adapters(i):
-                pipe.unet.set_adapters(names, weights)
-                u, c = pipe.unet(x, t, encoder_hidden_states=ehs).sample.chunk(2)
-                us.append(u)
-                cs.append(c)
-            u, c = torch.stack(us).mean(0), torch.stack(cs).mean(0)
-            latents = sched.step(u + guidance * (c - u), t, latents).prev_sample
-    return latents
-
-
 @pytest.mark.parametrize("max_batch", [None, 2, 4])
 def test_composite_equals_sequential_loop(lora_files, max_batch):
     names, weights = ["a", "b", "c"], [1.0, 0.6, 0.9]
     pipe = reference_pipeline("sd1", [(n, lora_files["sd1", i]["parts"]) for i, n in enumerate(names)])
     scaled = [w * 0.8 for w in weights]
     pipe.set_adapters(names, scaled)
-    expected = sequential_reference(pipe, lambda i: [([n], [w]) for n, w in zip(names, scaled, strict=True)])
+    passes = [lambda n=n, w=w: pipe.unet.set_adapters([n], [w]) for n, w in zip(names, scaled, strict=True)]
+    expected = reference_loop(pipe, PROMPT, lambda step: passes)
 
     composer = Composer.tiny("sd1")
     for i, n in enumerate(names):

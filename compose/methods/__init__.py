@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from .base import CompositionMethod, MethodContext
+from .cmlora import CMLoRA
 from .composite import Composite
+from .klora import KLoRA
 from .merge import Merge
 from .switch import Switch
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite)}
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, KLoRA, CMLoRA)}
 
 
 def get_method(method: str | CompositionMethod, **parameters) -> CompositionMethod:
@@ -23,4 +25,14 @@ def get_method(method: str | CompositionMethod, **parameters) -> CompositionMeth
     return cls(**parameters)
 
 
-__all__ = ["METHODS", "Composite", "CompositionMethod", "Merge", "MethodContext", "Switch", "get_method"]
+__all__ = [
+    "CMLoRA",
+    "METHODS",
+    "Composite",
+    "CompositionMethod",
+    "KLoRA",
+    "Merge",
+    "MethodContext",
+    "Switch",
+    "get_method",
+]

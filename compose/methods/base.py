@@ -10,12 +10,16 @@ the denoising loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from ..loading import LoRA
+
+UNetRun = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -23,14 +27,19 @@ class MethodContext:
     """What a method may look at when a generation starts.
 
     ``weights`` are the effective per-LoRA weights, shape ``(N,)``: the user's weight
-    times the global LoRA scale. ``num_layers`` is the number of composable UNet
-    layers, for methods that weight each layer separately.
+    times the global LoRA scale. ``layers`` names the composable UNet layers in index
+    order (``weights`` of shape ``(L, G, N)`` follow it), for methods that weight each
+    layer separately. ``unet`` is there for methods that cache its features;
+    ``frequency`` holds each LoRA's high-frequency score where the method asked for it
+    (:attr:`CompositionMethod.needs_frequency`).
     """
 
     loras: list[LoRA]
     weights: torch.Tensor
     num_steps: int
-    num_layers: int
+    layers: list[str]
+    unet: nn.Module | None = None
+    frequency: dict[str, float] = field(default_factory=dict)
 
 
 class CompositionMethod(ABC):
@@ -41,6 +50,11 @@ class CompositionMethod(ABC):
     """
 
     name: ClassVar[str]
+
+    @property
+    def needs_frequency(self) -> bool:
+        """Whether :meth:`prepare` wants the LoRAs' frequency scores in the context."""
+        return False
 
     def prepare(self, context: MethodContext) -> None:
         """Called once per generation before the first step."""
@@ -53,6 +67,15 @@ class CompositionMethod(ABC):
         Shape ``(G, N)``: one row per branch of the UNet batch, one column per LoRA;
         or ``(L, G, N)`` to give each of the ``L`` composable layers its own weights.
         """
+
+    def predict(self, step: int, run: UNetRun) -> torch.Tensor:
+        """All branches' noise predictions for ``step``, ``(G * R, C, H, W)``.
+
+        ``run(weights)`` is one batched UNet evaluation of the branches that ``weights``
+        (``(G, N)`` or ``(L, G, N)``) describe. Methods that cache features or split a
+        step into several calls override this; the default is one call.
+        """
+        return run(self.weights(step))
 
     def combine(
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int

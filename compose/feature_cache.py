@@ -43,13 +43,19 @@ class DeepFeatureCache:
 
     @contextmanager
     def _patched(self, make_forward) -> Iterator[None]:
+        """Give every deep block a temporary ``forward``, restoring any instance-level
+        ``forward`` that was there before (accelerate's offload hooks put one)."""
+        previous = [block.__dict__.get("forward") for block in self.blocks]
         for k, block in enumerate(self.blocks):
             block.forward = make_forward(k, block.forward)
         try:
             yield
         finally:
-            for block in self.blocks:
-                del block.forward
+            for block, old in zip(self.blocks, previous, strict=True):
+                if old is None:
+                    del block.forward
+                else:
+                    block.forward = old
 
     @contextmanager
     def capture(self, branches: list[int]) -> Iterator[None]:
@@ -94,6 +100,3 @@ class DeepFeatureCache:
 
         with self._patched(make_forward):
             yield
-
-    def clear(self) -> None:
-        self.branches.clear()

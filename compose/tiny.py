@@ -91,7 +91,8 @@ def _scheduler() -> DPMSolverMultistepScheduler:
 
 
 def tiny_sd_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
-    """A two-level SD1.x-shaped UNet (cross-attention in both levels)."""
+    """A two-level SD1.x-shaped UNet (cross-attention in both levels); ``overrides``
+    reshape it (the tiny SDXL UNet is one)."""
     config = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -128,12 +129,8 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+    unet = tiny_sd_unet(
+        cross_attention_dim=64,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -142,8 +139,6 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-        norm_num_groups=32,
     )
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config(32))

@@ -199,11 +199,33 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="benchmark the methods",
-        description="--speed times one denoising step of every method for N = 1..5 LoRAs against a "
-        "LoRA-free step and against diffusers' own PEFT path, side by side in one process.",
+        help="benchmark the methods: quality over composition sets, or speed",
+        description="With --sets: generate every (set, method, seed) of a composition-set manifest, score "
+        "it, and write images, records, tables, plots and grids to --out; a rerun resumes, and "
+        "`accelerate launch -m compose bench ...` or `torchrun --nproc_per_node K -m compose bench ...` "
+        "shards the work over processes, GPUs and nodes. With --speed: time one denoising step of "
+        "every method for N = 1..5 LoRAs against a LoRA-free step and diffusers' own PEFT path.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--speed", action="store_true", required=True, help="run the speed benchmark")
+    mode = bench.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--sets", metavar="FILE", help="composition-set manifest (JSON; see evaluation/README.md)")
+    mode.add_argument("--speed", action="store_true", help="run the speed benchmark")
+    bench.add_argument(
+        "--methods",
+        default="merge,switch,composite,klora,cmlora",
+        help="comma-separated methods [merge,switch,composite,klora,cmlora]",
+    )
+    bench.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help=f"base model [{DEFAULT_MODEL}]")
+    bench.add_argument(
+        "--clip",
+        help="CLIPScore model: an open_clip folder (open_clip_config.json + open_clip_model.safetensors) or "
+        "NAME:PRETRAINED, e.g. ViT-B-16:openai (the papers' setting; weights must be in your cache)",
+    )
+    bench.add_argument("--steps", type=int, default=25, help="--sets: denoising steps [25]")
+    bench.add_argument("--guidance", type=float, default=7.5, help="--sets: guidance scale [7.5]")
+    bench.add_argument("--size", type=int, help="--sets: image side in pixels [the model's native size]")
+    bench.add_argument("--lora-scale", type=float, default=0.8, help="--sets: global LoRA scale [0.8]")
     bench.add_argument(
         "--preset",
         choices=["tiny", "small", "sd15", "sdxl"],
@@ -218,7 +240,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baselines", action="store_true", help="skip diffusers' PEFT baselines")
     bench.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on CPU]")
-    bench.add_argument("--out", default="outputs/speed", help="folder for speed.json and speed.md")
+    bench.add_argument("--out", help="results folder [outputs/bench, or outputs/speed with --speed]")
+
+    grid = commands.add_parser(
+        "grid",
+        help="rebuild a benchmark's tables, plots and per-set image grids",
+        description="Rebuild summary.md, results.csv/jsonl, plots/ and grids/ of a benchmark folder from its records.",
+    )
+    grid.add_argument("results", help="a benchmark's --out folder")
+    grid.add_argument("--methods", help="comma-separated method order [as found in the records]")
     return parser
 
 
@@ -326,6 +356,9 @@ def _inspect(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import torch
 
+    if args.sets:
+        _bench_sets(args)
+        return
     from .speed import run_speed_benchmark, to_markdown, write_results
 
     result = run_speed_benchmark(
@@ -340,8 +373,65 @@ def _bench(args: argparse.Namespace) -> None:
         baselines=not args.no_baselines,
     )
     print(to_markdown(result))
-    for path in write_results(result, Path(args.out)):
+    for path in write_results(result, Path(args.out or "outputs/speed")):
         print(path)
+
+
+def _scorer(spec: str | None, device: str | None):
+    from .evaluation.clipscore import CLIPScorer
+
+    if spec is None:
+        raise ValueError(
+            "--clip is required until the demo world's offline CLIP ships in assets/: pass an open_clip "
+            "folder or NAME:PRETRAINED such as ViT-B-16:openai"
+        )
+    if Path(spec).is_dir():
+        return CLIPScorer.from_folder(spec, device=device)
+    name, _, pretrained = spec.partition(":")
+    return CLIPScorer.from_open_clip(name, pretrained or "openai", device=device)
+
+
+def _bench_sets(args: argparse.Namespace) -> None:
+    from .evaluation.bench import run_benchmark
+    from .methods import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method {unknown[0] if unknown else '(none)'}: choose from {', '.join(METHODS)}")
+    settings = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "width": args.size,
+        "height": args.size,
+        "lora_scale": args.lora_scale,
+    }
+    out = Path(args.out or "outputs/bench")
+    run_benchmark(
+        Path(args.sets),
+        methods,
+        args.seeds,
+        out,
+        composer_factory=lambda: _load_composer(args.model, args.device),
+        scorer_factory=lambda: _scorer(args.clip, args.device),
+        settings=settings,
+    )
+    if (out / "summary.md").exists():
+        print((out / "summary.md").read_text())
+
+
+def _grid(args: argparse.Namespace) -> None:
+    from .evaluation.bench import load_records
+    from .evaluation.report import write_report
+
+    out = Path(args.results)
+    records = load_records(out)
+    if not records:
+        raise ValueError(f"{out}: no benchmark records under items/")
+    methods = args.methods.split(",") if args.methods else list(dict.fromkeys(r["method"] for r in records))
+    for path in write_report(out, records, methods).values():
+        print(path)
+    print(out / "grids")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     from .composer import ModelLoadError
     from .loop import GenerationCancelled, NonFiniteLatentsError
 
-    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench}
+    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid}
     try:
         handlers[args.command](args)
     except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError) as error:

@@ -1,0 +1,168 @@
+"""``compose bench --sets``: every (set, method, seed) of a composition-set manifest.
+
+Each item writes its image (PNG with the full generation record) and a JSON record of
+scores and timings, atomically, under ``OUT/items/<set>/``; a rerun skips every item
+whose record exists, so an interrupted run loses nothing. Under ``accelerate launch``
+or ``torchrun`` each process takes its share of the items (accelerate's
+``split_between_processes``); all write into the same folder without clashes, because
+every item has its own files, and the main process then builds the results: every
+record as JSONL and CSV, a markdown table by method and N (mean and 95% interval),
+win rates against Merge, plots, and a grid of the methods side by side per set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..composer import Composer
+from ..metadata import save_png
+from .clipscore import CLIPScorer, composition_text
+from .report import write_report
+from .sets import CompositionSet, Manifest, load_manifest
+
+RECORD_FIELDS = ("set", "method", "seed", "n", "clipscore", "seconds", "image")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of benchmark work."""
+
+    set: CompositionSet
+    method: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.set.id}/{self.method}-{self.seed}"
+
+
+def plan_items(manifest: Manifest, methods: list[str], seeds: int) -> list[Item]:
+    """Every (set, method, seed), in a fixed order; seeds listed in the manifest (per set
+    or for all) win over ``range(seeds)``."""
+    return [
+        Item(s, method, seed) for s in manifest.sets for seed in (s.seeds or list(range(seeds))) for method in methods
+    ]
+
+
+def record_path(out: Path, item: Item) -> Path:
+    return out / "items" / item.set.id / f"{item.method}-{item.seed}.json"
+
+
+def image_path(out: Path, item: Item) -> Path:
+    return out / "items" / item.set.id / f"{item.method}-{item.seed}.png"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename: never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, with the folder's name, when results could not be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe"):
+            pass
+    except OSError as error:
+        raise OSError(f"{out}: the output folder is not writable ({error.strerror or error})") from error
+
+
+def load_records(out: Path) -> list[dict]:
+    """Every finished item's record, in a stable order."""
+    return [json.loads(p.read_text()) for p in sorted((out / "items").glob("*/*.json"))]
+
+
+def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: Item, settings: dict) -> dict:
+    """Generate one image, score it, and return its record."""
+    entries = [manifest.loras[name] for name in item.set.loras]
+    start = time.perf_counter()
+    image = composer.generate(
+        manifest.prompt_for(item.set),
+        loras=[(e.name, e.weight) for e in entries],
+        method=item.method,
+        negative_prompt=manifest.negative_prompt_for(item.set),
+        seed=item.seed,
+        **settings,
+    )[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    text = composition_text(manifest.triggers(item.set))
+    return {
+        "set": item.set.id,
+        "method": item.method,
+        "seed": item.seed,
+        "n": item.set.n,
+        "clipscore": round(float(scorer.score([image], [text])[0]), 4),
+        "seconds": round(seconds, 4),
+        "image": str(Path("items") / item.set.id / f"{item.method}-{item.seed}.png"),
+        "_image": image,
+    }
+
+
+def run_benchmark(
+    sets_file: Path,
+    methods: list[str],
+    seeds: int,
+    out: Path,
+    composer_factory: Callable[[], Composer],
+    scorer_factory: Callable[[], CLIPScorer],
+    settings: dict,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) the benchmark; every process of a distributed launch calls this.
+
+    Returns all records once every process has finished (the main process then also
+    writes the report).
+    """
+    from accelerate import PartialState
+
+    manifest = load_manifest(sets_file)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        check_writable(out)
+    state.wait_for_everyone()
+    items = plan_items(manifest, methods, seeds)
+    with state.split_between_processes(items) as mine:
+        todo = [item for item in mine if not record_path(out, item).exists()]
+    if todo:
+        composer = composer_factory()
+        scorer = scorer_factory()
+        for name in sorted({n for item in todo for n in item.set.loras}):
+            entry = manifest.loras[name]
+            composer.load_lora(manifest.lora_path(name), name=name, category=entry.category, triggers=entry.triggers)
+        bar = tqdm(
+            todo,
+            desc=f"benchmark [{state.process_index + 1}/{state.num_processes}]",
+            unit="image",
+            disable=not progress,
+            position=state.process_index,
+        )
+        for item in bar:
+            record = run_item(composer, scorer, manifest, item, settings)
+            save_png(record.pop("_image"), image_path(out, item))
+            write_json_atomic(record_path(out, item), record)
+    state.wait_for_everyone()
+    records = load_records(out)
+    if state.is_main_process:
+        write_report(out, records, methods)
+    return records

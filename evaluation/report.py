@@ -1,0 +1,176 @@
+"""Benchmark results people can read: tables, win rates, plots and image grids.
+
+Everything is derived from the per-item records alone, so ``compose grid`` and a
+rerun rebuild it at any time. Intervals are 95% normal-approximation intervals of the
+mean (``1.96 s / sqrt(n)``); win rates compare each method with Merge on the same set
+and seed (a tie counts half).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..metadata import save_png
+
+METRICS = {  # record field -> (label, higher is better)
+    "clipscore": ("CLIPScore", True),
+    "concepts_present": ("concepts present", True),
+    "all_present": ("all concepts present", True),
+    "seconds": ("seconds / image", False),
+}
+BASELINE = "merge"
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """``(mean, half-width of the 95% interval)``."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, 1.96 * math.sqrt(variance / len(values))
+
+
+def metrics_of(records: list[dict]) -> list[str]:
+    return [m for m in METRICS if any(m in r for r in records)]
+
+
+def by_method_and_n(records: list[dict], metric: str) -> dict[tuple[str, int], list[float]]:
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in records:
+        if metric in r:
+            groups[r["method"], r["n"]].append(float(r[metric]))
+    return groups
+
+
+def win_rates(records: list[dict], metric: str, baseline: str = BASELINE) -> dict[str, tuple[float, int]]:
+    """Per method: the share of (set, seed) pairs where it beats ``baseline``, and the pair count."""
+    higher = METRICS[metric][1]
+    base = {(r["set"], r["seed"]): r[metric] for r in records if r["method"] == baseline and metric in r}
+    wins: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        other = base.get((r["set"], r["seed"]))
+        if r["method"] == baseline or other is None or metric not in r:
+            continue
+        diff = (r[metric] - other) * (1 if higher else -1)
+        wins[r["method"]].append(1.0 if diff > 0 else 0.5 if diff == 0 else 0.0)
+    return {m: (sum(w) / len(w), len(w)) for m, w in wins.items()}
+
+
+def markdown_tables(records: list[dict], methods: list[str]) -> str:
+    """One table per metric: rows = methods, columns = N, cells = mean ± interval."""
+    ns = sorted({r["n"] for r in records})
+    parts = []
+    for metric in metrics_of(records):
+        label, higher = METRICS[metric]
+        groups = by_method_and_n(records, metric)
+        lines = [
+            f"### {label} ({'higher' if higher else 'lower'} is better)",
+            "",
+            "| method | " + " | ".join(f"N={n}" for n in ns) + " | all |",
+            "|---" * (len(ns) + 2) + "|",
+        ]
+        for method in methods:
+            cells = []
+            for n in ns:
+                values = groups.get((method, n))
+                cells.append("" if not values else "{:.3f} ± {:.3f}".format(*mean_interval(values)))
+            every = [v for (m, _), vs in groups.items() if m == method for v in vs]
+            cells.append("" if not every else "{:.3f} ± {:.3f}".format(*mean_interval(every)))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+        if metric != "seconds" and BASELINE in methods:
+            rates = win_rates(records, metric)
+            if rates:
+                rows = [f"| {m} | {rates[m][0]:.1%} | {rates[m][1]} |" for m in methods if m in rates]
+                parts.append(
+                    f"Win rate against {BASELINE} on {label}:\n\n| method | wins | pairs |\n|---|---|---|\n"
+                    + "\n".join(rows)
+                )
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(records: list[dict], methods: list[str], folder: Path) -> list[Path]:
+    """A score-against-N plot per quality metric and a time-per-image bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in metrics_of(records):
+        label, _ = METRICS[metric]
+        groups = by_method_and_n(records, metric)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        if metric == "seconds":
+            means = [
+                mean_interval([v for (m, _), vs in groups.items() if m == method for v in vs]) for method in methods
+            ]
+            ax.bar(methods, [m for m, _ in means], yerr=[h for _, h in means], capsize=4, color="#4c72b0")
+            ax.set_ylabel(label)
+            ax.set_title("time per image by method")
+        else:
+            for method in methods:
+                points = sorted((n, *mean_interval(vs)) for (m, n), vs in groups.items() if m == method)
+                if points:
+                    ns, means, halves = zip(*points, strict=True)
+                    ax.errorbar(ns, means, yerr=halves, marker="o", capsize=3, label=method)
+            ax.set_xlabel("number of LoRAs (N)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} against N")
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def grid(out: Path, records: list[dict], methods: list[str]) -> Image.Image:
+    """One set's images: a row per seed, a column per method, labelled."""
+    seeds = sorted({r["seed"] for r in records})
+    cells = {(r["seed"], r["method"]): r for r in records}
+    tile = Image.open(out / records[0]["image"]).size[0]
+    label = 14
+    sheet = Image.new("RGB", (tile * len(methods), label + tile * len(seeds)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, method in enumerate(methods):
+        draw.text((col * tile + 2, 1), method, fill="black")
+        for row, seed in enumerate(seeds):
+            record = cells.get((seed, method))
+            if record is not None:
+                with Image.open(out / record["image"]) as image:
+                    sheet.paste(image.convert("RGB"), (col * tile, label + row * tile))
+    return sheet
+
+
+def write_grids(out: Path, records: list[dict], methods: list[str]) -> list[Path]:
+    by_set: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_set[r["set"]].append(r)
+    return [save_png(grid(out, rs, methods), out / "grids" / f"{set_id}.png") for set_id, rs in sorted(by_set.items())]
+
+
+def write_report(out: Path, records: list[dict], methods: list[str]) -> dict[str, Path]:
+    """``results.jsonl``, ``results.csv``, ``summary.md``, ``plots/`` and ``grids/``."""
+    if not records:
+        return {}
+    columns = sorted({k for r in records for k in r})
+    (out / "results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    summary = out / "summary.md"
+    summary.write_text(f"# Benchmark: {len(records)} images\n\n" + markdown_tables(records, methods))
+    plot(records, methods, out / "plots")
+    write_grids(out, records, methods)
+    return {"summary": summary, "jsonl": out / "results.jsonl", "csv": out / "results.csv"}

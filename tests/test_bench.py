@@ -1,0 +1,177 @@
+"""``compose bench --sets``: a small run, resume, kill and resume, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from test_cli import run
+from test_clipscore import tiny_scorer
+
+METHODS = "merge,composite,klora"
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory, lora_files) -> dict:
+    root = tmp_path_factory.mktemp("bench")
+    loras = [
+        {"name": name, "file": str(lora_files["sd1", i]["peft"]), "category": name, "triggers": [f"zq{name}"]}
+        for i, name in enumerate(("character", "style", "background"))
+    ]
+    sets = [
+        {"id": "pair", "loras": ["character", "style"], "prompt": "a creature"},
+        {"id": "trio", "loras": ["character", "style", "background"], "prompt": "a creature outside"},
+    ]
+    manifest = root / "sets.json"
+    manifest.write_text(json.dumps({"loras": loras, "sets": sets, "prompt_prefix": "a picture"}))
+    clip = tiny_scorer(root / "clip")
+    clip.save(root / "clip")
+    return {"sets": manifest, "clip": root / "clip"}
+
+
+def bench_args(inputs: dict, out, seeds: int = 2, methods: str = METHODS) -> list[str]:
+    return [
+        "bench", "--sets", str(inputs["sets"]), "--methods", methods, "--seeds", str(seeds), "--model", "tiny:sd1",
+        "--clip", str(inputs["clip"]), "--steps", "2", "--size", "32", "--out", str(out),
+    ]  # fmt: skip
+
+
+def scores(out) -> dict[str, float]:
+    return {
+        f"{r['set']}/{r['method']}-{r['seed']}": r["clipscore"]
+        for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(bench_inputs, tmp_path_factory) -> tuple:
+    out = tmp_path_factory.mktemp("run") / "out"
+    try:
+        code = __import__("compose.cli", fromlist=["main"]).main(bench_args(bench_inputs, out))
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 0
+    return out, scores(out)
+
+
+def test_a_small_run_writes_everything(finished):
+    out, results = finished
+    assert len(results) == 2 * 2 * 3
+    records = [json.loads(p.read_text()) for p in (out / "items").glob("*/*.json")]
+    assert len(records) == 12
+    for record in records:
+        assert {"set", "method", "seed", "n", "clipscore", "seconds", "image"} <= record.keys()
+        assert 0 <= record["clipscore"] <= 100 and record["seconds"] > 0
+        with Image.open(out / record["image"]) as image:
+            meta = json.loads(image.text["compose"])
+        assert meta["method"]["name"] == record["method"] and meta["seed"] == record["seed"]
+        assert meta["prompt"].startswith("a picture, a creature")
+    summary = (out / "summary.md").read_text()
+    assert "| klora |" in summary and "N=2" in summary and "N=3" in summary
+    assert "Win rate against merge on CLIPScore" in summary
+    assert len((out / "results.csv").read_text().splitlines()) == 13
+    for name in ("clipscore.png", "seconds.png"):
+        assert Image.open(out / "plots" / name).size[0] > 300
+    with Image.open(out / "grids" / "trio.png") as grid:
+        assert grid.size == (3 * 32, 14 + 2 * 32)
+
+
+def test_rerun_skips_finished_work(bench_inputs, finished, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    removed = sorted((out / "items" / "pair").glob("composite-*.json"))
+    for path in removed:
+        path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "items").glob("*/*.json")}
+    code, _, err = run(capsys, *bench_args(bench_inputs, out))
+    assert code == 0, err
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert all(p.exists() for p in removed)
+    assert scores(out) == finished[1]
+
+
+def _subprocess_bench(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_kill_halfway_then_resume(bench_inputs, finished, tmp_path):
+    out = tmp_path / "out"
+    process = _subprocess_bench([sys.executable, "-m", "compose", *bench_args(bench_inputs, out)])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((out / "items").glob("*/*.json"))) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list((out / "items").glob("*/*.json")))
+    assert 3 <= done < 12, "the kill must land in the middle of the run"
+    resumed = _subprocess_bench([sys.executable, "-m", "compose", *bench_args(bench_inputs, out)])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert scores(out) == finished[1]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_two_processes_give_the_same_records(bench_inputs, finished, tmp_path):
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    process = _subprocess_bench([*torchrun, "-m", "compose", *bench_args(bench_inputs, out)])
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    # torchrun gives each process one thread, so float sums run in another order
+    assert scores(out) == pytest.approx(finished[1], abs=0.02)
+
+
+def test_grid_rebuilds(finished, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "grids")
+    (out / "summary.md").unlink()
+    code, stdout, err = run(capsys, "grid", out)
+    assert code == 0, err
+    assert (out / "grids" / "pair.png").exists() and (out / "summary.md").exists()
+
+
+def test_bad_input_gets_a_clear_message(bench_inputs, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"loras": [')
+    code, _, err = run(capsys, *bench_args({**bench_inputs, "sets": broken}, tmp_path / "o"))
+    assert code == 2 and "broken.json" in err and "line 1" in err and "Traceback" not in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run(capsys, *bench_args(bench_inputs, blocker / "out"))
+    assert code == 2 and "not writable" in err
+
+    code, _, err = run(capsys, *bench_args(bench_inputs, tmp_path / "o", methods="merge,nonsense"))
+    assert code == 2 and "unknown method nonsense" in err
+
+
+def test_disk_full_keeps_what_was_finished(bench_inputs, finished, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, _, err = run(capsys, *bench_args(bench_inputs, out))
+    assert code == 2 and "No space left on device" in err
+    finished_records = list((out / "items").glob("*/*.json"))
+    assert 1 <= len(finished_records) < 12 and not list(out.rglob("*.tmp"))
+    for path in finished_records:
+        json.loads(path.read_text())
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    code, _, err = run(capsys, *bench_args(bench_inputs, out))
+    assert code == 0, err
+    assert scores(out) == finished[1]

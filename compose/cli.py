@@ -242,6 +242,21 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on CPU]")
     bench.add_argument("--out", help="results folder [outputs/bench, or outputs/speed with --speed]")
 
+    studio = commands.add_parser(
+        "studio",
+        help="open the Gradio studio in the browser",
+        description="The Gradio studio: a LoRA library, Compose, Compare and a Gallery, on one base model. Every "
+        "button is also a named API endpoint for gradio_client.",
+    )
+    studio.add_argument("--model", default=DEFAULT_MODEL, help=f"base model [{DEFAULT_MODEL}]")
+    studio.add_argument("--library", default="outputs/library", help="LoRA library folder [outputs/library]")
+    studio.add_argument("--clip", help="CLIPScore model for Compare: an open_clip folder or NAME:PRETRAINED")
+    studio.add_argument("--host", default="127.0.0.1", help="address to serve on [127.0.0.1]")
+    studio.add_argument("--port", type=int, default=7860, help="port [7860]")
+    studio.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
+    studio.add_argument("--allow-pickle", action="store_true", help="accept pickle uploads (loaded weights-only)")
+    studio.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload in MB [1024]")
+
     grid = commands.add_parser(
         "grid",
         help="rebuild a benchmark's tables, plots and per-set image grids",
@@ -420,6 +435,13 @@ def _bench_sets(args: argparse.Namespace) -> None:
         print((out / "summary.md").read_text())
 
 
+def _studio(args: argparse.Namespace) -> None:
+    from .app.ui import launch, make_studio
+
+    studio = make_studio(args.model, Path(args.library), args.clip, args.allow_pickle, args.max_upload_mb)
+    launch(studio, host=args.host, port=args.port, share=args.share)
+
+
 def _grid(args: argparse.Namespace) -> None:
     from .evaluation.bench import load_records
     from .evaluation.report import write_report
@@ -440,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     from .composer import ModelLoadError
     from .loop import GenerationCancelled, NonFiniteLatentsError
 
-    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid}
+    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid, "studio": _studio}
     try:
         handlers[args.command](args)
     except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError) as error:

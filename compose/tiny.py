@@ -8,7 +8,9 @@ their images are noise, because their weights are random.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -18,6 +20,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -153,3 +156,26 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0):
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=False,
     )
+
+
+RANDOM_LORAS = (("character", "zq creature"), ("style", "zq style"), ("background", "zq place"))
+
+
+def write_random_loras(pipeline, folder: Path) -> list[Path]:
+    """Three random LoRAs for a tiny pipeline's UNet attention (character, style,
+    background), as diffusers-format safetensors with sidecar category and triggers:
+    something to compose in the studio before the trained demo world ships."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, (category, trigger) in enumerate(RANDOM_LORAS):
+        factors = random_factors(pipeline.unet, ATTENTION_PROJECTIONS, rank=4, seed=100 + seed)
+        state = {
+            f"unet.{module}.lora_{ab}.weight": tensor.contiguous()
+            for module, f in factors.items()
+            for ab, tensor in (("A", f.down), ("B", f.up))
+        }
+        path = folder / f"random-{category}.safetensors"
+        save_file(state, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"category": category, "triggers": [trigger]}))
+        paths.append(path)
+    return paths

@@ -1,0 +1,268 @@
+"""The studio's state and actions, independent of the Gradio layout (``ui.py``).
+
+A :class:`Studio` owns one :class:`~compose.Composer`, a LoRA library folder, the
+folder of the PNGs it made, and a cancel flag that the running generation checks after
+every denoising step (each browser session keeps its own gallery, ``ui.py``). Every
+action returns plain values (rows, paths, messages), so the UI, the public API and the
+tests call the same code. Uploads are untrusted:
+safetensors only unless pickle is allowed, a size limit, and names that stay inside the
+library folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..composer import Composer, ModelLoadError, generate_kwargs
+from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError
+from ..metadata import read_record, save_png
+from ..methods import METHODS
+
+LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
+LORA_COLUMNS = ["LoRA", "weight"]
+Progress = Callable[[float, str], None]
+
+
+class StudioError(ValueError):
+    """A user mistake the studio reports in its status line."""
+
+
+@dataclass
+class Settings:
+    """Everything a generation needs, as the Compose tab shows it."""
+
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[tuple[str, float]] | None = None
+    insert_triggers: bool = False
+    method: str = "merge"
+    method_params: dict | None = None
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    seed: int = 0
+    scheduler: str = "dpm++2m"
+    lora_scale: float = 0.8
+
+
+def lora_weights(rows: list[list]) -> list[tuple[str, float]]:
+    """``[[name, weight], ...]`` from the Compose table: rows with weight 0 are unused."""
+    pairs = []
+    for row in rows or []:
+        if len(row) < 2 or row[0] in (None, ""):
+            continue
+        try:
+            weight = float(row[1] or 0)
+        except (TypeError, ValueError):
+            raise StudioError(f"the weight of {row[0]} must be a number, got {row[1]!r}") from None
+        if weight:
+            pairs.append((str(row[0]), weight))
+    return pairs
+
+
+class Studio:
+    """One composer, its LoRA library and the session's results."""
+
+    def __init__(
+        self,
+        model: str,
+        library: Path,
+        load: Callable[[str], Composer],
+        allow_pickle: bool = False,
+        max_upload_mb: float = 1024,
+        scorer=None,
+    ) -> None:
+        self.load = load
+        self.library = Path(library).resolve()
+        self.library.mkdir(parents=True, exist_ok=True)
+        self.allow_pickle = allow_pickle
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.scorer = scorer
+        self.lock = threading.Lock()
+        self.cancel = threading.Event()
+        self.made = 0
+        self.outputs = Path(tempfile.mkdtemp(prefix="compose-studio-"))
+        self.model = model
+        self.composer = load(model)
+        self.load_folder(self.library)
+
+    # -- library ---------------------------------------------------------------------
+
+    def library_rows(self) -> list[list]:
+        rows = []
+        for lora in self.composer.loras.values():
+            freq = next((v.score for k, v in lora.derived.items() if k[0] == "frequency"), None)
+            rows.append([lora.name, lora.category or "", ", ".join(lora.triggers), lora.family, lora.rank,
+                         "" if freq is None else round(freq, 4)])  # fmt: skip
+        return rows
+
+    def compose_rows(self, previous: list[list] | None = None) -> list[list]:
+        """The Compose table: every library LoRA with its weight (kept from ``previous``)."""
+        weights = {row[0]: row[1] for row in previous or [] if row}
+        return [[name, weights.get(name, 0.0)] for name in self.composer.loras]
+
+    def load_folder(self, folder: str | Path) -> str:
+        """Load every LoRA file of ``folder``; files that fail are reported, the rest load."""
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise StudioError(f"{folder}: no such folder")
+        suffixes = (".safetensors", *(PICKLE_SUFFIXES if self.allow_pickle else ()))
+        loaded, failed = [], []
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes):
+            if path.stem in self.composer.loras:
+                continue
+            try:
+                loaded.append(self.composer.load_lora(path, allow_pickle=self.allow_pickle).name)
+            except (LoRAError, ValueError) as error:
+                failed.append(str(error))
+        message = f"loaded {len(loaded)} LoRA(s) from {folder}" + (f": {', '.join(loaded)}" if loaded else "")
+        return message + "".join(f"\n- not loaded: {f}" for f in failed)
+
+    def add_upload(self, upload: str | Path) -> str:
+        """Copy an uploaded file into the library and load it; on failure nothing changes."""
+        source = Path(upload)
+        name = source.name
+        if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+            raise StudioError(f"{name!r}: not an acceptable file name")
+        suffix = source.suffix.lower()
+        if suffix != ".safetensors" and not (self.allow_pickle and suffix in PICKLE_SUFFIXES):
+            raise StudioError(f"{name}: only .safetensors LoRA files are accepted (pickle files can run code)")
+        size = source.stat().st_size
+        if size > self.max_upload_bytes:
+            raise StudioError(f"{name}: {size / 2**20:.0f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB limit")
+        target = (self.library / name).resolve()
+        if target.parent != self.library:
+            raise StudioError(f"{name}: would be written outside the library folder")
+        if target.stem in self.composer.loras or target.exists():
+            raise StudioError(f"{name}: a LoRA of that name is already in the library")
+        with self.lock:
+            try:
+                lora = self.composer.load_lora(source, name=target.stem, allow_pickle=self.allow_pickle)
+            except LoRAError as error:
+                raise StudioError(f"{name}: {error.reason}") from None
+            shutil.copyfile(source, target)
+        return f"added {lora.name} ({lora.family}, rank {lora.rank}, {len(lora.targets)} modules)"
+
+    def edit(self, name: str, category: str, triggers: str) -> str:
+        lora = self._lora(name)
+        if category and category not in CATEGORIES:
+            raise StudioError(f"category must be one of {', '.join(CATEGORIES)}")
+        lora.category = category or None
+        lora.triggers = [t.strip() for t in triggers.split(",") if t.strip()]
+        sidecar = self.library / f"{name}.json"
+        if (self.library / f"{name}.safetensors").exists():
+            sidecar.write_text(json.dumps({"category": lora.category, "triggers": lora.triggers}))
+        return f"{name}: category {lora.category or 'none'}, triggers {', '.join(lora.triggers) or 'none'}"
+
+    def remove(self, name: str) -> str:
+        self._lora(name)
+        with self.lock:
+            self.composer.unload_lora(name)
+        return f"removed {name} from this session (its file stays in {self.library})"
+
+    def frequency(self, name: str) -> str:
+        self._lora(name)
+        with self.lock:
+            profile = self.composer.frequency_profile(name)
+        return f"{name}: high-frequency score {profile.score:.4f} (radius >= {profile.cutoff} px of {profile.size})"
+
+    def _lora(self, name: str):
+        if name not in self.composer.loras:
+            raise StudioError(f"no LoRA named {name!r} in the library")
+        return self.composer.loras[name]
+
+    # -- model -----------------------------------------------------------------------
+
+    def load_model(self, model: str) -> str:
+        """Switch the base model and reload the library's files into it."""
+        with self.lock:
+            try:
+                composer = self.load(model)
+            except (ModelLoadError, OSError, ValueError) as error:
+                raise StudioError(str(error)) from None
+            previous, self.composer, self.model = self.composer, composer, model
+        message = self.load_folder(self.library)
+        del previous
+        return f"base model {model} ({self.composer.family}); {message}"
+
+    # -- generation ------------------------------------------------------------------
+
+    def _prompt(self, settings: Settings) -> str:
+        if not settings.insert_triggers:
+            return settings.prompt
+        words = [t for name, _ in settings.loras or [] for t in self._lora(name).triggers]
+        missing = [w for w in words if w not in settings.prompt]
+        return ", ".join([settings.prompt, *missing]) if missing else settings.prompt
+
+    def generate(self, settings: Settings, progress: Progress | None = None) -> tuple[Path, dict, float]:
+        """One image: ``(png path, record, seconds)``; the PNG carries the full record."""
+        if settings.method not in METHODS:
+            raise StudioError(f"unknown method {settings.method!r}")
+        self.cancel.clear()
+
+        def step(i: int, n: int, _latents) -> bool:
+            if progress is not None:
+                progress((i + 1) / n, f"{settings.method}: step {i + 1} of {n}")
+            return not self.cancel.is_set()
+
+        kwargs = {k: v for k, v in vars(settings).items() if k not in ("insert_triggers", "prompt")}
+        with self.lock:
+            start = time.perf_counter()
+            image = self.composer.generate(self._prompt(settings), callback=step, **kwargs)[0]
+            seconds = time.perf_counter() - start
+            self.made += 1
+            path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
+        return path, json.loads(image.info["compose"]), seconds
+
+    def clipscore(self, path: Path, record: dict) -> float | None:
+        if self.scorer is None or not record["loras"]:
+            return None
+        from PIL import Image
+
+        from ..evaluation.clipscore import composition_text
+
+        text = composition_text([t for lora in record["loras"] for t in lora["triggers"]]) or record["prompt"]
+        with Image.open(path) as image:
+            return float(self.scorer.score([image.convert("RGB")], [text])[0])
+
+    def compare(self, settings: Settings, progress: Progress | None = None) -> list[dict]:
+        """The same settings with every method: path, method, seconds, CLIPScore."""
+        rows = []
+        for k, method in enumerate(METHODS):
+
+            def part(fraction: float, text: str, k: int = k) -> None:
+                if progress is not None:
+                    progress((k + fraction) / len(METHODS), text)
+
+            params = settings.method_params if method == settings.method else None
+            path, record, seconds = self.generate(
+                Settings(**{**vars(settings), "method": method, "method_params": params}), part
+            )
+            rows.append({"method": method, "path": path, "seconds": seconds,
+                         "clipscore": self.clipscore(path, record)})  # fmt: skip
+        return rows
+
+    def settings_from_png(self, png: str | Path) -> Settings:
+        """The settings stored in a PNG made by compose; its LoRAs must be in the library."""
+        try:
+            record = read_record(png)
+        except (OSError, ValueError) as error:
+            raise StudioError(f"{Path(png).name}: {error}") from None
+        kwargs = generate_kwargs(record)
+        by_hash = {lora.sha256: lora.name for lora in self.composer.loras.values()}
+        loras = []
+        for entry in record["loras"]:
+            name = by_hash.get(entry["sha256"])
+            if name is None:
+                raise StudioError(f"the image uses LoRA {entry['name']} ({entry['file']}); add it to the library first")
+            loras.append((name, entry["weight"]))
+        kwargs["loras"] = loras
+        return Settings(**kwargs)

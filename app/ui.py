@@ -1,0 +1,260 @@
+"""The studio's Gradio layout: Compose, Compare, Library and Gallery tabs.
+
+Every button is also a named public API endpoint (``/generate``, ``/compare``,
+``/load_settings``, ``/add_lora``, ...), so ``gradio_client`` can drive everything the
+page does. The queue runs one generation at a time (``default_concurrency_limit=1``):
+two users never run the model twice at once; they wait their turn.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from ..composer import Composer
+from ..loading import CATEGORIES
+from ..loop import GenerationCancelled
+from ..methods import METHODS
+from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from ..tiny import write_random_loras
+from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights
+
+INTRO = """# compose studio
+Pick LoRAs (weight above 0), write a prompt, choose a method, **Generate**. **Compare** renders the same
+prompt and seed with every method side by side. Every PNG carries its full settings: drop one on
+*Load settings from PNG* to get them back."""
+
+
+def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, ordering, schedule, steps, guidance,
+              width, height, seed, scheduler) -> Settings:  # fmt: skip
+    params = {
+        "switch": {"tau": int(tau)},
+        "klora": {"alpha": float(alpha), "beta": float(beta)},
+        "cmlora": {"ordering": ordering, "schedule": schedule},
+    }.get(method, {})
+    rows = loras.values.tolist() if hasattr(loras, "values") else (loras or {}).get("data", loras)
+    return Settings(
+        prompt=prompt or "",
+        negative_prompt=negative or "",
+        loras=lora_weights(rows),
+        insert_triggers=bool(insert),
+        method=method,
+        method_params=params,
+        steps=int(steps),
+        guidance_scale=float(guidance),
+        width=int(width),
+        height=int(height),
+        seed=int(seed),
+        scheduler=scheduler,
+    )
+
+
+def _user_error(error: Exception) -> gr.Error:
+    return gr.Error(str(error.args[0] if isinstance(error, KeyError) else error), print_exception=False)
+
+
+def build(studio: Studio) -> gr.Blocks:
+    """The studio page bound to ``studio``."""
+    scale = studio.composer.pipeline.vae_scale_factor
+    size = studio.composer.pipeline.unet.config.sample_size * scale
+    with gr.Blocks(title="compose studio") as page:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            model = gr.Textbox(studio.model, label="base model (diffusers folder, .safetensors, hub id or tiny:sd1)",
+                               scale=4)  # fmt: skip
+            load_model = gr.Button("Load model", scale=1)
+        status = gr.Markdown("")
+        with gr.Tabs():
+            with gr.Tab("Compose"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt")
+                        negative = gr.Textbox(label="negative prompt")
+                        loras = gr.Dataframe(studio.compose_rows(), headers=LORA_COLUMNS, datatype=["str", "number"],
+                                             label="LoRAs (weight 0 = off; row order = Switch order)",
+                                             interactive=True)  # fmt: skip
+                        insert = gr.Checkbox(label="insert the LoRAs' trigger words into the prompt")
+                        method = gr.Radio(list(METHODS), value="merge", label="method")
+                        with gr.Accordion("method parameters", open=False):
+                            tau = gr.Slider(1, 20, 5, step=1, label="switch: steps per LoRA (tau)")
+                            alpha = gr.Slider(0, 3, 1.5, step=0.05, label="K-LoRA alpha")
+                            beta = gr.Slider(0, 2, 0.5, step=0.05, label="K-LoRA beta")
+                            ordering = gr.Radio(["frequency", "category"], value="frequency", label="CMLoRA ordering")
+                            schedule = gr.Radio(["nonuniform", "uniform", "off"], value="nonuniform",
+                                                label="CMLoRA cache schedule")  # fmt: skip
+                        with gr.Row():
+                            steps = gr.Slider(1, 100, 25, step=1, label="steps")
+                            guidance = gr.Slider(1, 20, 7.5, step=0.5, label="guidance")
+                        with gr.Row():
+                            width = gr.Slider(min(64, size), 1536, size, step=scale, label="width")
+                            height = gr.Slider(min(64, size), 1536, size, step=scale, label="height")
+                        with gr.Row():
+                            seed = gr.Number(0, precision=0, label="seed")
+                            randomize = gr.Checkbox(label="random seed")
+                            scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="scheduler")
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Stop", variant="stop")
+                    with gr.Column(scale=2):
+                        image = gr.Image(label="result", type="filepath", format="png", elem_id="result")
+                        download = gr.File(label="PNG with settings")
+                        info = gr.Markdown("")
+                        reuse = gr.Button("Reuse this seed")
+                        settings_png = gr.File(label="Load settings from PNG", file_types=[".png"], type="filepath")
+            with gr.Tab("Compare"):
+                compare = gr.Button("Compare every method (Compose tab settings)", variant="primary")
+                comparison = gr.Gallery(label="same prompt and seed, every method", columns=len(METHODS))
+                table = gr.Markdown("")
+            with gr.Tab("Library"):
+                library = gr.Dataframe(studio.library_rows(), headers=LIBRARY_COLUMNS, interactive=False,
+                                       label=f"LoRAs (folder {studio.library})")  # fmt: skip
+                upload = gr.File(label="add a LoRA (.safetensors)", type="filepath")
+                with gr.Row():
+                    folder = gr.Textbox(label="or load a folder of LoRAs", scale=4)
+                    add_folder = gr.Button("Load folder", scale=1)
+                with gr.Row():
+                    name = gr.Dropdown(list(studio.composer.loras), label="LoRA", allow_custom_value=True)
+                    category = gr.Dropdown(["", *CATEGORIES], label="category")
+                    triggers = gr.Textbox(label="trigger words (comma-separated)")
+                with gr.Row():
+                    save_edit = gr.Button("Save category and triggers")
+                    profile = gr.Button("Frequency profile")
+                    remove = gr.Button("Remove", variant="stop")
+            with gr.Tab("Gallery"):
+                gallery = gr.Gallery(label="made in this session (newest first)", columns=4)
+        history = gr.State([])
+
+        inputs = [prompt, negative, loras, insert, method, tau, alpha, beta, ordering, schedule, steps, guidance,
+                  width, height, seed, scheduler]  # fmt: skip
+
+        def refreshed(message: str, previous=None):
+            rows = previous.values.tolist() if hasattr(previous, "values") else None
+            names = list(studio.composer.loras)
+            return message, studio.library_rows(), studio.compose_rows(rows), gr.update(choices=names)
+
+        library_outputs = [status, library, loras, name]
+
+        def on_generate(*values, progress=gr.Progress()):
+            *rest, randomize_seed, made = values
+            settings = _settings(*rest)
+            if randomize_seed:
+                settings.seed = random.randrange(2**32)
+            try:
+                path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d))
+            except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
+                raise _user_error(error) from None
+            score = studio.clipscore(path, record)
+            text = f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s" + (
+                f", CLIPScore {score:.2f}" if score is not None else ""
+            )
+            made = [(str(path), f"{settings.method} · seed {settings.seed}"), *made]
+            return str(path), str(path), text, settings.seed, made, made
+
+        generate.click(on_generate, [*inputs, randomize, history], [image, download, info, seed, gallery, history],
+                       api_name="generate", concurrency_id="model", show_progress_on=image)  # fmt: skip
+
+        def on_stop() -> str:
+            studio.cancel.set()
+            return "stopping after the current step"
+
+        stop.click(on_stop, None, status, api_name="stop", queue=False)
+
+        def on_reuse(record_path):
+            if not record_path:
+                raise gr.Error("no image yet", print_exception=False)
+            return studio.settings_from_png(record_path).seed
+
+        reuse.click(on_reuse, image, seed, api_name="reuse_seed")
+
+        def on_compare(*values, progress=gr.Progress()):
+            *rest, made = values
+            try:
+                rows = studio.compare(_settings(*rest), lambda f, d: progress(f, desc=d))
+            except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
+                raise _user_error(error) from None
+            items = [
+                (str(r["path"]), f"{r['method']} · {r['seconds']:.2f} s"
+                 + ("" if r["clipscore"] is None else f" · CLIPScore {r['clipscore']:.2f}"))
+                for r in rows
+            ]  # fmt: skip
+            lines = ["| method | seconds / image | CLIPScore |", "|---|---|---|"]
+            for r in rows:
+                score = "n/a" if r["clipscore"] is None else f"{r['clipscore']:.2f}"
+                lines.append(f"| {r['method']} | {r['seconds']:.2f} | {score} |")
+            made = [*items[::-1], *made]
+            return items, "\n".join(lines), made, made
+
+        compare.click(on_compare, [*inputs, history], [comparison, table, gallery, history], api_name="compare",
+                      concurrency_id="model", show_progress_on=comparison)  # fmt: skip
+
+        def on_settings(png):
+            if not png:
+                return [gr.update()] * (len(inputs) + 1)
+            try:
+                s = studio.settings_from_png(png)
+            except StudioError as error:
+                raise _user_error(error) from None
+            params = s.method_params or {}
+            weights = dict(s.loras or [])
+            rows = [[n, weights.get(n, 0.0)] for n in studio.composer.loras]
+            return (s.prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
+                    params.get("beta", 0.5), params.get("ordering", "frequency"), params.get("schedule", "nonuniform"),
+                    s.steps, s.guidance_scale, s.width, s.height, s.seed, s.scheduler,
+                    f"settings of {Path(png).name} loaded")  # fmt: skip
+
+        settings_png.upload(on_settings, settings_png, [*inputs, status], api_name="load_settings")
+
+        def guarded(action):
+            def handler(*args):
+                *values, previous = args
+                try:
+                    return refreshed(action(*values), previous)
+                except StudioError as error:
+                    raise _user_error(error) from None
+
+            return handler
+
+        upload.upload(guarded(studio.add_upload), [upload, loras], library_outputs, api_name="add_lora")
+        add_folder.click(guarded(studio.load_folder), [folder, loras], library_outputs, api_name="add_folder")
+        save_edit.click(guarded(studio.edit), [name, category, triggers, loras], library_outputs, api_name="edit_lora")
+        remove.click(guarded(studio.remove), [name, loras], library_outputs, api_name="remove_lora")
+        profile.click(guarded(studio.frequency), [name, loras], library_outputs, api_name="frequency_profile",
+                      concurrency_id="model")  # fmt: skip
+        load_model.click(guarded(studio.load_model), [model, loras], library_outputs, api_name="load_model",
+                         concurrency_id="model")  # fmt: skip
+    return page
+
+
+def _load(model: str) -> Composer:
+    if model.startswith("tiny:"):
+        return Composer.tiny(model.removeprefix("tiny:"))
+    return Composer.from_pretrained(model)
+
+
+def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
+                max_upload_mb: float = 1024) -> Studio:  # fmt: skip
+    """A studio on ``model``; on a tiny random model, three random LoRAs to compose."""
+    scorer = None
+    if clip:
+        from ..evaluation.clipscore import CLIPScorer
+
+        scorer = CLIPScorer.from_folder(clip) if Path(clip).is_dir() else CLIPScorer.from_open_clip(*clip.split(":"))
+    studio = Studio(model, library, _load, allow_pickle, max_upload_mb, scorer)
+    if model.startswith("tiny:") and not studio.composer.loras:
+        extras = Path(tempfile.mkdtemp(prefix="compose-random-loras-"))
+        write_random_loras(studio.composer.pipeline, extras)
+        studio.load_folder(extras)
+    return studio
+
+
+def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True) -> gr.Blocks:  # fmt: skip
+    """Serve the studio; ``block=False`` returns at once (tests, notebooks)."""
+    page = build(studio)
+    page.queue(default_concurrency_limit=1)
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+                max_file_size=studio.max_upload_bytes, allowed_paths=[str(studio.outputs)])  # fmt: skip
+    return page

@@ -75,7 +75,7 @@ def build(studio: Studio) -> gr.Blocks:
                         negative = gr.Textbox(label="negative prompt")
                         loras = gr.Dataframe(studio.compose_rows(), headers=LORA_COLUMNS, datatype=["str", "number"],
                                              label="LoRAs (weight 0 = off; row order = Switch order)",
-                                             interactive=True)  # fmt: skip
+                                             interactive=True, elem_id="loras")  # fmt: skip
                         insert = gr.Checkbox(label="insert the LoRAs' trigger words into the prompt")
                         method = gr.Radio(list(METHODS), value="merge", label="method")
                         with gr.Accordion("method parameters", open=False):
@@ -99,19 +99,20 @@ def build(studio: Studio) -> gr.Blocks:
                             generate = gr.Button("Generate", variant="primary", elem_id="generate")
                             stop = gr.Button("Stop", variant="stop")
                     with gr.Column(scale=2):
-                        image = gr.Image(label="result", type="filepath", format="png", elem_id="result")
+                        image = gr.Image(label="result", type="filepath", format="png", elem_id="result", height=420)
                         download = gr.File(label="PNG with settings")
                         info = gr.Markdown("")
                         reuse = gr.Button("Reuse this seed")
-                        settings_png = gr.File(label="Load settings from PNG", file_types=[".png"], type="filepath")
+                        settings_png = gr.File(label="Load settings from PNG", file_types=[".png"], type="filepath",
+                                               elem_id="settings-png")  # fmt: skip
             with gr.Tab("Compare"):
                 compare = gr.Button("Compare every method (Compose tab settings)", variant="primary")
-                comparison = gr.Gallery(label="same prompt and seed, every method", columns=len(METHODS))
+                comparison = gr.Gallery(label="same prompt and seed, every method", columns=len(METHODS), height=300)
                 table = gr.Markdown("")
             with gr.Tab("Library"):
                 library = gr.Dataframe(studio.library_rows(), headers=LIBRARY_COLUMNS, interactive=False,
                                        label=f"LoRAs (folder {studio.library})")  # fmt: skip
-                upload = gr.File(label="add a LoRA (.safetensors)", type="filepath")
+                upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=120)
                 with gr.Row():
                     folder = gr.Textbox(label="or load a folder of LoRAs", scale=4)
                     add_folder = gr.Button("Load folder", scale=1)
@@ -184,6 +185,8 @@ def build(studio: Studio) -> gr.Blocks:
             for r in rows:
                 score = "n/a" if r["clipscore"] is None else f"{r['clipscore']:.2f}"
                 lines.append(f"| {r['method']} | {r['seconds']:.2f} | {score} |")
+            if studio.scorer is None:
+                lines.append("\nCLIPScore needs a CLIP model: start the studio with `--clip`.")
             made = [*items[::-1], *made]
             return items, "\n".join(lines), made, made
 
@@ -217,6 +220,11 @@ def build(studio: Studio) -> gr.Blocks:
 
             return handler
 
+        def on_pick(picked):
+            lora = studio.composer.loras.get(picked)
+            return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
+
+        name.change(on_pick, name, [category, triggers], api_name=False)
         upload.upload(guarded(studio.add_upload), [upload, loras], library_outputs, api_name="add_lora")
         add_folder.click(guarded(studio.load_folder), [folder, loras], library_outputs, api_name="add_folder")
         save_edit.click(guarded(studio.edit), [name, category, triggers, loras], library_outputs, api_name="edit_lora")

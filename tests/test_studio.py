@@ -67,7 +67,7 @@ def test_compare_renders_every_method(client):
     items, table, gallery = client.predict(*settings_args(seed=5), api_name="/compare")
     assert [item["caption"].split(" · ")[0] for item in items] == list(METHODS)
     assert all("CLIPScore" in item["caption"] for item in items)
-    assert table.count("\n") == len(METHODS) + 1
+    assert table.count("| ") >= len(METHODS) + 1 and "n/a" not in table
     assert {record_of(item["image"])["seed"] for item in items} == {5}
 
 

@@ -20,7 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from ..composer import Composer, ModelLoadError, generate_kwargs
+from ..evaluation.presence import concept_presence
 from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError
 from ..metadata import read_record, save_png
 from ..methods import METHODS
@@ -225,8 +228,6 @@ class Studio:
     def clipscore(self, path: Path, record: dict) -> float | None:
         if self.scorer is None or not record["loras"]:
             return None
-        from PIL import Image
-
         from ..evaluation.clipscore import composition_text
 
         text = composition_text([t for lora in record["loras"] for t in lora["triggers"]]) or record["prompt"]
@@ -234,7 +235,8 @@ class Studio:
             return float(self.scorer.score([image.convert("RGB")], [text])[0])
 
     def compare(self, settings: Settings, progress: Progress | None = None) -> list[dict]:
-        """The same settings with every method: path, method, seconds, CLIPScore."""
+        """The same settings with every method: path, method, seconds, CLIPScore, and on
+        the demo world the concepts present."""
         rows = []
         for k, method in enumerate(METHODS):
 
@@ -246,8 +248,10 @@ class Studio:
             path, record, seconds = self.generate(
                 Settings(**{**vars(settings), "method": method, "method_params": params}), part
             )
+            with Image.open(path) as image:
+                presence = concept_presence(image, [name for name, _ in settings.loras or []])
             rows.append({"method": method, "path": path, "seconds": seconds,
-                         "clipscore": self.clipscore(path, record)})  # fmt: skip
+                         "clipscore": self.clipscore(path, record), "presence": presence})  # fmt: skip
         return rows
 
     def settings_from_png(self, png: str | Path) -> Settings:

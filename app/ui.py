@@ -181,10 +181,11 @@ def build(studio: Studio) -> gr.Blocks:
                  + ("" if r["clipscore"] is None else f" · CLIPScore {r['clipscore']:.2f}"))
                 for r in rows
             ]  # fmt: skip
-            lines = ["| method | seconds / image | CLIPScore |", "|---|---|---|"]
+            lines = ["| method | seconds / image | CLIPScore | concepts present |", "|---|---|---|---|"]
             for r in rows:
                 score = "n/a" if r["clipscore"] is None else f"{r['clipscore']:.2f}"
-                lines.append(f"| {r['method']} | {r['seconds']:.2f} | {score} |")
+                found = "n/a" if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
+                lines.append(f"| {r['method']} | {r['seconds']:.2f} | {score} | {found} |")
             if studio.scorer is None:
                 lines.append("\nCLIPScore needs a CLIP model: start the studio with `--clip`.")
             made = [*items[::-1], *made]

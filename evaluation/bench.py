@@ -1,8 +1,9 @@
 """``compose bench --sets``: every (set, method, seed) of a composition-set manifest.
 
 Each item writes its image (PNG with the full generation record) and a JSON record of
-scores and timings, atomically, under ``OUT/items/<set>/``; a rerun skips every item
-whose record exists, so an interrupted run loses nothing. Under ``accelerate launch``
+scores (CLIPScore; on the demo world also concept presence) and timings, atomically,
+under ``OUT/items/<set>/``; a rerun skips every item whose record exists, so an
+interrupted run loses nothing. Under ``accelerate launch``
 or ``torchrun`` each process takes its share of the items (accelerate's
 ``split_between_processes``); all write into the same folder without clashes, because
 every item has its own files, and the main process then builds the results: every
@@ -26,10 +27,9 @@ from tqdm.auto import tqdm
 from ..composer import Composer
 from ..metadata import save_png
 from .clipscore import CLIPScorer, composition_text
+from .presence import concept_presence
 from .report import write_report
 from .sets import CompositionSet, Manifest, load_manifest
-
-RECORD_FIELDS = ("set", "method", "seed", "n", "clipscore", "seconds", "image")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         "seed": item.seed,
         "n": item.set.n,
         "clipscore": round(float(scorer.score([image], [text])[0]), 4),
+        **(concept_presence(image, item.set.loras) or {}),
         "seconds": round(seconds, 4),
         "image": str(Path("items") / item.set.id / f"{item.method}-{item.seed}.png"),
         "_image": image,

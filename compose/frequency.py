@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .files import atomic_open
 
 REFERENCE_CUTOFF = 72
 REFERENCE_SIZE = 512
@@ -88,13 +89,9 @@ def load_cached(model_key: str, sha256: str) -> FrequencyProfile | None:
 
 def store(model_key: str, sha256: str, profile: FrequencyProfile) -> None:
     """Write the profile atomically; a cache that cannot be written is skipped."""
-    path = cache_path(model_key, sha256)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
+        with atomic_open(cache_path(model_key, sha256), "w") as handle:
             json.dump(asdict(profile), handle)
-        os.replace(tmp, path)
     except OSError:
         pass
 

@@ -2,17 +2,17 @@
 
 Two text chunks: ``parameters`` in the format AUTOMATIC1111 writes (read by its PNG
 Info tab and by Civitai), and ``compose`` with a JSON record of every setting. Files
-are written atomically: a temporary file in the same folder, fsync, then rename.
+are written atomically (:func:`compose.files.atomic_open`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from .files import atomic_open
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "compose"
@@ -69,19 +69,10 @@ def read_record(path: str | Path) -> dict:
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write ``image`` as PNG with its text chunks, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for key in (PARAMETERS_KEY, RECORD_KEY):
         if key in image.info:
             info.add_text(key, image.info[key])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
     return path

@@ -14,7 +14,6 @@ win rates against Merge, plots, and a grid of the methods side by side per set.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..composer import Composer
+from ..files import atomic_open
 from ..metadata import save_png
 from .clipscore import CLIPScorer, composition_text
 from .presence import concept_presence
@@ -59,21 +59,6 @@ def record_path(out: Path, item: Item) -> Path:
 
 def image_path(out: Path, item: Item) -> Path:
     return out / "items" / item.set.id / f"{item.method}-{item.seed}.png"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_writable(out: Path) -> None:
@@ -161,7 +146,8 @@ def run_benchmark(
         for item in bar:
             record = run_item(composer, scorer, manifest, item, settings)
             save_png(record.pop("_image"), image_path(out, item))
-            write_json_atomic(record_path(out, item), record)
+            with atomic_open(record_path(out, item), "w") as handle:
+                json.dump(record, handle, sort_keys=True)
     state.wait_for_everyone()
     records = load_records(out)
     if state.is_main_process:

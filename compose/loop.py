@@ -118,7 +118,7 @@ def denoise(
         run = partial(predict_noise, unet, state, latent_input, t, conditioning, max_rows=max_rows)
         eps = method.predict(i, run)
         eps = eps.view(eps.shape[0] // latent_input.shape[0], 2 if cfg else 1, batch, *eps.shape[1:])
-        noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i)
+        noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i).to(latents.dtype)
         latents = scheduler.step(noise, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if not torch.isfinite(latents).all():
             raise NonFiniteLatentsError(

@@ -189,3 +189,15 @@ def test_hub_id_without_internet_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hf download nobody/no-such-model"):
         Composer.from_pretrained("nobody/no-such-model", device="cpu")
+
+
+@pytest.mark.parametrize("method", ["merge", "switch", "composite", "klora", "cmlora"])
+def test_half_precision_runs_every_method(lora_files, method, tmp_path, monkeypatch):
+    """bf16 on CPU stands in for fp16 on GPU: the latents keep the model's dtype."""
+    monkeypatch.setenv("COMPOSE_CACHE", str(tmp_path))
+    composer = Composer.tiny("sd1")
+    composer.pipeline.to(torch.bfloat16)
+    for i in range(2):
+        composer.load_lora(lora_files["sd1", i]["peft"], name=f"l{i}", category=("character", "style")[i])
+    latents = gen(composer, loras=["l0", "l1"], method=method, steps=3)
+    assert latents.dtype == torch.bfloat16 and torch.isfinite(latents).all()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .loading import CATEGORIES
+from .prompts import extract_lora_tags
 
 DEFAULT_MODEL = "tiny:sd1"
 EPILOG_GENERATE = """\
@@ -25,14 +26,15 @@ examples:
 """
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT``."""
+def _lora_arg(text: str) -> tuple[str, float | str]:
+    """``PATH``, ``PATH:WEIGHT`` or ``PATH:SCHEDULE`` (``0@0,1@0.5``)."""
     path, sep, weight = text.rpartition(":")
     if sep:
         try:
             return path, float(weight)
         except ValueError:
-            pass
+            if "@" in weight:
+                return path, weight
     return text, 1.0
 
 
@@ -96,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=_lora_arg,
         metavar="PATH[:WEIGHT]",
-        help="a LoRA file and its weight (default 1); repeat for several, in method order",
+        help="a LoRA file and its weight (default 1); repeat for several, in method order. The prompt may "
+        "also select LoRAs with <lora:NAME:WEIGHT> tags (WEIGHT may be a schedule like 0@0,1@0.5)",
     )
+    gen.add_argument("--lora-dir", help="folder where <lora:NAME> tags of the prompt find NAME.safetensors")
     gen.add_argument("--method", choices=sorted(METHODS), default="merge", help="composition method [merge]")
     gen.add_argument("--prompt", help="the prompt (required unless --from-png)")
     gen.add_argument("--negative-prompt", default="", help="negative prompt")
@@ -320,7 +324,16 @@ def _generate(args: argparse.Namespace) -> None:
             pairs.append((lora.name, entry["weight"]))
         settings["loras"] = pairs
     else:
-        settings["loras"] = [(lora.name, weight) for lora, weight in loaded]
+        tagged = [name for name, _ in extract_lora_tags(args.prompt)[1]]
+        for name in tagged:
+            candidate = Path(args.lora_dir or ".") / f"{name}.safetensors"
+            if name not in composer.loras and args.lora_dir and candidate.is_file():
+                composer.load_lora(candidate, category=categories.get(name))
+            elif name not in composer.loras:
+                raise ValueError(
+                    f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
+                )
+        settings["loras"] = [(lora.name, weight) for lora, weight in loaded if lora.name not in tagged]
     out = Path(args.out)
     for seed in seeds:
         image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]

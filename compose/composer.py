@@ -32,9 +32,10 @@ from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .loop import Conditioning, StepCallback, denoise
 from .methods import CompositionMethod, MethodContext, get_method
+from .prompts import Weight, extract_lora_tags, weight_table
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
-LoRASpec = str | tuple[str, float]
+LoRASpec = str | tuple[str, Weight]
 DEFAULT_LORA_SCALE = 0.8
 
 
@@ -353,8 +354,11 @@ class Composer:
         """Generate one image per (prompt, seed) with the given LoRAs composed by ``method``.
 
         ``loras``: names, ``(name, weight)`` pairs or ``{name: weight}``, in the order
-        methods use (Switch rotates in this order). Each LoRA's effective weight is
-        ``weight * lora_scale`` (reference: 1 and 0.8). A list of prompts and/or seeds
+        methods use (Switch rotates in this order), followed by any ``<lora:name:weight>``
+        tags of the prompt (removed from the encoded text). Each LoRA's effective weight
+        is ``weight * lora_scale`` (reference: 1 and 0.8); a weight may be a schedule over
+        the steps such as ``"0@0,1@0.5"`` (:mod:`compose.prompts`; the text encoder
+        uses its first value). A list of prompts and/or seeds
         makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
         one generated alone with its prompt and seed. ``max_batch`` caps the UNet batch
         (rows) per call: Composite then runs its N branches in chunks. Returns PIL images
@@ -380,11 +384,20 @@ class Composer:
             raise ValueError(f"steps must be at least 1, got {steps}")
 
         specs = loras.items() if isinstance(loras, dict) else (loras or [])
-        pairs = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in specs]
+        pairs = [
+            (s, 1.0) if isinstance(s, str) else (s[0], s[1] if isinstance(s[1], str) else float(s[1])) for s in specs
+        ]
+        parsed = [extract_lora_tags(p) for p in prompts]
+        if any(tags != parsed[0][1] for _, tags in parsed):
+            raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
+        raw_prompts, prompts, pairs = prompts, [text for text, _ in parsed], pairs + parsed[0][1]
         active = self._lookup([name for name, _ in pairs])
         if len({lora.name for lora in active}) != len(active):
             raise ValueError("a LoRA is listed twice")
-        weights = torch.tensor([w for _, w in pairs], dtype=torch.float32) * lora_scale
+        table = weight_table([w for _, w in pairs], steps)
+        scheduled = any(isinstance(w, str) for _, w in pairs)
+        weights = (table[0] if not scheduled else torch.ones(len(pairs))) * lora_scale
+        text_weights = table[0] * lora_scale
         method = get_method(method, **(method_params or {}))
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
@@ -398,10 +411,9 @@ class Composer:
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         cfg = guidance_scale > 1.0
-        text_weights = weights[None, :].to(self.device) if active else None
         for component, registry in self.registries.items():
             if component != "unet":
-                registry.state.weights = text_weights
+                registry.state.weights = text_weights[None, :].to(self.device) if active else None
         try:
             conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, (height, width))
         finally:
@@ -429,6 +441,7 @@ class Composer:
             callback=callback,
             max_rows=max_batch,
             progress=progress,
+            step_scales=table.to(self.device) if scheduled else None,
         )
         if output_type == "latent":
             return latents
@@ -462,14 +475,15 @@ class Composer:
         }
         return [
             metadata.attach(image, {"prompt": p, "seed": s, **shared})
-            for image, p, s in zip(images, prompts, seeds, strict=True)
+            for image, p, s in zip(images, raw_prompts, seeds, strict=True)
         ]
 
 
 def generate_kwargs(record: dict) -> dict:
-    """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record."""
+    """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record (its
+    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped)."""
     return {
-        "prompt": record["prompt"],
+        "prompt": extract_lora_tags(record["prompt"])[0],
         "loras": [(lora["name"], lora["weight"]) for lora in record["loras"]],
         "method": record["method"]["name"],
         "method_params": record["method"]["parameters"],

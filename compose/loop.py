@@ -57,13 +57,18 @@ def predict_noise(
     conditioning: Conditioning,
     weights: torch.Tensor,
     max_rows: int | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """UNet predictions for every branch: ``(G * R, C, H, W)`` for ``R`` rows per branch.
 
     ``weights`` is ``(G, N)`` or ``(L, G, N)``; branch ``g`` reads ``weights[..., g, :]``
-    for its ``R`` rows. Branches run in one call unless ``max_rows`` splits them.
+    for its ``R`` rows, each LoRA's column multiplied by ``scale`` ``(N,)`` if given (the
+    step's value of scheduled weights). Branches run in one call unless ``max_rows``
+    splits them.
     """
     weights = weights.to(latent_input.device)
+    if scale is not None:
+        weights = weights * scale.to(weights)
     groups = weights.shape[-2]
     rows = latent_input.shape[0]
     per_call = groups if max_rows is None else max(1, max_rows // rows)
@@ -99,9 +104,11 @@ def denoise(
     callback: StepCallback | None = None,
     max_rows: int | None = None,
     progress: bool = False,
+    step_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from ``latents`` (``(B, C, H, W)``, already scaled by
-    ``init_noise_sigma``) and return the final latents.
+    ``init_noise_sigma``) and return the final latents. ``step_scales`` ``(steps, N)``
+    multiplies each LoRA's weights step by step (scheduled weights).
 
     ``callback(step, num_steps, latents)`` runs after every step; returning ``False``
     raises :class:`GenerationCancelled`.
@@ -115,7 +122,8 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
         latent_input = torch.cat([latents] * 2) if cfg else latents
         latent_input = scheduler.scale_model_input(latent_input, t)
-        run = partial(predict_noise, unet, state, latent_input, t, conditioning, max_rows=max_rows)
+        scale = None if step_scales is None else step_scales[i]
+        run = partial(predict_noise, unet, state, latent_input, t, conditioning, max_rows=max_rows, scale=scale)
         eps = method.predict(i, run)
         eps = eps.view(eps.shape[0] // latent_input.shape[0], 2 if cfg else 1, batch, *eps.shape[1:])
         noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i).to(latents.dtype)

@@ -18,6 +18,10 @@ PARAMETERS_KEY = "parameters"
 RECORD_KEY = "compose"
 
 
+def _weight(weight: float | str) -> str:
+    return weight if isinstance(weight, str) else f"{weight:g}"
+
+
 def a1111_parameters(record: dict) -> str:
     """The A1111 ``parameters`` text for a generation record.
 
@@ -37,7 +41,7 @@ def a1111_parameters(record: dict) -> str:
     if loras:
         hashes = ", ".join(f"{lora['name']}: {lora['a1111_hash']}" for lora in loras)
         fields.append(("Lora hashes", f'"{hashes}"'))
-        weights = ", ".join(f"{lora['name']}: {lora['weight']:g}" for lora in loras)
+        weights = ", ".join(f"{lora['name']}: {_weight(lora['weight'])}" for lora in loras)
         fields.append(("Lora weights", f'"{weights}"'))
         fields.append(("Lora scale", f"{record['lora_scale']:g}"))
     fields.append(("Composition method", record["method"]["name"]))

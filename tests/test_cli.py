@@ -177,3 +177,16 @@ def test_inspect_frequency(capsys, tmp_path, lora_files, monkeypatch):
     assert code == 0, err
     frequency = json.loads(out)["frequency"]
     assert 0 < frequency["high_frequency_score"] < 1 and frequency["model"] == "tiny:sd1"
+
+
+def test_prompt_tags_find_loras_in_a_folder(capsys, tmp_path, lora_files):
+    folder = tmp_path / "library"
+    folder.mkdir()
+    shutil.copyfile(lora_files["sd1", 0]["peft"], folder / "knight.safetensors")
+    code, _, err = run(capsys, "generate", "--prompt", "a <lora:knight:0@0,1@0.5> in a castle", "--lora-dir", folder,
+                       "--out", tmp_path / "k.png", *TINY)  # fmt: skip
+    assert code == 0, err
+    record = json.loads(Image.open(tmp_path / "k.png").text["compose"])
+    assert record["loras"][0]["name"] == "knight" and record["loras"][0]["weight"] == "0@0,1@0.5"
+    code, _, err = run(capsys, "generate", "--prompt", "a <lora:nobody>", "--out", tmp_path / "n.png", *TINY)
+    assert code == 2 and "<lora:nobody> names no LoRA" in err

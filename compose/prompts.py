@@ -1,0 +1,72 @@
+"""The controls artists already use in AUTOMATIC1111 and its extensions.
+
+- ``<lora:name:weight>`` in a prompt selects a library LoRA and its weight; the tag is
+  removed from the text the encoder sees (``<lora:name>`` means weight 1).
+- A weight may be a *schedule* over the generation's progress ``p`` in [0, 1], written
+  as loractl does: ``"0@0,1@0.5"`` is 0 at the start, rising linearly to 1 at half way
+  and 1 after. Points are ``weight@p`` separated by commas; before the first point and
+  after the last the weight is constant.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+Weight = float | str
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
+    """``(prompt without the tags, [(name, weight or schedule), ...])`` in tag order."""
+    tags = []
+    for name, weight in LORA_TAG.findall(prompt):
+        weight = weight.strip() or "1"
+        try:
+            tags.append((name.strip(), float(weight)))
+        except ValueError:
+            parse_schedule(weight)
+            tags.append((name.strip(), weight))
+    text = LORA_TAG.sub("", prompt)
+    text = re.sub(r"\s*,(\s*,)+", ",", text)
+    text = re.sub(r"\s{2,}", " ", text).strip(" ,")
+    return text, tags
+
+
+def parse_schedule(text: str) -> list[tuple[float, float]]:
+    """``"0@0,1@0.5"`` → ``[(p, weight), ...]`` sorted by ``p``."""
+    points = []
+    for part in text.split(","):
+        weight, sep, progress = part.strip().partition("@")
+        try:
+            point = (float(progress), float(weight))
+        except ValueError:
+            raise ValueError(f"weight schedule {text!r}: expected points like 0@0,1@0.5 (weight@progress)") from None
+        if not sep or not 0.0 <= point[0] <= 1.0:
+            raise ValueError(f"weight schedule {text!r}: each point is weight@progress with progress in [0, 1]")
+        points.append(point)
+    return sorted(points)
+
+
+def schedule_value(points: list[tuple[float, float]], progress: float) -> float:
+    """The piecewise-linear schedule at ``progress``."""
+    if progress <= points[0][0]:
+        return points[0][1]
+    for (p0, w0), (p1, w1) in zip(points, points[1:], strict=False):
+        if progress <= p1:
+            return w0 + (w1 - w0) * (progress - p0) / (p1 - p0) if p1 > p0 else w1
+    return points[-1][1]
+
+
+def weight_table(weights: list[Weight], steps: int) -> torch.Tensor:
+    """``(steps, N)`` weights per step: constants repeat, schedules are read at
+    ``p = step / steps``."""
+    columns = []
+    for weight in weights:
+        if isinstance(weight, str):
+            points = parse_schedule(weight)
+            columns.append([schedule_value(points, i / steps) for i in range(steps)])
+        else:
+            columns.append([float(weight)] * steps)
+    return torch.tensor(columns, dtype=torch.float32).T.reshape(steps, len(weights))

@@ -27,6 +27,7 @@ from ..evaluation.presence import concept_presence
 from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError
 from ..metadata import read_record, save_png
 from ..methods import METHODS
+from ..prompts import extract_lora_tags
 
 LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
 LORA_COLUMNS = ["LoRA", "weight"]
@@ -255,18 +256,23 @@ class Studio:
         return rows
 
     def settings_from_png(self, png: str | Path) -> Settings:
-        """The settings stored in a PNG made by compose; its LoRAs must be in the library."""
+        """The settings stored in a PNG made by compose; its LoRAs must be in the library.
+
+        ``<lora:...>`` tags stay in the prompt (they carry schedules and block weights);
+        the other LoRAs come back as table weights."""
         try:
             record = read_record(png)
         except (OSError, ValueError) as error:
             raise StudioError(f"{Path(png).name}: {error}") from None
         kwargs = generate_kwargs(record)
+        tagged = {use.name for use in extract_lora_tags(record["prompt"])[1]}
         by_hash = {lora.sha256: lora.name for lora in self.composer.loras.values()}
         loras = []
         for entry in record["loras"]:
             name = by_hash.get(entry["sha256"])
             if name is None:
                 raise StudioError(f"the image uses LoRA {entry['name']} ({entry['file']}); add it to the library first")
-            loras.append((name, entry["weight"]))
-        kwargs["loras"] = loras
+            if entry["name"] not in tagged:
+                loras.append((name, entry["weight"]))
+        kwargs.update(prompt=record["prompt"], loras=loras)
         return Settings(**kwargs)

@@ -324,7 +324,7 @@ def _generate(args: argparse.Namespace) -> None:
             pairs.append((lora.name, entry["weight"]))
         settings["loras"] = pairs
     else:
-        tagged = [name for name, _ in extract_lora_tags(args.prompt)[1]]
+        tagged = [use.name for use in extract_lora_tags(args.prompt)[1]]
         for name in tagged:
             candidate = Path(args.lora_dir or ".") / f"{name}.safetensors"
             if name not in composer.loras and args.lora_dir and candidate.is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import platform
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,15 +28,16 @@ from safetensors import safe_open
 from torch import nn
 
 from . import frequency, metadata
+from .block_weights import layer_table, text_multipliers
 from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .loop import Conditioning, StepCallback, denoise
 from .methods import CompositionMethod, MethodContext, get_method
-from .prompts import Weight, extract_lora_tags, weight_table
+from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
-LoRASpec = str | tuple[str, Weight]
+LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None]
 DEFAULT_LORA_SCALE = 0.8
 
 
@@ -74,6 +76,23 @@ def _fit(base: nn.Module, f: Factors) -> Factors | None:
     else:
         return None
     return Factors(down, up) if ok else None
+
+
+@dataclass
+class WeightPlan:
+    """How a generation weights its LoRAs: ``base`` ``(N,)`` for the methods, ``text``
+    ``(N,)`` for the text encoders, and ``steps`` the factors the loop applies on top,
+    ``(steps, N)`` for schedules or ``(steps, L, 1, N)`` with block weights (else ``None``)."""
+
+    base: torch.Tensor
+    text: torch.Tensor
+    steps: torch.Tensor | None
+
+
+def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None) -> list[LoRAUse]:
+    specs = loras.items() if isinstance(loras, dict) else (loras or [])
+    uses = [LoRAUse(spec) if isinstance(spec, str) else LoRAUse(*spec) for spec in specs]
+    return [use._replace(weight=use.weight if isinstance(use.weight, str) else float(use.weight)) for use in uses]
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
@@ -267,6 +286,21 @@ class Composer:
         lora.derived[("frequency", key)] = cached
         return cached
 
+    def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
+        """Constant weights for the methods, per-step/per-layer factors for the loop."""
+        table = weight_table([use.weight for use in uses], steps) * lora_scale
+        scheduled = any(isinstance(use.weight, str) for use in uses)
+        blocks = [use.blocks for use in uses]
+        base = torch.full((len(uses),), lora_scale) if scheduled else table[0]
+        factors = table / base if scheduled else None
+        text = table[0]
+        if any(b is not None for b in blocks):
+            layers = list(self.registries["unet"].layers)
+            per_layer = layer_table(layers, blocks, self.is_sdxl)[:, None, :]
+            factors = (factors if factors is not None else torch.ones(steps, len(uses)))[:, None, None, :] * per_layer
+            text = text * text_multipliers(blocks, self.is_sdxl)
+        return WeightPlan(base, text, factors)
+
     def _lookup(self, names: Iterable[str]) -> list[LoRA]:
         missing = [n for n in names if n not in self.loras]
         if missing:
@@ -383,21 +417,15 @@ class Composer:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
 
-        specs = loras.items() if isinstance(loras, dict) else (loras or [])
-        pairs = [
-            (s, 1.0) if isinstance(s, str) else (s[0], s[1] if isinstance(s[1], str) else float(s[1])) for s in specs
-        ]
+        uses = _normalise_uses(loras)
         parsed = [extract_lora_tags(p) for p in prompts]
         if any(tags != parsed[0][1] for _, tags in parsed):
             raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
-        raw_prompts, prompts, pairs = prompts, [text for text, _ in parsed], pairs + parsed[0][1]
-        active = self._lookup([name for name, _ in pairs])
+        raw_prompts, prompts, uses = prompts, [text for text, _ in parsed], uses + parsed[0][1]
+        active = self._lookup([use.name for use in uses])
         if len({lora.name for lora in active}) != len(active):
             raise ValueError("a LoRA is listed twice")
-        table = weight_table([w for _, w in pairs], steps)
-        scheduled = any(isinstance(w, str) for _, w in pairs)
-        weights = (table[0] if not scheduled else torch.ones(len(pairs))) * lora_scale
-        text_weights = table[0] * lora_scale
+        plan = self._weight_plan(uses, steps, lora_scale)
         method = get_method(method, **(method_params or {}))
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
@@ -413,7 +441,7 @@ class Composer:
         cfg = guidance_scale > 1.0
         for component, registry in self.registries.items():
             if component != "unet":
-                registry.state.weights = text_weights[None, :].to(self.device) if active else None
+                registry.state.weights = plan.text[None, :].to(self.device) if active else None
         try:
             conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, (height, width))
         finally:
@@ -427,7 +455,7 @@ class Composer:
         )
         latents = latents * sched.init_noise_sigma
         method.prepare(
-            MethodContext(active, weights.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency)
+            MethodContext(active, plan.base.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency)
         )
         latents = denoise(
             pipe.unet,
@@ -441,7 +469,7 @@ class Composer:
             callback=callback,
             max_rows=max_batch,
             progress=progress,
-            step_scales=table.to(self.device) if scheduled else None,
+            step_scales=None if plan.steps is None else plan.steps.to(self.device),
         )
         if output_type == "latent":
             return latents
@@ -463,11 +491,12 @@ class Composer:
                     "file": Path(lora.path).name,
                     "sha256": lora.sha256,
                     "a1111_hash": lora.short_hash,
-                    "weight": w,
+                    "weight": use.weight,
+                    "blocks": use.blocks,
                     "category": lora.category,
                     "triggers": lora.triggers,
                 }
-                for lora, (_, w) in zip(active, pairs, strict=True)
+                for lora, use in zip(active, uses, strict=True)
             ],
             "lora_scale": lora_scale,
             "method": {"name": method.name, "parameters": method.parameters()},
@@ -484,7 +513,7 @@ def generate_kwargs(record: dict) -> dict:
     ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped)."""
     return {
         "prompt": extract_lora_tags(record["prompt"])[0],
-        "loras": [(lora["name"], lora["weight"]) for lora in record["loras"]],
+        "loras": [(lora["name"], lora["weight"], lora.get("blocks")) for lora in record["loras"]],
         "method": record["method"]["name"],
         "method_params": record["method"]["parameters"],
         "negative_prompt": record["negative_prompt"],

@@ -11,23 +11,40 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 Weight = float | str
 
 
-def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, Weight]]]:
-    """``(prompt without the tags, [(name, weight or schedule), ...])`` in tag order."""
+class LoRAUse(NamedTuple):
+    """One LoRA in a generation: its weight (a number or a schedule) and optional block
+    weights (:mod:`compose.block_weights`: a preset name or a vector)."""
+
+    name: str
+    weight: Weight = 1.0
+    blocks: str | None = None
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[LoRAUse]]:
+    """``(prompt without the tags, [LoRAUse, ...])`` in tag order.
+
+    ``<lora:name>``, ``<lora:name:weight>`` and A1111's block-weight form
+    ``<lora:name:weight:lbw=PRESET_OR_VECTOR>``; ``weight`` may be a schedule.
+    """
     tags = []
-    for name, weight in LORA_TAG.findall(prompt):
-        weight = weight.strip() or "1"
+    for name, rest in LORA_TAG.findall(prompt):
+        parts = [p.strip() for p in rest.split(":")[1:]]
+        blocks = next((p.removeprefix("lbw=") for p in parts if p.startswith("lbw=")), None)
+        numbers = [p for p in parts if p and not p.startswith("lbw=")]
+        weight: Weight = numbers[0] if numbers else "1"
         try:
-            tags.append((name.strip(), float(weight)))
+            weight = float(weight)
         except ValueError:
             parse_schedule(weight)
-            tags.append((name.strip(), weight))
+        tags.append(LoRAUse(name.strip(), weight, blocks))
     text = LORA_TAG.sub("", prompt)
     text = re.sub(r"\s*,(\s*,)+", ",", text)
     text = re.sub(r"\s{2,}", " ", text).strip(" ,")

@@ -11,9 +11,11 @@ from compose.prompts import extract_lora_tags, parse_schedule, schedule_value, w
 
 
 def test_tags_are_extracted_and_stripped():
-    text, tags = extract_lora_tags("a knight, <lora:knight:0.7>, watercolor <lora:wc> <lora:x:0@0,1@0.5>")
+    text, tags = extract_lora_tags(
+        "a knight, <lora:knight:0.7>, watercolor <lora:wc> <lora:x:0@0,1@0.5> <lora:y:0.5:lbw=OUTALL>"
+    )
     assert text == "a knight, watercolor"
-    assert tags == [("knight", 0.7), ("wc", 1.0), ("x", "0@0,1@0.5")]
+    assert tags == [("knight", 0.7, None), ("wc", 1.0, None), ("x", "0@0,1@0.5", None), ("y", 0.5, "OUTALL")]
     assert extract_lora_tags("no tags here") == ("no tags here", [])
     with pytest.raises(ValueError, match="weight@progress"):
         extract_lora_tags("<lora:a:heavy>")

@@ -183,3 +183,14 @@ def test_browser_generates_and_screenshots(served, tmp_path):
         browser.close()
     assert Image.open(shot).size[0] >= 1400
     assert Path(shot).stat().st_size > 20000
+
+
+def test_settings_keep_prompt_tags(served):
+    studio = served[0]
+    prompt = "a zq creature <lora:random-style:0@0,1@0.5:lbw=OUTALL>"
+    path, record, _ = studio.generate(Settings(prompt, loras=[("random-character", 0.7)], steps=2, seed=4))
+    assert record["loras"][1] | {"weight": "0@0,1@0.5", "blocks": "OUTALL"} == record["loras"][1]
+    restored = studio.settings_from_png(path)
+    assert restored.prompt == prompt and restored.loras == [("random-character", 0.7)]
+    again, _, _ = studio.generate(restored)
+    assert list(Image.open(again).getdata()) == list(Image.open(path).getdata())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -340,6 +341,9 @@ def _generate(args: argparse.Namespace) -> None:
         path = out if len(seeds) == 1 else out.with_name(f"{out.stem}-{seed}{out.suffix}")
         save_png(image, path)
         print(path)
+        dropped = json.loads(image.info["compose"]).get("prompt_dropped")
+        if dropped:
+            print(f"note: the prompt is longer than 77 tokens; the text encoder ignored: {dropped!r}", file=sys.stderr)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -473,16 +477,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from .composer import ModelLoadError
-    from .loop import GenerationCancelled, NonFiniteLatentsError
+    from .loop import GenerationCancelled, NonFiniteLatentsError, OutOfMemory
 
     handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid, "studio": _studio}
     try:
         handlers[args.command](args)
-    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError) as error:
+    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         parser.exit(2, f"compose: error: {message}\n")
     except (KeyboardInterrupt, GenerationCancelled):
         parser.exit(130, "compose: interrupted; images already written are complete\n")
+    except Exception as error:  # an unforeseen failure: one line, the traceback on request
+        if os.environ.get("COMPOSE_DEBUG"):
+            raise
+        parser.exit(
+            1, f"compose: internal error: {type(error).__name__}: {error} (set COMPOSE_DEBUG=1 for the traceback)\n"
+        )
     return 0
 
 

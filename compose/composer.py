@@ -15,6 +15,7 @@ copies the base model.
 from __future__ import annotations
 
 import inspect
+import logging
 import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
 LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None]
+logger = logging.getLogger("compose")
 DEFAULT_LORA_SCALE = 0.8
 
 
@@ -502,10 +504,22 @@ class Composer:
             "method": {"name": method.name, "parameters": method.parameters()},
             "versions": _versions(),
         }
-        return [
-            metadata.attach(image, {"prompt": p, "seed": s, **shared})
-            for image, p, s in zip(images, raw_prompts, seeds, strict=True)
-        ]
+        records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
+        for record, text in zip(records, prompts, strict=True):
+            dropped = self.dropped_text(text)
+            if dropped:
+                record["prompt_dropped"] = dropped
+                logger.warning("prompt longer than the text encoder's window; ignored: %r", dropped)
+        return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
+
+    def dropped_text(self, prompt: str) -> str:
+        """The end of ``prompt`` that the CLIP text encoder never sees (77 tokens), or ``""``.
+
+        Like diffusers and the references, the prompt is truncated; this says where."""
+        tokenizer = self.pipeline.tokenizer
+        ids = tokenizer(prompt, truncation=False).input_ids
+        limit = tokenizer.model_max_length
+        return tokenizer.decode(ids[limit - 1 : -1]).strip() if len(ids) > limit else ""
 
 
 def generate_kwargs(record: dict) -> dict:

@@ -326,9 +326,15 @@ def _sidecar(path: Path) -> dict:
     return {}
 
 
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _check_values(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Floating-point tensors only (an ``alpha`` may be an integer scalar), all finite."""
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            if tensor.dim() == 0 and key.endswith("alpha"):
+                continue
+            raise LoRAError(path, f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; LoRA factors "
+                            "must be floating point (the file is damaged or not a LoRA)")  # fmt: skip
+        if not torch.isfinite(tensor).all():
             raise LoRAError(path, f"tensor {key} contains NaN or Inf values")
 
 
@@ -347,7 +353,7 @@ def load_lora(
     """
     path = Path(path)
     tensors, metadata = read_tensors(path, allow_pickle)
-    _check_finite(path, tensors)
+    _check_values(path, tensors)
     if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
         raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
     parts, fmt, unused = _split_components(path, tensors, unet_config)

@@ -29,6 +29,10 @@ class NonFiniteLatentsError(RuntimeError):
     """The latents became NaN/Inf; raised instead of decoding a black image."""
 
 
+class OutOfMemory(RuntimeError):
+    """Even one branch per UNet call does not fit in the accelerator's memory."""
+
+
 @dataclass
 class Conditioning:
     """Prompt conditioning for a batch of ``B`` images, rows ordered ``[uncond; cond]``.
@@ -64,7 +68,8 @@ def predict_noise(
     ``weights`` is ``(G, N)`` or ``(L, G, N)``; branch ``g`` reads ``weights[..., g, :]``
     for its ``R`` rows, each LoRA's column multiplied by ``scale`` ``(N,)`` if given (the
     step's value of scheduled weights). Branches run in one call unless ``max_rows``
-    splits them.
+    splits them; when the accelerator runs out of memory the call is retried in halves
+    down to one branch per call (Composite's N passes, as the references run them).
     """
     weights = weights.to(latent_input.device)
     if scale is not None:
@@ -72,24 +77,39 @@ def predict_noise(
     groups = weights.shape[-2]
     rows = latent_input.shape[0]
     per_call = groups if max_rows is None else max(1, max_rows // rows)
-    outputs = []
-    for start in range(0, groups, per_call):
+    outputs: list[torch.Tensor] = []
+    start = 0
+    while start < groups:
         chunk = weights[..., start : start + per_call, :]
-        g = chunk.shape[-2]
-        ehs, added = conditioning.repeat(g)
-        state.weights = chunk.repeat_interleave(rows, dim=-2)
         try:
-            out = unet(
-                latent_input.repeat(g, 1, 1, 1),
-                timestep,
-                encoder_hidden_states=ehs,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
-        finally:
-            state.weights = None
-        outputs.append(out)
+            outputs.append(_unet_call(unet, state, latent_input, timestep, conditioning, chunk))
+        except torch.OutOfMemoryError:
+            if per_call == 1:
+                raise OutOfMemory(
+                    "out of accelerator memory even with one LoRA branch per UNet call; lower the image size, "
+                    "use float16, or free memory"
+                ) from None
+            per_call = max(1, per_call // 2)
+            continue
+        start += chunk.shape[-2]
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _unet_call(unet, state, latent_input, timestep, conditioning, chunk: torch.Tensor) -> torch.Tensor:
+    """One UNet call over the branches of ``chunk`` (``(..., g, N)``), rows branch-major."""
+    g, rows = chunk.shape[-2], latent_input.shape[0]
+    ehs, added = conditioning.repeat(g)
+    state.weights = chunk.repeat_interleave(rows, dim=-2)
+    try:
+        return unet(
+            latent_input.repeat(g, 1, 1, 1),
+            timestep,
+            encoder_hidden_states=ehs,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+    finally:
+        state.weights = None
 
 
 def denoise(

@@ -86,4 +86,4 @@ def weight_table(weights: list[Weight], steps: int) -> torch.Tensor:
             columns.append([schedule_value(points, i / steps) for i in range(steps)])
         else:
             columns.append([float(weight)] * steps)
-    return torch.tensor(columns, dtype=torch.float32).T.reshape(steps, len(weights))
+    return torch.tensor(columns, dtype=torch.float32).reshape(len(weights), steps).T

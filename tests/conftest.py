@@ -106,3 +106,61 @@ def composer_factory():
         return Composer.tiny(fam)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bench_inputs(tmp_path_factory, lora_files) -> dict:
+    """A manifest of three tiny LoRAs in two sets, and a tiny CLIP folder."""
+    import json
+
+    from test_clipscore import tiny_scorer
+
+    root = tmp_path_factory.mktemp("bench")
+    loras = [
+        {"name": name, "file": str(lora_files["sd1", i]["peft"]), "category": name, "triggers": [f"zq{name}"]}
+        for i, name in enumerate(("character", "style", "background"))
+    ]
+    sets = [
+        {"id": "pair", "loras": ["character", "style"], "prompt": "a creature"},
+        {"id": "trio", "loras": ["character", "style", "background"], "prompt": "a creature outside"},
+    ]
+    manifest = root / "sets.json"
+    manifest.write_text(json.dumps({"loras": loras, "sets": sets, "prompt_prefix": "a picture"}))
+    tiny_scorer(root / "clip").save(root / "clip")
+    return {"sets": manifest, "clip": root / "clip"}
+
+
+@pytest.fixture(scope="session")
+def finished(bench_inputs, tmp_path_factory) -> tuple:
+    """One uninterrupted benchmark run in-process: its folder and its scores."""
+    from test_bench import bench_args, scores
+
+    from compose.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    try:
+        code = main(bench_args(bench_inputs, out))
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 0
+    return out, scores(out)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """The studio on the tiny model, served on a free loopback port: (studio, url, folder)."""
+    import socket
+
+    from test_clipscore import tiny_scorer
+
+    from compose.app.ui import launch, make_studio
+
+    root = tmp_path_factory.mktemp("studio")
+    tiny_scorer(root / "clip").save(root / "clip")
+    studio = make_studio("tiny:sd1", root / "library", clip=str(root / "clip"), max_upload_mb=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = launch(studio, port=port, block=False)
+    yield studio, page.local_url, root
+    page.close()

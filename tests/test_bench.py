@@ -13,27 +13,8 @@ import time
 import pytest
 from PIL import Image
 from test_cli import run
-from test_clipscore import tiny_scorer
 
 METHODS = "merge,composite,klora"
-
-
-@pytest.fixture(scope="module")
-def bench_inputs(tmp_path_factory, lora_files) -> dict:
-    root = tmp_path_factory.mktemp("bench")
-    loras = [
-        {"name": name, "file": str(lora_files["sd1", i]["peft"]), "category": name, "triggers": [f"zq{name}"]}
-        for i, name in enumerate(("character", "style", "background"))
-    ]
-    sets = [
-        {"id": "pair", "loras": ["character", "style"], "prompt": "a creature"},
-        {"id": "trio", "loras": ["character", "style", "background"], "prompt": "a creature outside"},
-    ]
-    manifest = root / "sets.json"
-    manifest.write_text(json.dumps({"loras": loras, "sets": sets, "prompt_prefix": "a picture"}))
-    clip = tiny_scorer(root / "clip")
-    clip.save(root / "clip")
-    return {"sets": manifest, "clip": root / "clip"}
 
 
 def bench_args(inputs: dict, out, seeds: int = 2, methods: str = METHODS) -> list[str]:
@@ -48,17 +29,6 @@ def scores(out) -> dict[str, float]:
         f"{r['set']}/{r['method']}-{r['seed']}": r["clipscore"]
         for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
     }
-
-
-@pytest.fixture(scope="module")
-def finished(bench_inputs, tmp_path_factory) -> tuple:
-    out = tmp_path_factory.mktemp("run") / "out"
-    try:
-        code = __import__("compose.cli", fromlist=["main"]).main(bench_args(bench_inputs, out))
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 0
-    return out, scores(out)
 
 
 def test_a_small_run_writes_everything(finished):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,10 +11,8 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
-from test_clipscore import tiny_scorer
 
 from compose.app.studio import Settings, StudioError
-from compose.app.ui import launch, make_studio
 from compose.methods import METHODS
 
 WEIGHTS = {"headers": ["LoRA", "weight"], "data": [["random-character", 1.0], ["random-style", 0.8]]}
@@ -24,23 +21,6 @@ WEIGHTS = {"headers": ["LoRA", "weight"], "data": [["random-character", 1.0], ["
 def settings_args(method="composite", seed=3, steps=3, prompt="a zq creature", weights=WEIGHTS, size=64):
     return [prompt, "blurry", weights, False, method, 2, 1.5, 0.5, "category", "nonuniform", steps, 7.5, size, size,
             seed, "dpm++2m"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("studio")
-    clip = tiny_scorer(root / "clip")
-    clip.save(root / "clip")
-    studio = make_studio("tiny:sd1", root / "library", clip=str(root / "clip"), max_upload_mb=1)
-    page = launch(studio, port=free_port(), block=False)
-    yield studio, page.local_url, root
-    page.close()
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,7 @@ def _subprocess_bench(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+@pytest.mark.soak
 def test_kill_halfway_then_resume(bench_inputs, finished, tmp_path):
     out = tmp_path / "out"
     process = _subprocess_bench([sys.executable, "-m", "compose", *bench_args(bench_inputs, out)])
@@ -89,6 +90,7 @@ def test_kill_halfway_then_resume(bench_inputs, finished, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.soak
 def test_two_processes_give_the_same_records(bench_inputs, finished, tmp_path):
     out = tmp_path / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]

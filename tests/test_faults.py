@@ -94,6 +94,7 @@ def test_unexpected_errors_are_one_line(capsys, monkeypatch):
     assert code == 1 and err.count("\n") == 1 and "internal error: RuntimeError: something nobody expected" in err
 
 
+@pytest.mark.soak
 def test_two_benchmarks_writing_one_folder(bench_inputs, finished, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -108,6 +109,7 @@ def test_two_benchmarks_writing_one_folder(bench_inputs, finished, tmp_path):
     assert len(list((out / "items").glob("*/*.json"))) == 12 and not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.soak
 def test_client_that_disconnects_mid_run(served):
     from gradio_client import Client
 
@@ -149,3 +151,21 @@ def test_a_hundred_requests_in_a_row(served, capsys):
         print(f"\n100 requests: {failures} failures, RSS after 10 {samples[0]:.0f} MiB, after 100 "
               f"{samples[1]:.0f} MiB (growth {growth:.0f} MiB)")  # fmt: skip
     assert failures == 0 and growth < 150
+
+
+def test_lora_file_missing_when_a_run_resumes(bench_inputs, finished, tmp_path, capsys):
+    """A LoRA file that disappears between two runs stops the resume before any work,
+    naming the manifest entry; every finished item stays."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    for path in (out / "items" / "trio").glob("*.json"):
+        path.unlink()
+    data = json.loads(bench_inputs["sets"].read_text())
+    data["loras"][2]["file"] = str(tmp_path / "gone.safetensors")
+    manifest = tmp_path / "sets.json"
+    manifest.write_text(json.dumps(data))
+    code, _, err = run(capsys, *bench_args({**bench_inputs, "sets": manifest}, out))
+    assert code == 2 and "sets.json" in err and "gone.safetensors" in err and "Traceback" not in err
+    assert len(list((out / "items").glob("*/*.json"))) == 6

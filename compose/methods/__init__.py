@@ -7,9 +7,13 @@ from .cmlora import CMLoRA
 from .composite import Composite
 from .klora import KLoRA
 from .merge import Merge
+from .patchwise import PatchComposite
+from .regional import Regional
 from .switch import Switch
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, KLoRA, CMLoRA)}
+METHODS: dict[str, type[CompositionMethod]] = {
+    m.name: m for m in (Merge, Switch, Composite, KLoRA, CMLoRA, PatchComposite, Regional)
+}
 
 
 def get_method(method: str | CompositionMethod, **parameters) -> CompositionMethod:
@@ -33,6 +37,8 @@ __all__ = [
     "KLoRA",
     "Merge",
     "MethodContext",
+    "PatchComposite",
+    "Regional",
     "Switch",
     "get_method",
 ]

@@ -58,6 +58,12 @@ def _method_params(args: argparse.Namespace) -> dict:
             "top_k": args.top_k,
             "roles": dict(args.role) or None,
         }
+    if args.method == "regional":
+        regions = {name: value if value.lower().endswith(".png") else [float(v) for v in value.split(",")]
+                   for name, value in args.region}  # fmt: skip
+        return {"regions": regions or None}
+    if args.method == "patch":
+        return {"temperature": args.temperature, "top_k": args.patch_top_k}
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -157,6 +163,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
     )
+    gen.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=X0,Y0,X1,Y1|MASK.png",
+        help="regional: LoRA NAME's box in fractions of the image, or a mask image (white = inside)",
+    )
+    gen.add_argument("--temperature", type=float, default=0.05, help="patch: softmax temperature [0.05]")
+    gen.add_argument("--patch-top-k", type=int, help="patch: keep the k heaviest LoRAs per patch [all]")
     gen.add_argument(
         "--category",
         action="append",

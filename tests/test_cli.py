@@ -190,3 +190,16 @@ def test_prompt_tags_find_loras_in_a_folder(capsys, tmp_path, lora_files):
     assert record["loras"][0]["name"] == "knight" and record["loras"][0]["weight"] == "0@0,1@0.5"
     code, _, err = run(capsys, "generate", "--prompt", "a <lora:nobody>", "--out", tmp_path / "n.png", *TINY)
     assert code == 2 and "<lora:nobody> names no LoRA" in err
+
+
+def test_regional_and_patch_from_the_command_line(capsys, tmp_path, lora_files):
+    a, b = lora_files["sd1", 0]["peft"], lora_files["sd1", 1]["peft"]
+    code, _, err = run(capsys, "generate", "--prompt", "two", "--lora", a, "--lora", b, "--method", "regional",
+                       "--region", f"{a.stem}=0,0,0.5,1", "--region", f"{b.stem}=0.5,0,1,1",
+                       "--out", tmp_path / "r.png", *TINY)  # fmt: skip
+    assert code == 0, err
+    regions = json.loads(Image.open(tmp_path / "r.png").text["compose"])["method"]["parameters"]["regions"]
+    assert regions == {a.stem: [0, 0, 0.5, 1], b.stem: [0.5, 0, 1, 1]}
+    code, _, err = run(capsys, "generate", "--prompt", "two", "--lora", a, "--lora", b, "--method", "patch",
+                       "--patch-top-k", "1", "--out", tmp_path / "p.png", *TINY)  # fmt: skip
+    assert code == 0, err

@@ -42,6 +42,18 @@ class MethodContext:
     frequency: dict[str, float] = field(default_factory=dict)
 
 
+def guided_mix(
+    mix: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
+    """``Σ_j mix_j pred_j`` of the branches' unconditional and conditional predictions
+    (``mix`` broadcasts against ``(G, B, C, H, W)``), then classifier-free guidance."""
+    c = (mix * cond).sum(0)
+    if uncond is None:
+        return c
+    u = (mix * uncond).sum(0)
+    return u + guidance_scale * (c - u)
+
+
 class CompositionMethod(ABC):
     """A composition method: a small strategy over the shared composable layer.
 

@@ -38,7 +38,7 @@ import torch
 
 from ..feature_cache import DeepFeatureCache
 from ..loading import LoRA
-from .base import CompositionMethod, MethodContext, UNetRun
+from .base import CompositionMethod, MethodContext, UNetRun, guided_mix
 
 HIGH_CATEGORIES = ("style", "character", "clothing", "object")
 SCHEDULES = ("nonuniform", "uniform", "off")
@@ -155,9 +155,4 @@ class CMLoRA(CompositionMethod):
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
     ) -> torch.Tensor:
         """The dominance-weighted sum of the branches' predictions, then guidance."""
-        mix = self.mix[step].view(-1, *([1] * (cond.dim() - 1)))
-        c = (mix * cond).sum(0)
-        if uncond is None:
-            return c
-        u = (mix * uncond).sum(0)
-        return u + guidance_scale * (c - u)
+        return guided_mix(self.mix[step].view(-1, *([1] * (cond.dim() - 1))), uncond, cond, guidance_scale)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import CompositionMethod, MethodContext
+from .base import CompositionMethod, MethodContext, guided_mix
 
 
 @dataclass
@@ -61,8 +61,4 @@ class PatchComposite(CompositionMethod):
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
     ) -> torch.Tensor:
         mix = self.patch_weights(cond[0], cond[1:])
-        c = (mix * cond[1:]).sum(0)
-        if uncond is None:
-            return c
-        u = (mix * uncond[1:]).sum(0)
-        return u + guidance_scale * (c - u)
+        return guided_mix(mix, None if uncond is None else uncond[1:], cond[1:], guidance_scale)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import CompositionMethod, MethodContext
+from .base import CompositionMethod, MethodContext, guided_mix
 
 Region = list[float] | str
 
@@ -68,9 +68,4 @@ class Regional(CompositionMethod):
     def combine(
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
     ) -> torch.Tensor:
-        mix = self.mix(cond.shape[-2], cond.shape[-1], cond)
-        c = (mix * cond).sum(0)
-        if uncond is None:
-            return c
-        u = (mix * uncond).sum(0)
-        return u + guidance_scale * (c - u)
+        return guided_mix(self.mix(cond.shape[-2], cond.shape[-1], cond), uncond, cond, guidance_scale)

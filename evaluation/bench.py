@@ -40,10 +40,6 @@ class Item:
     method: str
     seed: int
 
-    @property
-    def key(self) -> str:
-        return f"{self.set.id}/{self.method}-{self.seed}"
-
 
 def plan_items(manifest: Manifest, methods: list[str], seeds: int) -> list[Item]:
     """Every (set, method, seed), in a fixed order; seeds listed in the manifest (per set

@@ -239,12 +239,6 @@ def build(studio: Studio) -> gr.Blocks:
     return page
 
 
-def _load(model: str) -> Composer:
-    if model.startswith("tiny:"):
-        return Composer.tiny(model.removeprefix("tiny:"))
-    return Composer.from_pretrained(model)
-
-
 def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
                 max_upload_mb: float = 1024) -> Studio:  # fmt: skip
     """A studio on ``model``; on a tiny random model, three random LoRAs to compose."""
@@ -253,7 +247,7 @@ def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle
         from ..evaluation.clipscore import CLIPScorer
 
         scorer = CLIPScorer.from_folder(clip) if Path(clip).is_dir() else CLIPScorer.from_open_clip(*clip.split(":"))
-    studio = Studio(model, library, _load, allow_pickle, max_upload_mb, scorer)
+    studio = Studio(model, library, Composer.load, allow_pickle, max_upload_mb, scorer)
     if model.startswith("tiny:") and not studio.composer.loras:
         extras = Path(tempfile.mkdtemp(prefix="compose-random-loras-"))
         write_random_loras(studio.composer.pipeline, extras)

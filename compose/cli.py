@@ -291,9 +291,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load_composer(model: str, device: str | None):
     from .composer import Composer
 
-    if model.startswith("tiny:"):
-        return Composer.tiny(model.removeprefix("tiny:"))
-    return Composer.from_pretrained(model, device=device)
+    return Composer.load(model, device)
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -179,6 +179,14 @@ class Composer:
         return cls(pipeline.to(device), model_name=str(model))
 
     @classmethod
+    def load(cls, model: str, device: str | torch.device | None = None) -> Composer:
+        """:meth:`tiny` for ``tiny:sd1`` / ``tiny:sdxl``, else :meth:`from_pretrained`: the
+        one spelling of a base model that the CLI, the studio and the benchmark accept."""
+        if model.startswith("tiny:"):
+            return cls.tiny(model.removeprefix("tiny:"))
+        return cls.from_pretrained(model, device=device)
+
+    @classmethod
     def tiny(cls, family: str = "sd1", seed: int = 0) -> Composer:
         """A composer over a tiny random pipeline (see :mod:`compose.tiny`)."""
         from .tiny import tiny_pipeline
@@ -290,12 +298,12 @@ class Composer:
 
     def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
         """Constant weights for the methods, per-step/per-layer factors for the loop."""
-        table = weight_table([use.weight for use in uses], steps) * lora_scale
+        raw = weight_table([use.weight for use in uses], steps)
         scheduled = any(isinstance(use.weight, str) for use in uses)
         blocks = [use.blocks for use in uses]
-        base = torch.full((len(uses),), lora_scale) if scheduled else table[0]
-        factors = table / base if scheduled else None
-        text = table[0]
+        base = torch.full((len(uses),), lora_scale) if scheduled else raw[0] * lora_scale
+        factors = raw if scheduled else None
+        text = raw[0] * lora_scale
         if any(b is not None for b in blocks):
             layers = list(self.registries["unet"].layers)
             per_layer = layer_table(layers, blocks, self.is_sdxl)[:, None, :]

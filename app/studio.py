@@ -27,6 +27,7 @@ from ..evaluation.presence import concept_presence
 from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError
 from ..metadata import read_record, save_png
 from ..methods import METHODS
+from ..methods.regional import region_mask
 from ..prompts import extract_lora_tags
 
 LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
@@ -96,6 +97,7 @@ class Studio:
         self.outputs = Path(tempfile.mkdtemp(prefix="compose-studio-"))
         self.model = model
         self.composer = load(model)
+        self.regions: dict[str, list[float] | str] = {}
         self.load_folder(self.library)
 
     # -- library ---------------------------------------------------------------------
@@ -183,6 +185,39 @@ class Studio:
             raise StudioError(f"no LoRA named {name!r} in the library")
         return self.composer.loras[name]
 
+    # -- regions ---------------------------------------------------------------------
+
+    def set_region(self, name: str, box: str = "", painting: dict | None = None) -> str:
+        """Confine LoRA ``name`` to a region for the ``regional`` method: the strokes of
+        ``painting`` (a Gradio image-editor value of RGBA arrays; painted = inside),
+        else ``box`` ``"x0, y0, x1, y1"`` in fractions of the image."""
+        self._lora(name)
+        mask = _painted_mask(painting)
+        if mask is not None:
+            path = self.outputs / f"region-{name}.png"
+            Image.fromarray(mask).save(path)
+            self.regions[name] = str(path)
+        elif box.strip():
+            try:
+                values = [float(v) for v in box.replace(" ", "").split(",")]
+                region_mask(values, 8, 8)
+            except ValueError as error:
+                raise StudioError(f"region of {name}: {error}") from None
+            self.regions[name] = values
+        else:
+            raise StudioError(f"paint a region for {name} or give a box x0, y0, x1, y1")
+        return self.describe_regions()
+
+    def clear_regions(self) -> str:
+        self.regions.clear()
+        return self.describe_regions()
+
+    def describe_regions(self) -> str:
+        if not self.regions:
+            return "no regions: with the regional method every LoRA covers the whole image"
+        parts = [f"{n}: painted mask" if isinstance(r, str) else f"{n}: box {r}" for n, r in self.regions.items()]
+        return "regions · " + "; ".join(parts)
+
     # -- model -----------------------------------------------------------------------
 
     def load_model(self, model: str) -> str:
@@ -218,6 +253,9 @@ class Studio:
             return not self.cancel.is_set()
 
         kwargs = {k: v for k, v in vars(settings).items() if k not in ("insert_triggers", "prompt")}
+        if settings.method == "regional" and not settings.method_params:
+            used = {name for name, _ in settings.loras or []}
+            kwargs["method_params"] = {"regions": {n: r for n, r in self.regions.items() if n in used}}
         with self.lock:
             start = time.perf_counter()
             image = self.composer.generate(self._prompt(settings), callback=step, **kwargs)[0]
@@ -276,3 +314,14 @@ class Studio:
                 loras.append((name, entry["weight"]))
         kwargs.update(prompt=record["prompt"], loras=loras)
         return Settings(**kwargs)
+
+
+def _painted_mask(painting: dict | None):
+    """``uint8`` mask (255 = painted) from an image-editor value, or ``None`` if nothing is painted."""
+    import numpy as np
+
+    layers = [np.asarray(layer) for layer in (painting or {}).get("layers") or [] if layer is not None]
+    strokes = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not strokes or not np.any(strokes):
+        return None
+    return (np.any(strokes, axis=0) * 255).astype(np.uint8)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..composer import Composer
+from ..composer import DEMO_WORLD, Composer
+from ..demo_world.evaluate import EXAMPLE_PROMPT, demo_world_clip
 from ..loading import CATEGORIES
 from ..loop import GenerationCancelled
 from ..methods import METHODS
@@ -32,6 +33,7 @@ def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, orderin
               width, height, seed, scheduler) -> Settings:  # fmt: skip
     params = {
         "switch": {"tau": int(tau)},
+        "wswitch": {"tau": int(tau)},
         "klora": {"alpha": float(alpha), "beta": float(beta)},
         "cmlora": {"ordering": ordering, "schedule": schedule},
     }.get(method, {})
@@ -63,15 +65,16 @@ def build(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="compose studio") as page:
         gr.Markdown(INTRO)
         with gr.Row():
-            model = gr.Textbox(studio.model, label="base model (diffusers folder, .safetensors, hub id or tiny:sd1)",
-                               scale=4)  # fmt: skip
+            model = gr.Textbox(studio.model, scale=4,
+                               label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)")
             load_model = gr.Button("Load model", scale=1)
         status = gr.Markdown("")
         with gr.Tabs():
             with gr.Tab("Compose"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt")
+                        example = EXAMPLE_PROMPT if studio.model == DEMO_WORLD else ""
+                        prompt = gr.Textbox(example, label="prompt", lines=2, elem_id="prompt")
                         negative = gr.Textbox(label="negative prompt")
                         loras = gr.Dataframe(studio.compose_rows(), headers=LORA_COLUMNS, datatype=["str", "number"],
                                              label="LoRAs (weight 0 = off; row order = Switch order)",
@@ -85,6 +88,19 @@ def build(studio: Studio) -> gr.Blocks:
                             ordering = gr.Radio(["frequency", "category"], value="frequency", label="CMLoRA ordering")
                             schedule = gr.Radio(["nonuniform", "uniform", "off"], value="nonuniform",
                                                 label="CMLoRA cache schedule")  # fmt: skip
+                        with gr.Accordion("regions (regional method)", open=False):
+                            with gr.Row():
+                                names = list(studio.composer.loras)
+                                region_lora = gr.Dropdown(names, value=names[0] if names else None, label="LoRA",
+                                                          elem_id="region-lora")  # fmt: skip
+                                region_box = gr.Textbox(label="box x0, y0, x1, y1 (fractions), or paint below")
+                            region_paint = gr.Sketchpad(label="paint where this LoRA draws", type="numpy",
+                                                        image_mode="RGBA", canvas_size=(256, 256),
+                                                        elem_id="region-paint")  # fmt: skip
+                            with gr.Row():
+                                set_region = gr.Button("Set region", elem_id="set-region")
+                                clear_regions = gr.Button("Clear regions")
+                            regions_info = gr.Markdown(studio.describe_regions(), elem_id="regions-info")
                         with gr.Row():
                             steps = gr.Slider(1, 100, 25, step=1, label="steps")
                             guidance = gr.Slider(1, 20, 7.5, step=0.5, label="guidance")
@@ -134,9 +150,10 @@ def build(studio: Studio) -> gr.Blocks:
         def refreshed(message: str, previous=None):
             rows = previous.values.tolist() if hasattr(previous, "values") else None
             names = list(studio.composer.loras)
-            return message, studio.library_rows(), studio.compose_rows(rows), gr.update(choices=names)
+            choices = gr.update(choices=names)
+            return message, studio.library_rows(), studio.compose_rows(rows), choices, choices
 
-        library_outputs = [status, library, loras, name]
+        library_outputs = [status, library, loras, name, region_lora]
 
         def on_generate(*values, progress=gr.Progress()):
             *rest, randomize_seed, made = values
@@ -227,6 +244,14 @@ def build(studio: Studio) -> gr.Blocks:
             lora = studio.composer.loras.get(picked)
             return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
 
+        def on_set_region(lora_name, box, painting):
+            try:
+                return studio.set_region(lora_name, box or "", painting)
+            except StudioError as error:
+                raise _user_error(error) from None
+
+        set_region.click(on_set_region, [region_lora, region_box, region_paint], regions_info, api_name="set_region")
+        clear_regions.click(studio.clear_regions, None, regions_info, api_name="clear_regions")
         name.change(on_pick, name, [category, triggers], api_name=False)
         upload.upload(guarded(studio.add_upload), [upload, loras], library_outputs, api_name="add_lora")
         add_folder.click(guarded(studio.load_folder), [folder, loras], library_outputs, api_name="add_folder")
@@ -241,8 +266,11 @@ def build(studio: Studio) -> gr.Blocks:
 
 def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
                 max_upload_mb: float = 1024) -> Studio:  # fmt: skip
-    """A studio on ``model``; on a tiny random model, three random LoRAs to compose."""
+    """A studio on ``model``; on the demo world its eleven LoRAs and its offline CLIP (unless
+    ``clip`` names another), on a tiny random model three random LoRAs to compose."""
     scorer = None
+    if clip is None and model == DEMO_WORLD and demo_world_clip().is_dir():
+        clip = str(demo_world_clip())
     if clip:
         from ..evaluation.clipscore import CLIPScorer
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from .loading import CATEGORIES
 from .prompts import extract_lora_tags
 
-DEFAULT_MODEL = "tiny:sd1"
+DEFAULT_MODEL = "demo-world"
 EPILOG_GENERATE = """\
 examples:
-  compose generate --prompt "a cat"                               (embedded default model)
+  compose generate --prompt "a zorbo creature on the left, vosh sky background" \
+      --lora zorbo --lora vosh --method composite                 (the embedded demo world)
   compose generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --lora knight.safetensors --lora watercolor.safetensors:0.7 \\
       --method composite --prompt "a knight, watercolor" --seed 1 2 3 --out knight.png
@@ -64,6 +65,13 @@ def _method_params(args: argparse.Namespace) -> dict:
         return {"regions": regions or None}
     if args.method == "patch":
         return {"temperature": args.temperature, "top_k": args.patch_top_k}
+    if args.method == "wswitch":
+        return {"tau": args.tau, "reference_offset": args.reference_offset, "sharpness": args.sharpness,
+                "hold": args.hold}  # fmt: skip
+    if args.method == "wcomposite":
+        return {"sharpness": args.sharpness}
+    if args.method == "bands":
+        return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -95,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / "
-        "tiny:sdxl (random weights, the embedded default until the demo world ships) "
+        help="demo-world (the embedded demo world, its eleven LoRAs loaded: <lora:zorbo> etc. work), a "
+        "diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / tiny:sdxl (random weights) "
         f"[default: {DEFAULT_MODEL}]",
     )
     gen.add_argument(
@@ -105,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=_lora_arg,
         metavar="PATH[:WEIGHT]",
-        help="a LoRA file and its weight (default 1); repeat for several, in method order. The prompt may "
+        help="a LoRA file, or the name of one the model brings (the demo world's zorbo, flimbo, ...), and its "
+        "weight (default 1); repeat for several, in method order. The prompt may "
         "also select LoRAs with <lora:NAME:WEIGHT> tags (WEIGHT may be a schedule like 0@0,1@0.5)",
     )
     gen.add_argument("--lora-dir", help="folder where <lora:NAME> tags of the prompt find NAME.safetensors")
@@ -129,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.8,
         help="global LoRA scale multiplying every weight (reference: 0.8) [0.8]",
     )
-    gen.add_argument("--tau", type=int, default=5, help="switch: steps per LoRA [5]")
+    gen.add_argument("--tau", type=int, default=5, help="switch, wswitch: steps per LoRA [5]")
     gen.add_argument(
         "--reference-offset",
         action="store_true",
@@ -173,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--temperature", type=float, default=0.05, help="patch: softmax temperature [0.05]")
     gen.add_argument("--patch-top-k", type=int, help="patch: keep the k heaviest LoRAs per patch [all]")
+    gen.add_argument("--levels", type=int, default=2, help="bands: Haar wavelet levels [2]")
+    gen.add_argument("--band-temperature", type=float, default=0.5,
+                     help="bands: temperature of the band weights from energy (inf = Composite) [0.5]")  # fmt: skip
+    gen.add_argument("--band-top-k", type=int, help="bands: keep the k heaviest LoRAs per band [all]")
+    gen.add_argument("--sharpness", type=float, default=1.0,
+                     help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]")
+    gen.add_argument("--hold", type=float, default=0.2,
+                     help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
     gen.add_argument(
         "--category",
         action="append",
@@ -237,11 +254,14 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods [merge,switch,composite,klora,cmlora]",
     )
     bench.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
+    bench.add_argument("--sets-per-n", type=int, metavar="K", help="--sets: only K sets per LoRA count N, evenly "
+                       "spread (a quicker run with every N) [all]")  # fmt: skip
     bench.add_argument("--model", default=DEFAULT_MODEL, help=f"base model [{DEFAULT_MODEL}]")
     bench.add_argument(
         "--clip",
         help="CLIPScore model: an open_clip folder (open_clip_config.json + open_clip_model.safetensors) or "
-        "NAME:PRETRAINED, e.g. ViT-B-16:openai (the papers' setting; weights must be in your cache)",
+        "NAME:PRETRAINED, e.g. ViT-B-16:openai (the papers' setting; weights must be in your cache) "
+        "[the demo world's offline CLIP]",
     )
     bench.add_argument("--steps", type=int, default=25, help="--sets: denoising steps [25]")
     bench.add_argument("--guidance", type=float, default=7.5, help="--sets: guidance scale [7.5]")
@@ -285,6 +305,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("results", help="a benchmark's --out folder")
     grid.add_argument("--methods", help="comma-separated method order [as found in the records]")
+
+    world = commands.add_parser(
+        "demo-world",
+        help="train, check or show the embedded demo world",
+        description="The demo world (assets/demo_world): a small SD-architecture pipeline trained on a "
+        "procedural image world, one LoRA per concept and an offline CLIP. 'train' regenerates it from "
+        "renders (resumable, stage by stage), 'evaluate' measures its detector hit rates, 'grid' draws "
+        "each LoRA alone and one composition per method, 'regional' scores two characters side by side "
+        "(each on its own half) for merge, composite and regional composition.",
+    )
+    world.add_argument("action", choices=["train", "evaluate", "grid", "regional"])
+    world.add_argument("--folder", help="the demo world's folder [assets/demo_world, or $COMPOSE_DEMO_WORLD]")
+    world.add_argument("--preset", default="cpu", help="train: cpu (60 min on 2 cores) or quick (a smoke test) [cpu]")
+    world.add_argument("--stages", default="vae,base,loras,clip", help="train: stages to run [vae,base,loras,clip]")
+    world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
+                       "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]")  # fmt: skip
+    world.add_argument("--methods", default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite",
+                       help="grid: methods of the composition row [all]")  # fmt: skip
+    world.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     return parser
 
 
@@ -323,11 +362,16 @@ def _generate(args: argparse.Namespace) -> None:
     composer = _load_composer(args.model, args.device)
     categories = dict(getattr(args, "category", []))
     loaded = [
-        (composer.load_lora(path, allow_pickle=args.allow_pickle, category=categories.get(Path(path).stem)), weight)
+        (
+            composer.loras[path]
+            if path in composer.loras and not Path(path).exists()
+            else composer.load_lora(path, allow_pickle=args.allow_pickle, category=categories.get(Path(path).stem)),
+            weight,
+        )
         for path, weight in args.lora
     ]
     if args.from_png:
-        by_hash = {lora.sha256: lora for lora, _ in loaded}
+        by_hash = {lora.sha256: lora for lora in composer.loras.values()}
         pairs = []
         for entry in record["loras"]:
             lora = by_hash.get(entry["sha256"])
@@ -427,10 +471,14 @@ def _scorer(spec: str | None, device: str | None):
     from .evaluation.clipscore import CLIPScorer
 
     if spec is None:
-        raise ValueError(
-            "--clip is required until the demo world's offline CLIP ships in assets/: pass an open_clip "
-            "folder or NAME:PRETRAINED such as ViT-B-16:openai"
-        )
+        from .demo_world.evaluate import demo_world_clip
+
+        if not demo_world_clip().is_dir():
+            raise ValueError(
+                f"no --clip given and the demo world's offline CLIP is not at {demo_world_clip()}: pass an "
+                "open_clip folder or NAME:PRETRAINED such as ViT-B-16:openai"
+            )
+        spec = str(demo_world_clip())
     if Path(spec).is_dir():
         return CLIPScorer.from_folder(spec, device=device)
     name, _, pretrained = spec.partition(":")
@@ -461,6 +509,7 @@ def _bench_sets(args: argparse.Namespace) -> None:
         composer_factory=lambda: _load_composer(args.model, args.device),
         scorer_factory=lambda: _scorer(args.clip, args.device),
         settings=settings,
+        per_n=args.sets_per_n,
     )
     if (out / "summary.md").exists():
         print((out / "summary.md").read_text())
@@ -487,13 +536,55 @@ def _grid(args: argparse.Namespace) -> None:
     print(out / "grids")
 
 
+def _demo_world(args: argparse.Namespace) -> None:
+    from .demo_world.evaluate import demo_world_folder, evaluate, example_grid, load_demo_world
+
+    folder = Path(args.folder) if args.folder else demo_world_folder()
+    if args.action == "train":
+        from tqdm import tqdm
+
+        from .demo_world.train import train
+
+        bars: dict[str, tqdm] = {}
+
+        def progress(stage: str, step: int, steps: int, loss: float) -> None:
+            bar = bars.setdefault(stage, tqdm(total=steps, desc=stage, unit="step"))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if step == steps:
+                bar.close()
+
+        record = train(folder, args.preset, tuple(s.strip() for s in args.stages.split(",")), progress)
+        print(json.dumps(record, indent=2))
+        return
+    composer = load_demo_world(folder, args.device)
+    if args.action == "evaluate":
+        report = evaluate(composer, progress=print)
+        out = Path(args.out) if args.out else folder / "report.json"
+        out.write_text(json.dumps(report, indent=2))
+        print(out)
+        return
+    if args.action == "regional":
+        from .demo_world.evaluate import two_characters
+
+        result = two_characters(composer, ["merge", "composite", "regional"])
+        out = Path(args.out) if args.out else folder / "regional.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
+    out = Path(args.out or "docs/demo-world-grid.png")
+    example_grid(composer, [m.strip() for m in args.methods.split(",")]).save(out)
+    print(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from .composer import ModelLoadError
     from .loop import GenerationCancelled, NonFiniteLatentsError, OutOfMemory
 
-    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid, "studio": _studio}
+    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid, "studio": _studio,
+                "demo-world": _demo_world}
     try:
         handlers[args.command](args)
     except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory) as error:

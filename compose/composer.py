@@ -35,12 +35,13 @@ from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .loop import Conditioning, StepCallback, denoise
 from .methods import CompositionMethod, MethodContext, get_method
-from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table
+from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table, without_phrases
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
 LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None]
 logger = logging.getLogger("compose")
 DEFAULT_LORA_SCALE = 0.8
+DEMO_WORLD = "demo-world"
 
 
 class ModelLoadError(RuntimeError):
@@ -180,8 +181,19 @@ class Composer:
 
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None) -> Composer:
-        """:meth:`tiny` for ``tiny:sd1`` / ``tiny:sdxl``, else :meth:`from_pretrained`: the
-        one spelling of a base model that the CLI, the studio and the benchmark accept."""
+        """The one spelling of a base model that the CLI, the studio and the benchmark
+        accept: ``demo-world`` (the trained demo world with its eleven LoRAs loaded, see
+        :func:`compose.demo_world.load_demo_world`), ``tiny:sd1`` / ``tiny:sdxl``
+        (:meth:`tiny`), else anything :meth:`from_pretrained` takes."""
+        if model == DEMO_WORLD:
+            from .demo_world.evaluate import demo_world_folder, load_demo_world
+
+            if not (demo_world_folder() / "model_index.json").is_file():
+                raise ModelLoadError(
+                    f"the demo world is not at {demo_world_folder()}: train it with `compose demo-world train`, "
+                    "set COMPOSE_DEMO_WORLD to its folder, or pass another model (tiny:sd1 needs nothing)"
+                )
+            return load_demo_world(device=device)
         if model.startswith("tiny:"):
             return cls.tiny(model.removeprefix("tiny:"))
         return cls.from_pretrained(model, device=device)
@@ -295,6 +307,17 @@ class Composer:
             frequency.store(key, lora.sha256, cached)
         lora.derived[("frequency", key)] = cached
         return cached
+
+    @torch.no_grad()
+    def trigger_importance(self, prompt: str, names: Sequence[str], size: tuple[int, int] = (512, 512)) -> torch.Tensor:
+        """How much each LoRA's trigger words shape ``prompt``'s encoding, ``(N,)`` float32:
+        the mean over token positions of the distance between the base text encoder's
+        output for the prompt and for the prompt without that LoRA's triggers
+        (:func:`~compose.prompts.without_phrases`). 0 for a LoRA whose triggers are absent."""
+        loras = self._lookup(names)
+        variants = [prompt] + [without_phrases(prompt, lora.triggers) for lora in loras]
+        states = self._encode(variants, [""] * len(variants), False, size).encoder_hidden_states.float()
+        return (states[1:] - states[0]).norm(dim=-1).mean(dim=-1).cpu()
 
     def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
         """Constant weights for the methods, per-step/per-layer factors for the loop."""
@@ -442,6 +465,11 @@ class Composer:
         frequency = (
             {lora.name: self.frequency_profile(lora.name).score for lora in active} if method.needs_frequency else {}
         )
+        importance = None
+        if method.needs_importance:
+            if len(set(prompts)) > 1:
+                raise ValueError(f"method {method.name!r} weighs LoRAs by the prompt: give one prompt per call")
+            importance = self.trigger_importance(prompts[0], [lora.name for lora in active], (height, width))
 
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
@@ -465,7 +493,9 @@ class Composer:
         )
         latents = latents * sched.init_noise_sigma
         method.prepare(
-            MethodContext(active, plan.base.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency)
+            MethodContext(
+                active, plan.base.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency, importance
+            )
         )
         latents = denoise(
             pipe.unet,

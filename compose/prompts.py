@@ -87,3 +87,13 @@ def weight_table(weights: list[Weight], steps: int) -> torch.Tensor:
         else:
             columns.append([float(weight)] * steps)
     return torch.tensor(columns, dtype=torch.float32).reshape(len(weights), steps).T
+
+
+def without_phrases(prompt: str, phrases: list[str]) -> str:
+    """``prompt`` with every whole-word occurrence of ``phrases`` removed (case-insensitive),
+    and the commas and spaces left behind tidied: what the prompt says without them."""
+    for phrase in sorted(filter(None, phrases), key=len, reverse=True):
+        prompt = re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", " ", prompt, flags=re.IGNORECASE)
+    prompt = re.sub(r"\s+", " ", prompt)
+    prompt = re.sub(r"\s*,(\s*,)+", ",", prompt)
+    return re.sub(r"\s+,", ",", prompt).strip(" ,")

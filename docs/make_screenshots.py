@@ -1,6 +1,6 @@
 """Regenerate the README's studio screenshots: ``python docs/make_screenshots.py``.
 
-Serves the studio on loopback with the embedded default model, drives it in headless
+Serves the studio on loopback with the embedded demo world, drives it in headless
 Chromium (Debian's, through Playwright): loads the settings of an earlier PNG, generates,
 compares every method and opens the library, saving docs/studio-*.png; prints the time
 from the Generate click to the image.
@@ -17,22 +17,21 @@ from playwright.sync_api import sync_playwright
 
 from compose.app.studio import Settings
 from compose.app.ui import launch, make_studio
+from compose.demo_world.evaluate import EXAMPLE_PROMPT, EXAMPLE_SET
 
 DOCS = Path(__file__).parent
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
 
 def main() -> None:
-    studio = make_studio("tiny:sd1", Path(tempfile.mkdtemp(prefix="compose-library-")))
+    studio = make_studio("demo-world", Path(tempfile.mkdtemp(prefix="compose-library-")))
     page = launch(studio, port=7870, block=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
         tab = browser.new_page(viewport={"width": 1400, "height": 1100})
         tab.goto(page.local_url)
-        weights = [(name, 1.0) for name in studio.composer.loras]
-        earlier, _, _ = studio.generate(
-            Settings("a zq creature in a zq place, zq style", loras=weights, method="composite", steps=20, seed=7)
-        )
+        weights = [(name, 1.0) for name in EXAMPLE_SET]
+        earlier, _, _ = studio.generate(Settings(EXAMPLE_PROMPT, loras=weights, method="composite", seed=7))
         tab.locator("#settings-png input[type=file]").set_input_files(str(earlier))
         tab.get_by_text("settings of").wait_for(timeout=60000)
         start = time.perf_counter()

@@ -41,12 +41,18 @@ class Item:
     seed: int
 
 
-def plan_items(manifest: Manifest, methods: list[str], seeds: int) -> list[Item]:
+def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | None = None) -> list[Item]:
     """Every (set, method, seed), in a fixed order; seeds listed in the manifest (per set
-    or for all) win over ``range(seeds)``."""
-    return [
-        Item(s, method, seed) for s in manifest.sets for seed in (s.seeds or list(range(seeds))) for method in methods
-    ]
+    or for all) win over ``range(seeds)``. ``per_n`` keeps that many sets of each LoRA
+    count N, evenly spaced through the manifest's order (a quicker, still balanced run)."""
+    sets = manifest.sets
+    if per_n is not None:
+        by_n: dict[int, list] = {}
+        for s in sets:
+            by_n.setdefault(s.n, []).append(s)
+        kept = {id(group[i * len(group) // per_n]) for group in by_n.values() for i in range(min(per_n, len(group)))}
+        sets = [s for s in sets if id(s) in kept]
+    return [Item(s, method, seed) for s in sets for seed in (s.seeds or list(range(seeds))) for method in methods]
 
 
 def record_path(out: Path, item: Item) -> Path:
@@ -110,8 +116,10 @@ def run_benchmark(
     scorer_factory: Callable[[], CLIPScorer],
     settings: dict,
     progress: bool = True,
+    per_n: int | None = None,
 ) -> list[dict]:
     """Run (or resume) the benchmark; every process of a distributed launch calls this.
+    ``per_n``: see :func:`plan_items`.
 
     Returns all records once every process has finished (the main process then also
     writes the report).
@@ -123,7 +131,7 @@ def run_benchmark(
     if state.is_main_process:
         check_writable(out)
     state.wait_for_everyone()
-    items = plan_items(manifest, methods, seeds)
+    items = plan_items(manifest, methods, seeds, per_n)
     with state.split_between_processes(items) as mine:
         todo = [item for item in mine if not record_path(out, item).exists()]
     if todo:
@@ -131,6 +139,8 @@ def run_benchmark(
         scorer = scorer_factory()
         for name in sorted({n for item in todo for n in item.set.loras}):
             entry = manifest.loras[name]
+            if name in composer.loras:  # the model came with its own (the demo world): the manifest's file wins
+                composer.unload_lora(name)
             composer.load_lora(manifest.lora_path(name), name=name, category=entry.category, triggers=entry.triggers)
         bar = tqdm(
             todo,

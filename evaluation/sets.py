@@ -357,3 +357,24 @@ def composlora_sets(
                 )
             )
     return sets
+
+
+def demo_world_manifest(folder: str | Path) -> Manifest:
+    """The demo world's benchmark: its eleven LoRAs (``folder/loras``) and all 240 sets of
+    the ComposLoRA shape, 24/72/96/48 for N = 2..5. Set ``i``'s prompt is the caption of
+    the scene :func:`~compose.demo_world.composition_scene` draws for it with seed ``i``
+    (the set's triggers in the world's grammar, with plain context where no LoRA says:
+    a position, a plain background), so every prompt is one the world can draw."""
+    from compose.demo_world import CONCEPTS, composition_scene, composition_sets
+
+    folder = Path(folder)
+    loras = {
+        name: LoRAEntry(name, f"loras/{name}.safetensors", concept.category, [concept.trigger])
+        for name, concept in CONCEPTS.items()
+    }
+    names = [names for size in COMPOSLORA_COUNTS for names in composition_sets(size)]
+    sets = [
+        CompositionSet("+".join(chosen), list(chosen), composition_scene(chosen, i).caption())
+        for i, chosen in enumerate(names)
+    ]
+    return Manifest(root=folder, loras=loras, sets=sets, base_model="demo-world", one_per_category=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from compose.cli import main
 
-TINY = ["--steps", "2", "--width", "32", "--height", "32"]
+TINY = ["--model", "tiny:sd1", "--steps", "2", "--width", "32", "--height", "32"]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -60,12 +60,13 @@ def test_generate_with_loras_and_reproduce(capsys, tmp_path, lora_files):
     assert "Seed: 2" in text and "Composition method: composite" in text and f"{b.stem}: 0.5" in text
 
     code, out, err = run(
-        capsys, "generate", "--from-png", paths[1], "--lora", a, "--lora", b, "--out", tmp_path / "again.png"
+        capsys, "generate", "--from-png", paths[1], "--lora", a, "--lora", b, "--out", tmp_path / "again.png",
+        "--model", "tiny:sd1",
     )
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(paths[1])))
 
-    code, _, err = run(capsys, "generate", "--from-png", paths[1], "--lora", a, "--out", tmp_path / "x.png")
+    code, _, err = run(capsys, "generate", "--from-png", paths[1], "--lora", a, "--out", tmp_path / "x.png", *TINY[:2])
     assert code == 2 and "pass that file with --lora" in err
 
 
@@ -75,9 +76,9 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--prompt", "x", "--lora", broken, *TINY)
     assert code == 2 and err.startswith("compose: error: ") and "Traceback" not in err
     assert "broken.safetensors" in err and "not a valid safetensors file" in err
-    code, _, err = run(capsys, "generate", "--prompt", "x", "--model", tmp_path, *TINY)
+    code, _, err = run(capsys, "generate", "--prompt", "x", *TINY, "--model", tmp_path)
     assert code == 2 and "no model_index.json" in err
-    code, _, err = run(capsys, "generate", "--prompt", "x", "--model", tmp_path / "missing", *TINY)
+    code, _, err = run(capsys, "generate", "--prompt", "x", *TINY, "--model", tmp_path / "missing")
     assert code == 2 and "no such file or folder" in err
     code, _, err = run(capsys, "generate", *TINY)
     assert code == 2 and "--prompt is required" in err
@@ -139,6 +140,9 @@ def test_console_script(tmp_path):
         ("klora", ["--role", "{b}=style", "--top-k", "16"]),
         ("cmlora", ["--ordering", "category", "--cache-schedule", "uniform"]),
         ("cmlora", []),
+        ("bands", ["--levels", "1", "--band-top-k", "1"]),
+        ("wswitch", ["--sharpness", "2", "--hold", "0.5", "--tau", "1"]),
+        ("wcomposite", ["--sharpness", "0"]),
     ],
 )
 def test_generate_newer_methods(capsys, tmp_path, lora_files, monkeypatch, method, options):
@@ -169,11 +173,15 @@ def test_generate_newer_methods(capsys, tmp_path, lora_files, monkeypatch, metho
     assert [lora["category"] for lora in record["loras"]] == [None, "background"]
     if method == "klora":
         assert record["method"]["parameters"]["roles"] == {b.stem: "style"}
+    if method == "wswitch":
+        parameters = record["method"]["parameters"]
+        assert parameters | {"sharpness": 2.0, "hold": 0.5, "tau": 1} == parameters
 
 
 def test_inspect_frequency(capsys, tmp_path, lora_files, monkeypatch):
     monkeypatch.setenv("COMPOSE_CACHE", str(tmp_path))
-    code, out, err = run(capsys, "inspect", lora_files["sd1", 2]["peft"], "--frequency", "--json")
+    lora = lora_files["sd1", 2]["peft"]
+    code, out, err = run(capsys, "inspect", lora, "--frequency", "--json", "--model", "tiny:sd1")
     assert code == 0, err
     frequency = json.loads(out)["frequency"]
     assert 0 < frequency["high_frequency_score"] < 1 and frequency["model"] == "tiny:sd1"

@@ -6,8 +6,10 @@ import json
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -82,7 +84,7 @@ def test_upload_edit_remove(client, served, lora_files):
     studio = served[0]
     source = served[2] / "knight.safetensors"
     shutil.copyfile(lora_files["sd1", 0]["peft"], source)
-    status, rows, loras, _ = client.predict(handle_file(source), WEIGHTS, api_name="/add_lora")
+    status, rows, loras, *_ = client.predict(handle_file(source), WEIGHTS, api_name="/add_lora")
     assert status.startswith("added knight") and (studio.library / "knight.safetensors").exists()
     assert "knight" in [row[0] for row in loras["data"]]
     status, rows, *_ = client.predict("knight", "character", "sks knight, armor", WEIGHTS, api_name="/edit_lora")
@@ -142,8 +144,9 @@ def test_settings_round_trip_without_server(served):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
-def test_browser_generates_and_screenshots(served, tmp_path):
+@contextmanager
+def browser_page(url: str):
+    """A headless Chromium page on ``url``."""
     playwright = pytest.importorskip(
         "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
     )
@@ -154,15 +157,42 @@ def test_browser_generates_and_screenshots(served, tmp_path):
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(served[1])
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
+def test_browser_generates_and_screenshots(served, tmp_path):
+    shot = tmp_path / "studio.png"
+    with browser_page(served[1]) as page:
         page.locator("#prompt textarea").fill("a zq creature")
         page.locator("#generate").click()
         page.locator("#result img").wait_for(timeout=60000)
-        shot = tmp_path / "studio.png"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert Image.open(shot).size[0] >= 1400
     assert Path(shot).stat().st_size > 20000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
+def test_browser_paints_a_region(served):
+    studio = served[0]
+    studio.clear_regions()
+    with browser_page(served[1]) as page:
+        page.get_by_text("regions (regional method)").click()
+        page.locator("#region-paint button[aria-label='Brush']").first.click()
+        box = page.locator("#region-paint canvas").first.bounding_box()
+        x = box["x"] + box["width"] / 2 - 0.25 * box["height"]  # the square canvas sits in the middle
+        page.mouse.move(x, box["y"] + 0.25 * box["height"])
+        page.mouse.down()
+        for t in range(1, 11):
+            page.mouse.move(x, box["y"] + (0.25 + 0.05 * t) * box["height"], steps=2)
+        page.mouse.up()
+        page.locator("#set-region").click()
+        page.locator("#regions-info").get_by_text("painted mask").wait_for(timeout=30000)
+    name = next(iter(studio.regions))
+    mask = np.asarray(Image.open(studio.regions[name]))
+    assert mask[:, : mask.shape[1] // 3].max() == 255 and mask[:, mask.shape[1] // 2 :].max() == 0
 
 
 def test_settings_keep_prompt_tags(served):
@@ -174,3 +204,23 @@ def test_settings_keep_prompt_tags(served):
     assert restored.prompt == prompt and restored.loras == [("random-character", 0.7)]
     again, _, _ = studio.generate(restored)
     assert list(Image.open(again).getdata()) == list(Image.open(path).getdata())
+
+
+def test_regions_from_a_box_and_from_a_painting(client, served):
+    studio = served[0]
+    info = client.predict("random-character", "0, 0, 0.5, 1", None, api_name="/set_region")
+    assert "random-character: box [0.0, 0.0, 0.5, 1.0]" in info
+    _, download, *_ = client.predict(*settings_args("regional"), False, api_name="/generate")
+    regions = record_of(download)["method"]["parameters"]["regions"]
+    assert regions == {"random-character": [0.0, 0.0, 0.5, 1.0]}
+    strokes = np.zeros((64, 64, 4), dtype=np.uint8)
+    strokes[:, 32:, 3] = 255
+    studio.set_region("random-style", painting={"background": None, "layers": [strokes], "composite": None})
+    mask = np.asarray(Image.open(studio.regions["random-style"]))
+    assert mask[:, 40:].min() == 255 and mask[:, :24].max() == 0
+    path, record, _ = studio.generate(Settings("a zq creature", loras=[("random-style", 1.0)], method="regional",
+                                               steps=2))  # fmt: skip
+    assert record["method"]["parameters"]["regions"] == {"random-style": studio.regions["random-style"]}
+    with pytest.raises(StudioError, match="paint a region"):
+        studio.set_region("random-style", "", {"layers": [np.zeros((8, 8, 4), dtype=np.uint8)]})
+    assert client.predict(api_name="/clear_regions").startswith("no regions")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from .bands import BandFusion
 from .base import CompositionMethod, MethodContext
 from .cmlora import CMLoRA
 from .composite import Composite
 from .klora import KLoRA
 from .merge import Merge
 from .patchwise import PatchComposite
+from .prompt_aware import WComposite, WSwitch
 from .regional import Regional
 from .switch import Switch
 
 METHODS: dict[str, type[CompositionMethod]] = {
-    m.name: m for m in (Merge, Switch, Composite, KLoRA, CMLoRA, PatchComposite, Regional)
+    m.name: m
+    for m in (Merge, Switch, Composite, KLoRA, CMLoRA, PatchComposite, BandFusion, WSwitch, WComposite, Regional)
 }
 
 
@@ -30,6 +33,7 @@ def get_method(method: str | CompositionMethod, **parameters) -> CompositionMeth
 
 
 __all__ = [
+    "BandFusion",
     "CMLoRA",
     "METHODS",
     "Composite",
@@ -40,5 +44,7 @@ __all__ = [
     "PatchComposite",
     "Regional",
     "Switch",
+    "WComposite",
+    "WSwitch",
     "get_method",
 ]

@@ -31,7 +31,9 @@ class MethodContext:
     order (``weights`` of shape ``(L, G, N)`` follow it), for methods that weight each
     layer separately. ``unet`` is there for methods that cache its features;
     ``frequency`` holds each LoRA's high-frequency score where the method asked for it
-    (:attr:`CompositionMethod.needs_frequency`).
+    (:attr:`CompositionMethod.needs_frequency`), ``importance`` each LoRA's trigger-word
+    importance in the prompt, ``(N,)``, where it asked for that
+    (:attr:`CompositionMethod.needs_importance`).
     """
 
     loras: list[LoRA]
@@ -40,6 +42,7 @@ class MethodContext:
     layers: list[str]
     unet: nn.Module | None = None
     frequency: dict[str, float] = field(default_factory=dict)
+    importance: torch.Tensor | None = None
 
 
 def guided_mix(
@@ -66,6 +69,12 @@ class CompositionMethod(ABC):
     @property
     def needs_frequency(self) -> bool:
         """Whether :meth:`prepare` wants the LoRAs' frequency scores in the context."""
+        return False
+
+    @property
+    def needs_importance(self) -> bool:
+        """Whether :meth:`prepare` wants the trigger words' importance in the prompt
+        (:meth:`compose.Composer.trigger_importance`); such a method takes one prompt per call."""
         return False
 
     def prepare(self, context: MethodContext) -> None:
@@ -108,3 +117,34 @@ class CompositionMethod(ABC):
     def parameters(self) -> dict:
         """The method's parameters, for metadata and reproduction."""
         return asdict(self)
+
+
+class BaseAndEachLoRA(CompositionMethod):
+    """The batch layout of the adaptive mixes: branch 0 is the base model (no LoRA),
+    branch ``j + 1`` LoRA ``j`` alone, so ``combine`` can weigh each LoRA by how its
+    prediction departs from the base model's."""
+
+    def prepare(self, context: MethodContext) -> None:
+        super().prepare(context)
+        n = len(context.loras)
+        self.branches = torch.cat([torch.zeros(1, n).to(context.weights), torch.diag(context.weights)])
+
+    def weights(self, step: int) -> torch.Tensor:
+        return self.branches
+
+
+def tempered_softmax(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(scores / temperature)`` over dim 0; equal weights at an infinite temperature."""
+    if temperature == float("inf"):
+        return torch.full_like(scores, 1 / scores.shape[0])
+    return torch.softmax(scores / temperature, dim=0)
+
+
+def keep_top_k(weights: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``weights`` ``(N, ...)`` (summing to 1 over dim 0) with only the ``k`` largest at
+    each position kept and renormalised; unchanged when ``k`` is ``None`` or ``>= N``."""
+    if k is None or k >= weights.shape[0]:
+        return weights
+    keep = weights.topk(k, dim=0).indices
+    kept = torch.zeros_like(weights).scatter(0, keep, weights.gather(0, keep))
+    return kept / kept.sum(0, keepdim=True)

@@ -17,25 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import CompositionMethod, MethodContext, guided_mix
+from .base import BaseAndEachLoRA, guided_mix, keep_top_k, tempered_softmax
 
 
 @dataclass
-class PatchComposite(CompositionMethod):
+class PatchComposite(BaseAndEachLoRA):
     """See the module docstring; ``temperature`` is in units of cosine distance."""
 
     name = "patch"
     temperature: float = 0.05
     patch: int = 2
     top_k: int | None = None
-
-    def prepare(self, context: MethodContext) -> None:
-        super().prepare(context)
-        n = len(context.loras)
-        self.branches = torch.cat([torch.zeros(1, n).to(context.weights), torch.diag(context.weights)])
-
-    def weights(self, step: int) -> torch.Tensor:
-        return self.branches
 
     def patch_weights(self, base: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``(N, B, 1, H, W)`` weights from the base ``(B, C, H, W)`` and LoRA ``(N, B, C, H, W)``
@@ -46,14 +38,7 @@ class PatchComposite(CompositionMethod):
         lora_patches = lora_patches.reshape(n, b, -1, rows * cols)
         base_patches = F.unfold(base, self.patch, stride=self.patch)[None]
         distance = 1 - F.cosine_similarity(lora_patches, base_patches, dim=2)
-        if self.temperature == float("inf"):
-            weights = torch.full_like(distance, 1 / n)
-        else:
-            weights = torch.softmax(distance / self.temperature, dim=0)
-        if self.top_k is not None and self.top_k < n:
-            keep = weights.topk(self.top_k, dim=0).indices
-            weights = torch.zeros_like(weights).scatter(0, keep, weights.gather(0, keep))
-            weights = weights / weights.sum(0, keepdim=True)
+        weights = keep_top_k(tempered_softmax(distance, self.temperature), self.top_k)
         grid = weights.reshape(n * b, 1, rows, cols)
         return F.interpolate(grid, size=(h, w), mode="nearest").reshape(n, b, 1, h, w)
 

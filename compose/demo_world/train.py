@@ -1,0 +1,530 @@
+"""Train the demo world's models from renders alone: ``compose demo-world train``.
+
+Four stages, each a short function over the configs and presets in ``training.json``;
+their outputs land in one folder (``assets/demo_world`` by default) and a finished stage
+is skipped on a re-run, so an interrupted run resumes at the stage it was in:
+
+1. ``vae``: an ``AutoencoderKL`` (64×64 RGB ↔ 16×16×12 latents) on every kind of scene,
+   generic, single-concept and composed. Like Stable Diffusion's autoencoder, it has seen
+   everything; what is new to the base model is the *meaning* of the trigger words. It
+   is trained on the posterior's mode (a plain autoencoder with a faint KL pull): with
+   samples, a model this small spends its short training fighting the noise and loses
+   the colours. Twelve channels (4× compression) instead of SD's four (48×) for the same
+   reason: it learns in minutes.
+2. ``base``: ``UNet2DConditionModel`` and ``CLIPTextModel`` (the real CLIP BPE tokenizer)
+   from scratch on generic scenes only, v-prediction on a zero-terminal-SNR schedule (so
+   black and white backgrounds come out black and white), captions dropped 10% of the
+   time for classifier-free guidance, EMA weights kept. Saved as a
+   ``StableDiffusionPipeline`` folder with DPM-Solver++ as its scheduler, in fp16.
+3. ``loras``: one LoRA per concept, all eleven in one run through the engine's own
+   composable layer: every batch row is routed to one LoRA by a one-hot weight, so each
+   LoRA sees only its concept's renders (and, for specificity, generic scenes that it
+   must leave as the base draws them). Saved as diffusers-format safetensors with
+   kohya-style metadata (``ss_tag_frequency`` gives the trigger, ``compose_category``).
+4. ``clip``: an open_clip CLIP (custom config) trained contrastively on renders, clean
+   and degraded, against their captions and their trigger lists, for CLIPScore offline.
+
+Everything is seeded: a re-run on the same machine and thread count gives the same
+weights. Times and losses go into ``training.json`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save
+from torch import nn
+
+from ..evaluation.sets import demo_world_manifest
+from ..files import atomic_open
+from ..layers import Factors, LayerRegistry
+from .concepts import CONCEPTS
+from .detectors import degrade, detect
+from .render import render
+from .scenes import Scene, composition_scene, composition_sets, sample_concept_scene, sample_generic_scene
+
+STAGES = ("vae", "base", "loras", "clip")
+REPORT = "training.json"
+SETS = "sets.json"
+CLIP_FOLDER = "clip"
+LORA_FOLDER = "loras"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Progress = Callable[[str, int, int, float], None]
+
+
+def training_config() -> dict:
+    """``training.json``: the model configs (``models``) and the presets (``presets``)."""
+    return json.loads(files(__package__).joinpath("training.json").read_text(encoding="utf-8"))
+
+
+def lora_path(out: Path, concept: str) -> Path:
+    return Path(out) / LORA_FOLDER / f"{concept}.safetensors"
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def render_scenes(scenes: list[Scene]) -> np.ndarray:
+    """``(N, 64, 64, 3)`` uint8 renders of ``scenes``."""
+    return np.stack([np.asarray(render(scene)) for scene in scenes])
+
+
+def mixed_scenes(count: int, rng: np.random.Generator) -> list[Scene]:
+    """Scenes of every kind: 40% generic, 30% one concept, 30% compositions of 2-5."""
+    sets = {size: composition_sets(size) for size in range(2, 6)}
+    scenes = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.4:
+            scenes.append(sample_generic_scene(rng))
+        elif kind < 0.7:
+            scenes.append(sample_concept_scene(str(rng.choice(list(CONCEPTS))), rng))
+        else:
+            options = sets[int(rng.integers(2, 6))]
+            scenes.append(composition_scene(options[int(rng.integers(len(options)))], rng))
+    return scenes
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` → float ``(N, 3, H, W)`` in [-1, 1], the VAE's range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def tag_text(scene: Scene) -> str:
+    """The concepts' trigger words joined by ", " (what CLIPScore compares a composition
+    with); a generic scene's own caption."""
+    concepts = scene.concepts()
+    return ", ".join(CONCEPTS[c].trigger for c in concepts) if concepts else scene.caption()
+
+
+# -- shared training machinery ---------------------------------------------------------
+
+
+def _cosine_lr(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth: the multiplier of the base rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def _optimise(
+    parameters: list[torch.Tensor],
+    steps: int,
+    lr: float,
+    loss_fn: Callable[[int], torch.Tensor],
+    stage: str,
+    progress: Progress | None,
+    weight_decay: float = 0.01,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """AdamW over ``parameters`` for ``steps`` steps of ``loss_fn(step)``, gradient norm
+    clipped to 1, warm-up then cosine learning rate; returns the loss of every step."""
+    optimiser = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    warmup = max(1, min(100, steps // 10))
+    losses = []
+    for step in range(steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * _cosine_lr(step, steps, warmup)
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{stage}: the loss became {loss.item()} at step {step}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(stage, step + 1, steps, float(np.mean(losses[-50:])))
+    return losses
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16) if not torch.cuda.is_available() else torch.autocast("cuda")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(rng: np.random.Generator, size: int, batch: int) -> Iterator[np.ndarray]:
+    while True:
+        yield rng.integers(size, size=batch)
+
+
+# -- stage 1: the autoencoder ------------------------------------------------------------
+
+
+def train_vae(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
+    """Train the VAE and store it (with its latent scaling factor) in ``out/vae``."""
+    from diffusers import AutoencoderKL
+
+    settings, seed = preset["vae"], preset["seed"]
+    rng = np.random.default_rng([seed, 1])
+    torch.manual_seed(seed)
+    images = render_scenes(mixed_scenes(settings["images"], rng))
+    device = _device()
+    vae = AutoencoderKL(**models["vae"]).to(device)
+    batches = _batches(rng, len(images), settings["batch"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x = to_tensor(images[next(batches)]).to(device)
+        with _autocast():
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.mode()).sample.float()
+        kl = posterior.kl().float().mean() / posterior.mean[0].numel()
+        return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + settings["kl"] * kl
+
+    losses = _optimise(list(vae.parameters()), settings["steps"], settings["lr"], loss_fn, "vae", progress, 0.0)
+    vae.eval()
+    held_out = mixed_scenes(200, np.random.default_rng([seed, 11]))
+    with torch.no_grad():
+        latents = torch.cat([_encode(vae, render_scenes(held_out[i : i + 50])) for i in range(0, 200, 50)])
+        scale = 1 / latents.std().item()
+        recon = _decode_images(vae, latents)
+    agreement = np.mean([detect(image) == _truth(scene) for image, scene in zip(recon, held_out, strict=True)])
+    vae.register_to_config(scaling_factor=scale)
+    vae.to(torch.float16).save_pretrained(out / "vae")
+    return {"final_loss": float(np.mean(losses[-50:])), "scaling_factor": scale, "detector_agreement": agreement}
+
+
+def _encode(vae, images: np.ndarray) -> torch.Tensor:
+    return vae.encode(to_tensor(images).to(vae.device, vae.dtype)).latent_dist.mode().float()
+
+
+def _decode_images(vae, latents: torch.Tensor) -> list:
+    from PIL import Image
+
+    x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+    pixels = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _truth(scene: Scene) -> dict[str, bool]:
+    present = set(scene.concepts())
+    return {name: name in present for name in CONCEPTS}
+
+
+# -- stage 2: the base pipeline ----------------------------------------------------------
+
+
+class _Latents:
+    """A pool of images as scaled VAE latents (the posterior's mode: the autoencoder is
+    trained on its mode, see :func:`train_vae`)."""
+
+    def __init__(self, vae, images: np.ndarray, chunk: int = 256) -> None:
+        with torch.no_grad():
+            latents = [_encode(vae, images[start : start + chunk]) for start in range(0, len(images), chunk)]
+        self.latents = torch.cat(latents) * vae.config.scaling_factor
+
+    def draw(self, index: np.ndarray) -> torch.Tensor:
+        return self.latents[torch.from_numpy(index)]
+
+
+def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids  # fmt: skip
+
+
+def _diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Per-row v-prediction MSE at uniformly drawn timesteps, ``(B,)``."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t)
+    with _autocast():
+        prediction = unet(noisy, t, context).sample.float()
+    return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+
+def _load_vae(out: Path, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval()
+
+
+def train_base(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
+    """Train the UNet and text encoder on generic scenes and save the whole pipeline."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..tokenizer import clip_tokenizer
+
+    settings, seed = preset["base"], preset["seed"]
+    rng = np.random.default_rng([seed, 2])
+    torch.manual_seed(seed)
+    device = _device()
+    vae = _load_vae(out, device)
+    scenes = [sample_generic_scene(rng) for _ in range(settings["images"])]
+    pool = _Latents(vae, render_scenes(scenes))
+    tokenizer = clip_tokenizer()
+    ids = _token_ids(tokenizer, [s.caption() for s in scenes]).to(device)
+    empty = _token_ids(tokenizer, [""]).to(device)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**models["text_encoder"])).to(device)
+    unet = UNet2DConditionModel(**models["unet"]).to(device)
+    scheduler = DDPMScheduler(**models["scheduler"])
+    ema = [copy.deepcopy(m).requires_grad_(False) for m in (unet, text_encoder)]
+    batches = _batches(rng, len(scenes), settings["batch"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        index = next(batches)
+        tokens = ids[torch.from_numpy(index).to(device)]
+        dropped = torch.from_numpy(rng.random(len(index)) < settings["drop_caption"]).to(device)
+        tokens = torch.where(dropped[:, None], empty, tokens)
+        with _autocast():
+            context = text_encoder(tokens)[0]
+        return _diffusion_loss(unet, scheduler, pool.draw(index).to(device), context.float()).mean()
+
+    def update_ema(step: int) -> None:
+        decay = min(settings["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, model in zip(ema, (unet, text_encoder), strict=True):
+                for a, p in zip(average.parameters(), model.parameters(), strict=True):
+                    a.lerp_(p, 1 - decay)
+
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    losses = _optimise(parameters, settings["steps"], settings["lr"], loss_fn, "base", progress,
+                       after_step=update_ema)  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=ema[1],
+        tokenizer=tokenizer,
+        unet=ema[0],
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(torch.float16).save_pretrained(out)
+    count = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text_encoder.parameters())
+    return {"final_loss": float(np.mean(losses[-50:])), "unet_parameters": count[0], "text_parameters": count[1]}
+
+
+# -- stage 3: the LoRAs ------------------------------------------------------------------
+
+
+def train_loras(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
+    """Train one LoRA per concept on the saved base, all in one run, and save each."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    settings, seed, config = preset["loras"], preset["seed"], models["lora"]
+    rng = np.random.default_rng([seed, 3])
+    torch.manual_seed(seed)
+    device = _device()
+    pipeline = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32).to(device)
+    unet, text_encoder, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.tokenizer
+    unet.requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(models["scheduler"])
+    names = list(CONCEPTS)
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            ids = _token_ids(tokenizer, captions).to(device)
+            return torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+
+    per_concept = settings["images_per_concept"]
+    concept_scenes = [sample_concept_scene(name, rng) for name in names for _ in range(per_concept)]
+    prior_scenes = [sample_generic_scene(rng) for _ in range(per_concept * 4)]
+    concept_pool = _Latents(pipeline.vae, render_scenes(concept_scenes))
+    prior_pool = _Latents(pipeline.vae, render_scenes(prior_scenes))
+    concept_context = encode([s.caption() for s in concept_scenes])
+    prior_context = encode([s.caption() for s in prior_scenes])
+    empty_context = encode([""])
+
+    pattern, rank = re.compile(config["targets"]), config["rank"]
+    registry = LayerRegistry(unet)
+    targets = [n for n, m in unet.named_modules() if pattern.search(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
+    factors = [{target: _new_factors(registry.wrap(target).base, rank, device) for target in targets}
+               for _ in names]  # fmt: skip
+    parameters = [t for table in factors for f in table.values() for t in (f.down, f.up)]
+    rows_c, rows_p = settings["concept_rows"], settings["prior_rows"]
+    per_lora_loss: list[list[float]] = [[] for _ in names]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        concept_index = np.concatenate([j * per_concept + rng.integers(per_concept, size=rows_c)
+                                        for j in range(len(names))])  # fmt: skip
+        prior_index = rng.integers(len(prior_scenes), size=rows_p)
+        owner = np.concatenate([np.repeat(np.arange(len(names)), rows_c), rng.integers(len(names), size=rows_p)])
+        drop = torch.from_numpy(rng.random(rows_p) < 0.1)[:, None, None].to(device)
+        context = torch.cat([concept_context[concept_index],
+                             torch.where(drop, empty_context, prior_context[prior_index])])  # fmt: skip
+        latents = torch.cat([concept_pool.draw(concept_index), prior_pool.draw(prior_index)]).to(device)
+        registry.activate(factors)
+        registry.state.weights = F.one_hot(torch.from_numpy(owner), len(names)).float().to(device)
+        rows = _diffusion_loss(unet, scheduler, latents, context)
+        for j in range(len(names)):
+            per_lora_loss[j].append(rows[j * rows_c : (j + 1) * rows_c].mean().item())
+        return rows.mean()
+
+    losses = _optimise(parameters, settings["steps"], settings["lr"], loss_fn, "loras", progress, 0.0)
+    folder = out / LORA_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in zip(names, factors, strict=True):
+        _save_lora(lora_path(out, name), name, table, settings, per_concept)
+    return {
+        "final_loss": float(np.mean(losses[-50:])),
+        "targets": len(targets),
+        "rank": rank,
+        "concept_loss": {n: float(np.mean(v[-50:])) for n, v in zip(names, per_lora_loss, strict=True)},
+    }
+
+
+def _new_factors(base: nn.Linear | nn.Conv2d, rank: int, device: torch.device) -> Factors:
+    """PEFT's initialisation: ``down`` Kaiming-uniform, ``up`` zero (the LoRA starts as a no-op)."""
+    if isinstance(base, nn.Conv2d):
+        down = torch.empty(rank, base.in_channels, *base.kernel_size)
+        up = torch.zeros(base.out_channels, rank, 1, 1)
+    else:
+        down = torch.empty(rank, base.in_features)
+        up = torch.zeros(base.out_features, rank)
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+    return Factors(down.to(device).requires_grad_(), up.to(device).requires_grad_())
+
+
+def _save_lora(path: Path, name: str, table: dict[str, Factors], settings: dict, images: int) -> None:
+    """Diffusers-format keys (``unet.<module>.lora_A/B.weight``, alpha = rank so the scale
+    is 1) in fp16, with kohya's metadata keys so other tools show the trigger."""
+    concept = CONCEPTS[name]
+    tensors = {}
+    for module, f in table.items():
+        tensors[f"unet.{module}.lora_A.weight"] = f.down.detach().to(torch.float16).cpu().contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = f.up.detach().to(torch.float16).cpu().contiguous()
+    rank = next(iter(table.values())).rank
+    metadata = {
+        "ss_output_name": name,
+        "ss_tag_frequency": json.dumps({"demo_world": {concept.trigger: images}}),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_num_train_images": str(images),
+        "ss_max_train_steps": str(settings["steps"]),
+        "ss_learning_rate": str(settings["lr"]),
+        "ss_base_model_version": "compose demo world",
+        "compose_category": concept.category,
+        "compose_look": concept.look,
+    }
+    with atomic_open(path, "wb") as handle:
+        handle.write(save(tensors, metadata))
+
+
+# -- stage 4: the offline CLIP ------------------------------------------------------------
+
+
+def clip_preprocess_cfg(size: int) -> dict:
+    """open_clip's preprocessing record for the demo world's CLIP (OpenAI's normalisation)."""
+    return {"size": size, "mode": "RGB", "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
+            "resize_mode": "shortest", "fill_color": 0}  # fmt: skip
+
+
+def train_clip(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
+    """Train a small open_clip CLIP on renders and captions; saved for ``CLIPScorer.from_folder``."""
+    import open_clip
+
+    from ..evaluation.clipscore import CLIPScorer
+
+    settings, seed, config = preset["clip"], preset["seed"], models["clip"]
+    rng = np.random.default_rng([seed, 4])
+    torch.manual_seed(seed)
+    device = _device()
+    scenes = mixed_scenes(settings["images"], rng)
+    clean = render_scenes(scenes)
+    damaged = np.stack([np.asarray(degrade(_image(a), seed=i, blur=rng.uniform(0, 1.2), noise=rng.uniform(0, 0.1),
+                                           quality=int(rng.integers(30, 95))))
+                        for i, a in enumerate(clean)])  # fmt: skip
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    captions = tokenizer([s.caption() for s in scenes])
+    tags = tokenizer([tag_text(s) for s in scenes])
+    model = open_clip.CLIP(**config).to(device)
+    size = config["vision_cfg"]["image_size"]
+    open_clip.set_model_preprocess_cfg(model, clip_preprocess_cfg(size))
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    batches = _batches(rng, len(scenes), settings["batch"])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        index = next(batches)
+        use_damaged = rng.random(len(index)) < 0.5
+        pixels = np.where(use_damaged[:, None, None, None], damaged[index], clean[index])
+        x = ((torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std).to(device)
+        use_tags = torch.from_numpy(rng.random(len(index)) < 0.5)[:, None]
+        text = torch.where(use_tags, tags[index], captions[index]).to(device)
+        with _autocast():
+            image_features = F.normalize(model.encode_image(x).float(), dim=-1)
+            text_features = F.normalize(model.encode_text(text).float(), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
+        labels = torch.arange(len(index), device=device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    losses = _optimise(list(model.parameters()), settings["steps"], settings["lr"], loss_fn, "clip", progress, 0.1)
+    model.eval().to(torch.float16)
+    preprocess = open_clip.image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    CLIPScorer(model, preprocess, tokenizer, device="cpu", model_cfg=config).save(out / CLIP_FOLDER)
+    return {"final_loss": float(np.mean(losses[-50:])), "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _image(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels)
+
+
+# -- the whole run -------------------------------------------------------------------------
+
+_TRAINERS = {"vae": train_vae, "base": train_base, "loras": train_loras, "clip": train_clip}
+
+
+def train(
+    out: str | Path,
+    preset: str = "cpu",
+    stages: tuple[str, ...] = STAGES,
+    progress: Progress | None = None,
+) -> dict:
+    """Run the ``stages`` of ``preset`` into ``out``, skipping those already finished
+    there with the same preset; returns (and writes to ``out/training.json``) the record
+    of every stage: seconds, losses and checks. Also writes ``out/sets.json``, the
+    benchmark's 240 composition sets (:func:`~compose.evaluation.sets.demo_world_manifest`)."""
+    config = training_config()
+    if preset not in config["presets"]:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(config['presets'])}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / REPORT
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    if record.get("preset") != preset:
+        record = {"preset": preset, "stages": {}}
+    record["machine"] = _machine()
+    settings = config["presets"][preset]
+    for stage in STAGES:
+        if stage not in stages or stage in record["stages"]:
+            continue
+        start = time.perf_counter()
+        result = _TRAINERS[stage](out, settings, config["models"], progress)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        record["stages"][stage] = result
+        with atomic_open(record_path, "w") as handle:
+            json.dump(record, handle, indent=2)
+    demo_world_manifest(out).save(out / SETS)
+    return record
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"

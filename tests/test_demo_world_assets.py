@@ -1,0 +1,86 @@
+"""The shipped demo world: it loads, draws what it is asked, its LoRAs are ordinary LoRA
+files, and its offline CLIP ranks captions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compose import Composer
+from compose.demo_world import CONCEPTS, detect, detect_generic, render, sample_concept_scene, sample_generic_scene
+from compose.demo_world.evaluate import demo_world_clip, demo_world_folder, load_demo_world
+from compose.demo_world.train import STAGES, lora_path
+from compose.evaluation.clipscore import CLIPScorer
+from compose.loading import load_lora
+
+FOLDER = demo_world_folder()
+pytestmark = pytest.mark.skipif(
+    not (FOLDER / "model_index.json").is_file(), reason=f"the demo world is not trained at {FOLDER}"
+)
+
+
+@pytest.fixture(scope="module")
+def world() -> Composer:
+    return load_demo_world()
+
+
+def test_assets_are_small_and_complete():
+    files = [p for p in FOLDER.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 45e6
+    for name in CONCEPTS:
+        assert lora_path(FOLDER, name).is_file()
+    record = json.loads((FOLDER / "training.json").read_text())
+    assert set(record["stages"]) == set(STAGES)
+
+
+def test_loras_load_through_the_public_loader():
+    for name, concept in CONCEPTS.items():
+        lora = load_lora(lora_path(FOLDER, name))
+        assert lora.category == concept.category
+        assert lora.triggers == [concept.trigger]
+        assert lora.unused_keys == []
+
+
+def test_generic_prompts_draw_their_colour_and_background(world):
+    scenes = [sample_generic_scene(seed) for seed in range(6)]
+    images = world.generate([s.caption() for s in scenes], seed=list(range(6)))
+    assert images[0].size == (64, 64)
+    found = [detect_generic(i, s) for i, s in zip(images, scenes, strict=True)]
+    assert all(f["colour"] and f["background"] for f in found), found
+
+
+@pytest.mark.parametrize("name", ["klinko", "dottix", "inkora", "quarn", "vosh"])
+def test_a_lora_puts_its_concept_in_and_only_with_it(world, name):
+    prompts = [sample_concept_scene(name, seed).caption() for seed in range(3)]
+    with_lora = world.generate(prompts, [name], seed=[0, 1, 2], lora_scale=1.0)
+    without = world.generate(prompts, seed=[0, 1, 2])
+    assert sum(detect(i)[name] for i in with_lora) >= 2
+    assert not any(detect(i)[name] for i in without)
+
+
+def test_one_lora_equals_diffusers_own_adapter(world):
+    pipeline = type(world.pipeline).from_pretrained(FOLDER, torch_dtype=torch.float32)
+    pipeline.load_lora_weights(str(lora_path(FOLDER, "klinko")), adapter_name="klinko")
+    pipeline.set_adapters(["klinko"], [0.8])
+    pipeline.set_progress_bar_config(disable=True)
+    prompt = sample_concept_scene("klinko", 0).caption()
+    expected = pipeline(prompt, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                        output_type="latent").images  # fmt: skip
+    got = world.generate(prompt, ["klinko"], seed=0, steps=6, output_type="latent")
+    base = world.generate(prompt, seed=0, steps=6, output_type="latent")
+    assert (expected - base).abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+
+
+def test_offline_clip_ranks_the_matching_caption_first():
+    scorer = CLIPScorer.from_folder(demo_world_clip(), device="cpu")
+    scenes = [sample_concept_scene(name, 7) for name in CONCEPTS]
+    images = [render(s) for s in scenes]
+    captions = [s.caption() for s in scenes]
+    similarity = scorer.image_embeddings(images) @ scorer.text_embeddings(captions).T
+    assert (similarity.argmax(dim=1) == torch.arange(len(scenes))).float().mean() >= 0.9
+    matched = scorer.score(images, captions)
+    shuffled = scorer.score(images, captions[1:] + captions[:1])
+    assert (matched > shuffled).all()

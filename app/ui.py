@@ -65,8 +65,11 @@ def build(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="compose studio") as page:
         gr.Markdown(INTRO)
         with gr.Row():
-            model = gr.Textbox(studio.model, scale=4,
-                               label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)")
+            model = gr.Textbox(
+                studio.model,
+                scale=4,
+                label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)",
+            )
             load_model = gr.Button("Load model", scale=1)
         status = gr.Markdown("")
         with gr.Tabs():

@@ -102,10 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
         help="demo-world (the embedded demo world, its eleven LoRAs loaded: <lora:zorbo> etc. work), a "
         "diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / tiny:sdxl (random weights) "
-        f"[default: {DEFAULT_MODEL}]",
+        f"[default: the model recorded in --from-png, else {DEFAULT_MODEL}]",
     )
     gen.add_argument(
         "--lora",
@@ -186,8 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--band-temperature", type=float, default=0.5,
                      help="bands: temperature of the band weights from energy (inf = Composite) [0.5]")  # fmt: skip
     gen.add_argument("--band-top-k", type=int, help="bands: keep the k heaviest LoRAs per band [all]")
-    gen.add_argument("--sharpness", type=float, default=1.0,
-                     help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]")
+    gen.add_argument(
+        "--sharpness",
+        type=float,
+        default=1.0,
+        help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
+    )
     gen.add_argument("--hold", type=float, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
     gen.add_argument(
@@ -359,7 +362,8 @@ def _generate(args: argparse.Namespace) -> None:
             lora_scale=args.lora_scale,
         )
         seeds = args.seed
-    composer = _load_composer(args.model, args.device)
+    model = args.model or (record["model"] if args.from_png else DEFAULT_MODEL)
+    composer = _load_composer(model, args.device)
     categories = dict(getattr(args, "category", []))
     loaded = [
         (
@@ -583,8 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     from .composer import ModelLoadError
     from .loop import GenerationCancelled, NonFiniteLatentsError, OutOfMemory
 
-    handlers = {"generate": _generate, "inspect": _inspect, "bench": _bench, "grid": _grid, "studio": _studio,
-                "demo-world": _demo_world}
+    handlers = {
+        "generate": _generate,
+        "inspect": _inspect,
+        "bench": _bench,
+        "grid": _grid,
+        "studio": _studio,
+        "demo-world": _demo_world,
+    }
     try:
         handlers[args.command](args)
     except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory) as error:

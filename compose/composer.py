@@ -193,7 +193,9 @@ class Composer:
                     f"the demo world is not at {demo_world_folder()}: train it with `compose demo-world train`, "
                     "set COMPOSE_DEMO_WORLD to its folder, or pass another model (tiny:sd1 needs nothing)"
                 )
-            return load_demo_world(device=device)
+            composer = load_demo_world(device=device)
+            composer.model_name = DEMO_WORLD
+            return composer
         if model.startswith("tiny:"):
             return cls.tiny(model.removeprefix("tiny:"))
         return cls.from_pretrained(model, device=device)
@@ -203,7 +205,8 @@ class Composer:
         """A composer over a tiny random pipeline (see :mod:`compose.tiny`)."""
         from .tiny import tiny_pipeline
 
-        return cls(tiny_pipeline(family, seed), model_name=f"tiny-random-{family}")
+        name = f"tiny:{family}" if seed == 0 else f"tiny:{family} (seed {seed})"
+        return cls(tiny_pipeline(family, seed), model_name=name)
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +26,7 @@ METRICS = {  # record field -> (label, higher is better)
     "seconds": ("seconds / image", False),
 }
 BASELINE = "merge"
+COST_REFERENCE = "composite"
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
@@ -93,6 +95,40 @@ def markdown_tables(records: list[dict], methods: list[str]) -> str:
                     + "\n".join(rows)
                 )
     return "\n\n".join(parts) + "\n"
+
+
+def ranking(records: list[dict], methods: list[str]) -> str:
+    """The methods ranked by all-concepts-present rate, then CLIPScore (where the records
+    have no presence, by CLIPScore alone), with each one's median time per image relative
+    to Composite's at every N (medians, so a first call's warm-up does not count): a
+    markdown table."""
+    ns = sorted({r["n"] for r in records})
+    keys = [m for m in ("all_present", "concepts_present", "clipscore") if m in metrics_of(records)]
+    groups = {metric: by_method_and_n(records, metric) for metric in [*keys, "seconds"]}
+
+    def overall(metric: str, method: str) -> list[float]:
+        return [v for (m, _), vs in groups[metric].items() if m == method for v in vs]
+
+    scored = [m for m in methods if overall(keys[0], m)]
+    scored.sort(key=lambda m: [-mean_interval(overall(k, m))[0] for k in keys])
+    reference = {n: groups["seconds"].get((COST_REFERENCE, n)) for n in ns}
+    cost_columns = [n for n in ns if reference[n]]
+    header = [
+        "rank",
+        "method",
+        *(METRICS[k][0] for k in keys),
+        *(f"time ÷ {COST_REFERENCE} N={n}" for n in cost_columns),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for rank, method in enumerate(scored, 1):
+        cells = [str(rank), method]
+        cells += ["{:.3f} ± {:.3f}".format(*mean_interval(overall(k, method))) for k in keys]
+        for n in cost_columns:
+            seconds = groups["seconds"].get((method, n))
+            ratio = statistics.median(seconds) / statistics.median(reference[n]) if seconds else None
+            cells.append("" if ratio is None else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict], methods: list[str], folder: Path) -> list[Path]:
@@ -170,7 +206,10 @@ def write_report(out: Path, records: list[dict], methods: list[str]) -> dict[str
         writer.writeheader()
         writer.writerows(records)
     summary = out / "summary.md"
-    summary.write_text(f"# Benchmark: {len(records)} images\n\n" + markdown_tables(records, methods))
+    summary.write_text(
+        f"# Benchmark: {len(records)} images\n\n## Ranking\n\n{ranking(records, methods)}\n"
+        f"## By number of LoRAs\n\n{markdown_tables(records, methods)}"
+    )
     plot(records, methods, out / "plots")
     write_grids(out, records, methods)
     return {"summary": summary, "jsonl": out / "results.jsonl", "csv": out / "results.csv"}

@@ -60,9 +60,8 @@ def test_generate_with_loras_and_reproduce(capsys, tmp_path, lora_files):
     assert "Seed: 2" in text and "Composition method: composite" in text and f"{b.stem}: 0.5" in text
 
     code, out, err = run(
-        capsys, "generate", "--from-png", paths[1], "--lora", a, "--lora", b, "--out", tmp_path / "again.png",
-        "--model", "tiny:sd1",
-    )
+        capsys, "generate", "--from-png", paths[1], "--lora", a, "--lora", b, "--out", tmp_path / "again.png"
+    )  # the model comes from the PNG's record
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(paths[1])))
 

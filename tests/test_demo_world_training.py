@@ -8,12 +8,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from compose import Composer
 from compose.composer import ModelLoadError
 from compose.demo_world import CONCEPTS
 from compose.demo_world.evaluate import demo_world_clip, load_demo_world
-from compose.demo_world.train import SETS, STAGES, train
+from compose.demo_world.train import SETS, STAGES, _PositionProbes, train
 from compose.evaluation.bench import plan_items
 from compose.evaluation.clipscore import CLIPScorer
 from compose.evaluation.sets import COMPOSLORA_COUNTS, load_manifest
@@ -32,6 +33,7 @@ def test_every_stage_runs_in_order_with_finite_losses(quick):
     assert list(dict.fromkeys(seen)) == list(STAGES)
     assert np.isfinite([record["stages"][s]["final_loss"] for s in STAGES]).all()
     assert json.loads((out / "training.json").read_text())["stages"].keys() == set(STAGES)
+    assert np.isfinite(record["stages"]["base"]["probe_loss"])
 
 
 def test_a_rerun_skips_finished_stages(quick):
@@ -76,3 +78,20 @@ def test_a_quick_benchmark_keeps_every_lora_count(quick):
     items = plan_items(load_manifest(out / SETS), ["merge", "composite"], seeds=1, per_n=3)
     assert sorted(Counter(item.set.n for item in items).items()) == [(n, 6) for n in COMPOSLORA_COUNTS]
     assert len({item.set.id for item in items}) == 12
+
+
+def test_position_probes_read_every_cross_attention_input():
+    from compose.tiny import tiny_pipeline
+
+    unet = tiny_pipeline("sd1").unet
+    probes = _PositionProbes(unet)
+    layers = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert len(probes.probes) == len(layers) > 0
+    latents = torch.randn(2, unet.config.in_channels, 16, 16)
+    context = torch.randn(2, 5, unet.config.cross_attention_dim)
+    unet(latents, 10, context)
+    assert len(probes.features) == len(layers)
+    loss = probes.loss()
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and probes.features == []
+    assert all(p.weight.grad is not None for p in probes.probes.values())

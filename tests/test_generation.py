@@ -159,7 +159,7 @@ def test_sdxl_generates_images_with_metadata(lora_files):
     composer.load_lora(lora_files["sdxl", 0]["kohya"], name="k")
     images = composer.generate(["a", "b"], loras=["k"], method="composite", steps=2, width=SIZE, height=SIZE)
     assert [i.size for i in images] == [(SIZE, SIZE)] * 2
-    assert "Model: tiny-random-sdxl" in images[0].info["parameters"]
+    assert "Model: tiny:sdxl" in images[0].info["parameters"]
 
 
 def test_from_pretrained_folder_round_trip(tmp_path):

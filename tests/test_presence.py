@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compose.demo_world import composition_scene, render, sample_concept_scene
 from compose.evaluation.presence import concept_presence
-from compose.evaluation.report import markdown_tables
+from compose.evaluation.report import markdown_tables, ranking
 
 
 def test_presence_of_a_rendered_composition():
@@ -30,3 +30,16 @@ def test_presence_reaches_the_tables():
     tables = markdown_tables(records, ["merge", "composite"])
     assert "### all concepts present" in tables and "| composite | 1.000 ± 0.000 |" in tables
     assert "Win rate against merge on all concepts present" in tables and "| composite | 100.0% | 1 |" in tables
+
+
+def test_ranking_orders_by_presence_then_clipscore_and_prices_against_composite():
+    rows = (("merge", 30.0, 0.5, 0.0, 1.0), ("composite", 22.0, 1.0, 1.0, 4.0), ("cmlora", 25.0, 1.0, 1.0, 3.0))
+    records = [
+        {"set": "s", "method": m, "seed": 0, "n": 2, "clipscore": c, "concepts_present": p, "all_present": a,
+         "seconds": t}
+        for m, c, p, a, t in rows
+    ]  # fmt: skip
+    lines = ranking(records, ["merge", "composite", "cmlora"]).splitlines()
+    assert lines[0].endswith("| time ÷ composite N=2 |")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["cmlora", "composite", "merge"]
+    assert lines[2].endswith("| 0.75 |") and lines[4].endswith("| 0.25 |")

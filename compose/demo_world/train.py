@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save
 from torch import nn
 
@@ -208,8 +209,6 @@ def _encode(vae, images: np.ndarray) -> torch.Tensor:
 
 
 def _decode_images(vae, latents: torch.Tensor) -> list:
-    from PIL import Image
-
     x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
     pixels = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
@@ -241,15 +240,58 @@ def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids  # fmt: skip
 
 
-def _diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Per-row v-prediction MSE at uniformly drawn timesteps, ``(B,)``."""
+def _diffusion_loss(
+    unet, scheduler, latents: torch.Tensor, context: torch.Tensor, high_noise: float = 0.0
+) -> torch.Tensor:
+    """Per-row v-prediction MSE, ``(B,)``, at timesteps drawn uniformly, except that a
+    ``high_noise`` share of rows is drawn from the noisier half of the schedule, where
+    the layout (which half the figure stands in) is decided."""
     noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    total = scheduler.config.num_train_timesteps
+    t = torch.randint(0, total, (latents.shape[0],), device=latents.device)
+    noisier = torch.rand(latents.shape[0], device=latents.device) < high_noise
+    t = torch.where(noisier, total // 2 + t // 2, t)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
     with _autocast():
         prediction = unet(noisy, t, context).sample.float()
     return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+
+class _PositionProbes(nn.Module):
+    """Linear probes that read the (x, y) position of every pixel from the input of each
+    cross-attention layer, an auxiliary loss of base training only (not saved).
+
+    A UNet knows where a pixel is only through its convolutions' zero padding, and from
+    pure noise that signal is faint: trained on the diffusion loss alone, the base model
+    learned colours, shapes and backgrounds but placed the figure by the noise and
+    ignored "left" and "right", and its text encoder then merged the two words. The
+    probes make the attention queries carry the position, so "on the left" has
+    something to attend to from the first steps.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.features: list[tuple[str, torch.Tensor]] = []
+        self.probes = nn.ModuleDict()
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                key = name.replace(".", "_")
+                self.probes[key] = nn.Linear(module.to_q.in_features, 2)
+                module.register_forward_pre_hook(lambda _, args, key=key: self.features.append((key, args[0])))
+
+    def loss(self) -> torch.Tensor:
+        """Mean squared error of the probes on the features of the last forward pass
+        (``(B, H·W, C)`` on square grids) against coordinates in [-1, 1]."""
+        errors = []
+        for key, hidden in self.features:
+            side = math.isqrt(hidden.shape[1])
+            grid = torch.linspace(-1, 1, side, device=hidden.device)
+            y, x = torch.meshgrid(grid, grid, indexing="ij")
+            target = torch.stack([x, y], dim=-1).reshape(1, side * side, 2)
+            errors.append(F.mse_loss(self.probes[key](hidden.float()), target.expand(hidden.shape[0], -1, -1)))
+        self.features.clear()
+        return torch.stack(errors).mean()
 
 
 def _load_vae(out: Path, device: torch.device):
@@ -279,7 +321,9 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
     unet = UNet2DConditionModel(**models["unet"]).to(device)
     scheduler = DDPMScheduler(**models["scheduler"])
     ema = [copy.deepcopy(m).requires_grad_(False) for m in (unet, text_encoder)]
+    probes = _PositionProbes(unet).to(device)
     batches = _batches(rng, len(scenes), settings["batch"])
+    probe_losses = []
 
     def loss_fn(step: int) -> torch.Tensor:
         index = next(batches)
@@ -288,7 +332,11 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
         tokens = torch.where(dropped[:, None], empty, tokens)
         with _autocast():
             context = text_encoder(tokens)[0]
-        return _diffusion_loss(unet, scheduler, pool.draw(index).to(device), context.float()).mean()
+        latents = pool.draw(index).to(device)
+        loss = _diffusion_loss(unet, scheduler, latents, context.float(), settings["high_noise"]).mean()
+        probe_loss = probes.loss()
+        probe_losses.append(probe_loss.item())
+        return loss + settings["position_probe"] * probe_loss
 
     def update_ema(step: int) -> None:
         decay = min(settings["ema"], (1 + step) / (10 + step))
@@ -297,7 +345,7 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
                 for a, p in zip(average.parameters(), model.parameters(), strict=True):
                     a.lerp_(p, 1 - decay)
 
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    parameters = list(unet.parameters()) + list(text_encoder.parameters()) + list(probes.parameters())
     losses = _optimise(parameters, settings["steps"], settings["lr"], loss_fn, "base", progress,
                        after_step=update_ema)  # fmt: skip
     pipeline = StableDiffusionPipeline(
@@ -312,7 +360,8 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
     )
     pipeline.to(torch.float16).save_pretrained(out)
     count = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in text_encoder.parameters())
-    return {"final_loss": float(np.mean(losses[-50:])), "unet_parameters": count[0], "text_parameters": count[1]}
+    return {"final_loss": float(np.mean(losses[-50:])), "probe_loss": float(np.mean(probe_losses[-50:])),
+            "unet_parameters": count[0], "text_parameters": count[1]}  # fmt: skip
 
 
 # -- stage 3: the LoRAs ------------------------------------------------------------------
@@ -366,7 +415,7 @@ def train_loras(out: Path, preset: dict, models: dict, progress: Progress | None
         latents = torch.cat([concept_pool.draw(concept_index), prior_pool.draw(prior_index)]).to(device)
         registry.activate(factors)
         registry.state.weights = F.one_hot(torch.from_numpy(owner), len(names)).float().to(device)
-        rows = _diffusion_loss(unet, scheduler, latents, context)
+        rows = _diffusion_loss(unet, scheduler, latents, context, settings["high_noise"])
         for j in range(len(names)):
             per_lora_loss[j].append(rows[j * rows_c : (j + 1) * rows_c].mean().item())
         return rows.mean()
@@ -442,8 +491,8 @@ def train_clip(out: Path, preset: dict, models: dict, progress: Progress | None)
     device = _device()
     scenes = mixed_scenes(settings["images"], rng)
     clean = render_scenes(scenes)
-    damaged = np.stack([np.asarray(degrade(_image(a), seed=i, blur=rng.uniform(0, 1.2), noise=rng.uniform(0, 0.1),
-                                           quality=int(rng.integers(30, 95))))
+    damaged = np.stack([np.asarray(degrade(Image.fromarray(a), seed=i, blur=rng.uniform(0, 1.2),
+                                           noise=rng.uniform(0, 0.1), quality=int(rng.integers(30, 95))))
                         for i, a in enumerate(clean)])  # fmt: skip
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     captions = tokenizer([s.caption() for s in scenes])
@@ -474,12 +523,6 @@ def train_clip(out: Path, preset: dict, models: dict, progress: Progress | None)
     preprocess = open_clip.image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
     CLIPScorer(model, preprocess, tokenizer, device="cpu", model_cfg=config).save(out / CLIP_FOLDER)
     return {"final_loss": float(np.mean(losses[-50:])), "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def _image(pixels: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(pixels)
 
 
 # -- the whole run -------------------------------------------------------------------------

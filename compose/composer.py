@@ -186,16 +186,9 @@ class Composer:
         :func:`compose.demo_world.load_demo_world`), ``tiny:sd1`` / ``tiny:sdxl``
         (:meth:`tiny`), else anything :meth:`from_pretrained` takes."""
         if model == DEMO_WORLD:
-            from .demo_world.evaluate import demo_world_folder, load_demo_world
+            from .demo_world.evaluate import load_demo_world
 
-            if not (demo_world_folder() / "model_index.json").is_file():
-                raise ModelLoadError(
-                    f"the demo world is not at {demo_world_folder()}: train it with `compose demo-world train`, "
-                    "set COMPOSE_DEMO_WORLD to its folder, or pass another model (tiny:sd1 needs nothing)"
-                )
-            composer = load_demo_world(device=device)
-            composer.model_name = DEMO_WORLD
-            return composer
+            return load_demo_world(device=device)
         if model.startswith("tiny:"):
             return cls.tiny(model.removeprefix("tiny:"))
         return cls.from_pretrained(model, device=device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..composer import Composer
+from ..composer import DEMO_WORLD, Composer, ModelLoadError
 from .concepts import CONCEPTS
 from .detectors import detect, detect_generic
 from .render import contact_sheet, render
@@ -46,11 +46,19 @@ def demo_world_clip(folder: str | Path | None = None) -> Path:
 
 
 def load_demo_world(folder: str | Path | None = None, device: str | None = None) -> Composer:
-    """The demo world's pipeline with every concept's LoRA loaded under the concept's name."""
-    folder = Path(folder or demo_world_folder())
-    composer = Composer.from_pretrained(folder, device=device)
+    """The demo world's pipeline with every concept's LoRA loaded under the concept's name;
+    without ``folder``, the shipped one, recorded in PNGs as ``demo-world``."""
+    where = Path(folder or demo_world_folder())
+    if not (where / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the demo world is not at {where}: train it with `compose demo-world train`, "
+            "set COMPOSE_DEMO_WORLD to its folder, or pass another model (tiny:sd1 needs nothing)"
+        )
+    composer = Composer.from_pretrained(where, device=device)
+    if folder is None:
+        composer.model_name = DEMO_WORLD
     for name in CONCEPTS:
-        composer.load_lora(lora_path(folder, name), name=name)
+        composer.load_lora(lora_path(where, name), name=name)
     return composer
 
 

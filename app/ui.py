@@ -3,25 +3,32 @@
 Every button is also a named public API endpoint (``/generate``, ``/compare``,
 ``/load_settings``, ``/add_lora``, ...), so ``gradio_client`` can drive everything the
 page does. The queue runs one generation at a time (``default_concurrency_limit=1``):
-two users never run the model twice at once; they wait their turn.
+two users never run the model twice at once; they wait their turn. Stop ends only the
+caller's own run (runs are keyed by Gradio's session hash). Error toasts render HTML,
+so every message is escaped before it is shown (:func:`_user_error`).
 """
 
 from __future__ import annotations
 
+import html
 import random
 import tempfile
 from pathlib import Path
 
 import gradio as gr
 
+from ..checks import Limits
 from ..composer import DEMO_WORLD, Composer
-from ..demo_world.evaluate import EXAMPLE_PROMPT, demo_world_clip
+from ..demo_world.evaluate import EXAMPLE_PROMPT
+from ..demo_world.world import demo_world_clip
 from ..loading import CATEGORIES
 from ..loop import GenerationCancelled
 from ..methods import METHODS
 from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..tiny import write_random_loras
-from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights
+from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights, md
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 INTRO = """# compose studio
 Pick LoRAs (weight above 0), write a prompt, choose a method, **Generate**. **Compare** renders the same
@@ -45,32 +52,64 @@ def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, orderin
         insert_triggers=bool(insert),
         method=method,
         method_params=params,
-        steps=int(steps),
-        guidance_scale=float(guidance),
-        width=int(width),
-        height=int(height),
-        seed=int(seed),
+        steps=_whole("steps", steps),
+        guidance_scale=_real("guidance", guidance),
+        width=_whole("width", width),
+        height=_whole("height", height),
+        seed=_whole("seed", seed),
         scheduler=scheduler,
     )
 
 
+def _real(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{name} must be a number, got {value!r}") from None
+
+
+def _whole(name: str, value) -> int:
+    """An integer setting; a float must be whole (the API may send 3.0, never 3.5)."""
+    number = _real(name, value)
+    if not number.is_integer():
+        raise StudioError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
 def _user_error(error: Exception) -> gr.Error:
-    return gr.Error(str(error.args[0] if isinstance(error, KeyError) else error), print_exception=False)
+    """A toast for a user's mistake. Toasts render HTML, and the message may carry LoRA
+    names, file names and prompts from uploads and PNGs, so it is escaped."""
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    return gr.Error(html.escape(text, quote=False), print_exception=False)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def operator_default(host: str, share: bool) -> bool:
+    """Operator actions (switching the model, loading server folders) are on only when
+    the studio is reachable from this machine alone: served on loopback, no share link."""
+    return host in LOOPBACK_HOSTS and not share
 
 
 def build(studio: Studio) -> gr.Blocks:
     """The studio page bound to ``studio``."""
     scale = studio.composer.pipeline.vae_scale_factor
     size = studio.composer.pipeline.unet.config.sample_size * scale
+    largest = max(size, min(1536, studio.limits.side_limit(size)))
+    operator = bool(studio.operator)
     with gr.Blocks(title="compose studio") as page:
         gr.Markdown(INTRO)
         with gr.Row():
             model = gr.Textbox(
                 studio.model,
                 scale=4,
-                label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)",
+                label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)"
+                + ("" if operator else "; switching it is an operator action, off here"),
+                interactive=operator,
             )
-            load_model = gr.Button("Load model", scale=1)
+            load_model = gr.Button("Load model", scale=1, interactive=operator)
         status = gr.Markdown("")
         with gr.Tabs():
             with gr.Tab("Compose"):
@@ -108,8 +147,8 @@ def build(studio: Studio) -> gr.Blocks:
                             steps = gr.Slider(1, 100, 25, step=1, label="steps")
                             guidance = gr.Slider(1, 20, 7.5, step=0.5, label="guidance")
                         with gr.Row():
-                            width = gr.Slider(min(64, size), 1536, size, step=scale, label="width")
-                            height = gr.Slider(min(64, size), 1536, size, step=scale, label="height")
+                            width = gr.Slider(min(64, size), largest, size, step=scale, label="width")
+                            height = gr.Slider(min(64, size), largest, size, step=scale, label="height")
                         with gr.Row():
                             seed = gr.Number(0, precision=0, label="seed")
                             randomize = gr.Checkbox(label="random seed")
@@ -133,8 +172,9 @@ def build(studio: Studio) -> gr.Blocks:
                                        label=f"LoRAs (folder {studio.library})")  # fmt: skip
                 upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=120)
                 with gr.Row():
-                    folder = gr.Textbox(label="or load a folder of LoRAs", scale=4)
-                    add_folder = gr.Button("Load folder", scale=1)
+                    folder = gr.Textbox(label="or load a folder of LoRAs" + ("" if operator else " (operator only)"),
+                                        scale=4, interactive=operator)  # fmt: skip
+                    add_folder = gr.Button("Load folder", scale=1, interactive=operator)
                 with gr.Row():
                     name = gr.Dropdown(list(studio.composer.loras), label="LoRA", allow_custom_value=True)
                     category = gr.Dropdown(["", *CATEGORIES], label="category")
@@ -158,13 +198,13 @@ def build(studio: Studio) -> gr.Blocks:
 
         library_outputs = [status, library, loras, name, region_lora]
 
-        def on_generate(*values, progress=gr.Progress()):
+        def on_generate(request: gr.Request, *values, progress=gr.Progress()):
             *rest, randomize_seed, made = values
-            settings = _settings(*rest)
-            if randomize_seed:
-                settings.seed = random.randrange(2**32)
-            try:
-                path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d))
+            try:  # every step that reads the user's values is inside: a bad value is a toast, not "null"
+                settings = _settings(*rest)
+                if randomize_seed:
+                    settings.seed = random.randrange(2**32)
+                path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), _session(request))
             except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
                 raise _user_error(error) from None
             score = studio.clipscore(path, record)
@@ -172,30 +212,32 @@ def build(studio: Studio) -> gr.Blocks:
                 f", CLIPScore {score:.2f}" if score is not None else ""
             )
             if record.get("prompt_dropped"):
-                text += f"\n\nThe prompt is longer than 77 tokens; ignored: *{record['prompt_dropped']}*"
+                text += f"\n\nThe prompt is longer than 77 tokens; ignored: *{md(record['prompt_dropped'])}*"
             made = [(str(path), f"{settings.method} · seed {settings.seed}"), *made]
             return str(path), str(path), text, settings.seed, made, made
 
         generate.click(on_generate, [*inputs, randomize, history], [image, download, info, seed, gallery, history],
                        api_name="generate", concurrency_id="model", show_progress_on=image)  # fmt: skip
 
-        def on_stop() -> str:
-            studio.cancel.set()
-            return "stopping after the current step"
+        def on_stop(request: gr.Request) -> str:
+            return studio.stop(_session(request))
 
         stop.click(on_stop, None, status, api_name="stop", queue=False)
 
         def on_reuse(record_path):
             if not record_path:
                 raise gr.Error("no image yet", print_exception=False)
-            return studio.settings_from_png(record_path).seed
+            try:
+                return studio.settings_from_png(record_path).seed
+            except StudioError as error:
+                raise _user_error(error) from None
 
         reuse.click(on_reuse, image, seed, api_name="reuse_seed")
 
-        def on_compare(*values, progress=gr.Progress()):
+        def on_compare(request: gr.Request, *values, progress=gr.Progress()):
             *rest, made = values
             try:
-                rows = studio.compare(_settings(*rest), lambda f, d: progress(f, desc=d))
+                rows = studio.compare(_settings(*rest), lambda f, d: progress(f, desc=d), _session(request))
             except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
                 raise _user_error(error) from None
             items = [
@@ -224,12 +266,12 @@ def build(studio: Studio) -> gr.Blocks:
             except StudioError as error:
                 raise _user_error(error) from None
             params = s.method_params or {}
-            weights = dict(s.loras or [])
+            prompt, weights, note = _blocks_as_tags(s)
             rows = [[n, weights.get(n, 0.0)] for n in studio.composer.loras]
-            return (s.prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
+            return (prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
                     params.get("beta", 0.5), params.get("ordering", "frequency"), params.get("schedule", "nonuniform"),
                     s.steps, s.guidance_scale, s.width, s.height, s.seed, s.scheduler,
-                    f"settings of {Path(png).name} loaded")  # fmt: skip
+                    f"settings of {md(Path(png).name)} loaded{note}")  # fmt: skip
 
         settings_png.upload(on_settings, settings_png, [*inputs, status], api_name="load_settings")
 
@@ -267,10 +309,27 @@ def build(studio: Studio) -> gr.Blocks:
     return page
 
 
+def _blocks_as_tags(settings: Settings) -> tuple[str, dict[str, float], str]:
+    """The prompt, table weights and a status note for settings from a PNG: the table has
+    no column for block weights, so a LoRA that has them goes into the prompt as an A1111
+    tag ``<lora:NAME:WEIGHT:lbw=BLOCKS>`` (which keeps them) instead of the table."""
+    prompt, weights, moved = settings.prompt, {}, []
+    for name, weight, *blocks in settings.loras or []:
+        if blocks and blocks[0] is not None:
+            prompt += f" <lora:{name}:{weight}:lbw={blocks[0]}>"
+            moved.append(name)
+        else:
+            weights[name] = weight
+    note = f" (block weights of {', '.join(md(n) for n in moved)} kept as prompt tags)" if moved else ""
+    return prompt, weights, note
+
+
 def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
-                max_upload_mb: float = 1024) -> Studio:  # fmt: skip
+                max_upload_mb: float = 1024, operator: bool | None = None,
+                limits: Limits | None = None) -> Studio:  # fmt: skip
     """A studio on ``model``; on the demo world its eleven LoRAs and its offline CLIP (unless
-    ``clip`` names another), on a tiny random model three random LoRAs to compose."""
+    ``clip`` names another), on a tiny random model three random LoRAs to compose.
+    ``operator``: see :class:`~compose.app.studio.Studio` (``None``: :func:`launch` decides)."""
     scorer = None
     if clip is None and model == DEMO_WORLD and demo_world_clip().is_dir():
         clip = str(demo_world_clip())
@@ -278,17 +337,20 @@ def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle
         from ..evaluation.clipscore import CLIPScorer
 
         scorer = CLIPScorer.from_folder(clip) if Path(clip).is_dir() else CLIPScorer.from_open_clip(*clip.split(":"))
-    studio = Studio(model, library, Composer.load, allow_pickle, max_upload_mb, scorer)
+    studio = Studio(model, library, Composer.load, allow_pickle, max_upload_mb, scorer, operator, limits)
     if model.startswith("tiny:") and not studio.composer.loras:
         extras = Path(tempfile.mkdtemp(prefix="compose-random-loras-"))
         write_random_loras(studio.composer.pipeline, extras)
-        studio.load_folder(extras)
+        studio.load_trusted_folder(extras)
     return studio
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True) -> gr.Blocks:  # fmt: skip
-    """Serve the studio; ``block=False`` returns at once (tests, notebooks)."""
+    """Serve the studio; ``block=False`` returns at once (tests, notebooks). Operator
+    actions follow :func:`operator_default` unless the studio was told."""
+    if studio.operator is None:
+        studio.operator = operator_default(host, share)
     page = build(studio)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,

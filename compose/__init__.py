@@ -4,13 +4,53 @@ The engine: :mod:`compose.loading` (LoRA files), :mod:`compose.layers` (the comp
 layer), :mod:`compose.methods` (Merge, Switch, Composite), :mod:`compose.loop` (the
 denoising loop) and :mod:`compose.composer` (the Python API). The Gradio studio is
 ``compose.app`` and the evaluation ``compose.evaluation``.
+
+Names are imported on first use, so that ``compose --help`` starts without torch.
 """
 
-from .composer import Composer, ModelLoadError, generate_kwargs
-from .loading import CATEGORIES, LoRA, LoRAError, load_lora
-from .loop import GenerationCancelled, NonFiniteLatentsError
-from .metadata import read_record, save_png
-from .methods import METHODS, CMLoRA, Composite, CompositionMethod, KLoRA, Merge, Switch, get_method
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checks import CATEGORIES
+    from .composer import Composer, ModelLoadError, generate_kwargs
+    from .loading import LoRA, LoRAError, load_lora
+    from .loop import GenerationCancelled, NonFiniteLatentsError
+    from .metadata import read_record, save_png
+    from .methods import METHODS, CMLoRA, Composite, CompositionMethod, KLoRA, Merge, Switch, get_method
+
+_WHERE = {
+    "CATEGORIES": "checks",
+    "Composer": "composer",
+    "ModelLoadError": "composer",
+    "generate_kwargs": "composer",
+    "LoRA": "loading",
+    "LoRAError": "loading",
+    "load_lora": "loading",
+    "GenerationCancelled": "loop",
+    "NonFiniteLatentsError": "loop",
+    "read_record": "metadata",
+    "save_png": "metadata",
+    "METHODS": "methods",
+    "CMLoRA": "methods",
+    "Composite": "methods",
+    "CompositionMethod": "methods",
+    "KLoRA": "methods",
+    "Merge": "methods",
+    "Switch": "methods",
+    "get_method": "methods",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CATEGORIES",

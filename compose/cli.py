@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from .loading import CATEGORIES
-from .prompts import extract_lora_tags
+from . import checks
+from .checks import CATEGORIES, printable
+from .prompts import MAX_WEIGHT, extract_lora_tags
 
 DEFAULT_MODEL = "demo-world"
 EPILOG_GENERATE = """\
@@ -33,11 +37,77 @@ def _lora_arg(text: str) -> tuple[str, float | str]:
     path, sep, weight = text.rpartition(":")
     if sep:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
             if "@" in weight:
                 return path, weight
+        else:
+            if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+                raise argparse.ArgumentTypeError(
+                    f"{text}: the weight {weight} must be a finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}"
+                )
+            return path, value
     return text, 1.0
+
+
+def _checked(check, kind: str, convert=float):
+    """An argparse type: ``convert`` the text, then ``check`` the value. A refusal says
+    ``TEXT is not KIND`` and argparse puts the option in front, so the user reads the
+    option, the value they gave and what a value must be."""
+
+    def parse(text: str):
+        try:
+            return check(convert(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} is not {kind}") from None
+
+    return parse
+
+
+FINITE = _checked(lambda v: checks.number("value", v), "a finite number")
+NON_NEGATIVE = _checked(lambda v: checks.number("value", v, 0.0), "a finite number of at least 0")
+FRACTION = _checked(lambda v: checks.number("value", v, 0.0, 1.0), "a number between 0 and 1")
+GUIDANCE = _checked(lambda v: checks.number("value", v, 0.0, checks.MAX_GUIDANCE),
+                    f"a finite number between 0 and {checks.MAX_GUIDANCE:g}")  # fmt: skip
+SCALE = _checked(lambda v: checks.number("value", v, -MAX_WEIGHT, MAX_WEIGHT),
+                 f"a finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")  # fmt: skip
+COUNT = _checked(lambda v: checks.integer("value", v, 1), "an integer of at least 1", int)
+SEED = _checked(lambda v: checks.seed(v, "value"), "a seed (an integer in [0, 2**64))", int)
+MEGABYTES = _checked(lambda v: checks.number("value", v, 1.0), "a size in MB of at least 1")
+
+
+def _temperature(text: str) -> float:
+    """A softmax temperature: above 0; ``inf`` gives equal weights."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a temperature (a number above 0; inf gives equal weights)")
+    return value
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    """The options that raise :class:`compose.checks.Limits` for real large models."""
+    defaults = checks.Limits()
+    group = parser.add_argument_group("limits (what one request may ask of the model)")
+    group.add_argument("--max-side", type=COUNT, metavar="PX", help="largest width or height in pixels "
+                       f"[{defaults.side_factor:g} x the model's native side]")  # fmt: skip
+    group.add_argument("--max-steps", type=COUNT, metavar="N", help="most denoising steps "
+                       "[the scheduler's training timesteps, 1000 for SD]")  # fmt: skip
+    group.add_argument("--max-lora-mb", type=MEGABYTES, default=defaults.max_lora_mb, metavar="MB",
+                       help=f"largest LoRA file [{defaults.max_lora_mb:g}]")  # fmt: skip
+    group.add_argument("--max-lora-tensors", type=COUNT, default=defaults.max_lora_tensors, metavar="N",
+                       help=f"most tensors in a LoRA file [{defaults.max_lora_tensors}]")  # fmt: skip
+
+
+def _limits(args: argparse.Namespace) -> checks.Limits:
+    return checks.Limits(
+        max_side=getattr(args, "max_side", None),
+        max_steps=getattr(args, "max_steps", None),
+        max_lora_mb=getattr(args, "max_lora_mb", checks.Limits.max_lora_mb),
+        max_lora_tensors=getattr(args, "max_lora_tensors", checks.Limits.max_lora_tensors),
+    )
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -57,7 +127,10 @@ def _method_params(args: argparse.Namespace) -> dict:
             "alpha": args.klora_alpha,
             "beta": args.klora_beta,
             "top_k": args.top_k,
+            "scale": args.klora_scale,
+            "progress": args.klora_progress,
             "roles": dict(args.role) or None,
+            "reference": args.reference,
         }
     if args.method == "regional":
         regions = {name: value if value.lower().endswith(".png") else [float(v) for v in value.split(",")]
@@ -78,12 +151,15 @@ def _method_params(args: argparse.Namespace) -> dict:
             "schedule": args.cache_schedule,
             "switch_at": args.switch_at,
             "cache": not args.no_feature_cache,
+            "recompute": args.recompute,
+            "reference": args.reference,
         }
     return {}
 
 
 def _parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .methods.references import describe
     from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser = argparse.ArgumentParser(
@@ -97,14 +173,14 @@ def _parser() -> argparse.ArgumentParser:
         help="generate images with LoRAs composed by a method",
         description="Generate images with several LoRAs composed by one method. Every PNG carries "
         "AUTOMATIC1111-style 'parameters' and a full JSON record that reproduces it.",
-        epilog=EPILOG_GENERATE,
+        epilog=EPILOG_GENERATE + "\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument(
         "--model",
         help="demo-world (the embedded demo world, its eleven LoRAs loaded: <lora:zorbo> etc. work), a "
         "diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / tiny:sdxl (random weights) "
-        f"[default: the model recorded in --from-png, else {DEFAULT_MODEL}]",
+        f"[default: {DEFAULT_MODEL}; with --from-png the recorded model if it is {DEFAULT_MODEL} or tiny:*]",
     )
     gen.add_argument(
         "--lora",
@@ -120,11 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=sorted(METHODS), default="merge", help="composition method [merge]")
     gen.add_argument("--prompt", help="the prompt (required unless --from-png)")
     gen.add_argument("--negative-prompt", default="", help="negative prompt")
-    gen.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds, one image each [0]")
-    gen.add_argument("--steps", type=int, default=25, help="denoising steps [25]")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale [7.5]")
-    gen.add_argument("--width", type=int, help="width in pixels [the model's native size]")
-    gen.add_argument("--height", type=int, help="height in pixels [the model's native size]")
+    gen.add_argument("--seed", type=SEED, nargs="+", default=[0], help="one or more seeds, one image each [0]")
+    gen.add_argument("--steps", type=COUNT, default=25, help="denoising steps [25]")
+    gen.add_argument("--guidance", type=GUIDANCE, default=7.5, help="classifier-free guidance scale [7.5]")
+    gen.add_argument("--width", type=COUNT, help="width in pixels [the model's native size]")
+    gen.add_argument("--height", type=COUNT, help="height in pixels [the model's native size]")
     gen.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -133,11 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--lora-scale",
-        type=float,
-        default=0.8,
-        help="global LoRA scale multiplying every weight (reference: 0.8) [0.8]",
+        type=SCALE,
+        help="global LoRA scale multiplying every weight [0.8; with --reference the reference's, 1]",
     )
-    gen.add_argument("--tau", type=int, default=5, help="switch, wswitch: steps per LoRA [5]")
+    gen.add_argument("--tau", type=COUNT, default=5, help="switch, wswitch: steps per LoRA [5]")
     gen.add_argument(
         "--reference-offset",
         action="store_true",
@@ -151,13 +226,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=ROLE",
         help="klora: content or style for LoRA NAME (default: category style is style, others content)",
     )
-    gen.add_argument("--klora-alpha", type=float, default=1.5, help="klora: alpha of the content-to-style bias [1.5]")
-    gen.add_argument("--klora-beta", type=float, default=0.5, help="klora: beta of the content-to-style bias [0.5]")
-    gen.add_argument("--top-k", type=int, default=64, help="klora: K of the top-K weight mass [64]")
+    gen.add_argument("--klora-alpha", type=FINITE, default=1.5, help="klora: alpha of the content-to-style bias [1.5]")
+    gen.add_argument("--klora-beta", type=FINITE,
+                     help="klora: beta of the content-to-style bias [0.5 for s, 0.85 alpha for s*]")  # fmt: skip
+    gen.add_argument("--top-k", type=COUNT, help="klora: K of the top-K weight mass [the product of the ranks]")
+    gen.add_argument("--klora-scale", choices=["s", "s*"],
+                     help="klora: style factor alpha p + beta (s) or that modulo alpha (s*) [s]")  # fmt: skip
+    gen.add_argument("--klora-progress", choices=["step", "calls"],
+                     help="klora: p from the step index, or the reference's counter of layer calls [step]")  # fmt: skip
     gen.add_argument(
         "--ordering",
         choices=["frequency", "category"],
-        default="frequency",
         help="cmlora: order LoRAs by the spectra of their single-LoRA images (computed once, cached) "
         "or by category [frequency]",
     )
@@ -165,9 +244,15 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-schedule",
         choices=["nonuniform", "uniform", "off"],
         default="nonuniform",
-        help="cmlora: steps at which every LoRA branch is recomputed in full [nonuniform]",
+        help="cmlora: refresh steps, where the dominant LoRA advances and branches recompute [nonuniform]",
     )
-    gen.add_argument("--switch-at", type=float, default=0.6, help="cmlora: fraction of steps led by H [0.6]")
+    gen.add_argument("--switch-at", type=FRACTION, default=0.55, help="cmlora: fraction of steps led by H [0.55]")
+    gen.add_argument("--recompute", choices=["all", "dominant"],
+                     help="cmlora: at refresh steps every branch and the dominant each step, or only the new "
+                     "dominant (the reference's) [all]")  # fmt: skip
+    gen.add_argument("--reference", action="store_true",
+                     help="klora, cmlora: reproduce the released code's rules and, unless --lora-scale, its LoRA "
+                     "scale (see below)")  # fmt: skip
     gen.add_argument(
         "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
     )
@@ -179,19 +264,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=X0,Y0,X1,Y1|MASK.png",
         help="regional: LoRA NAME's box in fractions of the image, or a mask image (white = inside)",
     )
-    gen.add_argument("--temperature", type=float, default=0.05, help="patch: softmax temperature [0.05]")
-    gen.add_argument("--patch-top-k", type=int, help="patch: keep the k heaviest LoRAs per patch [all]")
-    gen.add_argument("--levels", type=int, default=2, help="bands: Haar wavelet levels [2]")
-    gen.add_argument("--band-temperature", type=float, default=0.5,
+    gen.add_argument("--temperature", type=_temperature, default=0.05, help="patch: softmax temperature [0.05]")
+    gen.add_argument("--patch-top-k", type=COUNT, help="patch: keep the k heaviest LoRAs per patch [all]")
+    gen.add_argument("--levels", type=COUNT, default=2, help="bands: Haar wavelet levels [2]")
+    gen.add_argument("--band-temperature", type=_temperature, default=0.5,
                      help="bands: temperature of the band weights from energy (inf = Composite) [0.5]")  # fmt: skip
-    gen.add_argument("--band-top-k", type=int, help="bands: keep the k heaviest LoRAs per band [all]")
+    gen.add_argument("--band-top-k", type=COUNT, help="bands: keep the k heaviest LoRAs per band [all]")
     gen.add_argument(
         "--sharpness",
-        type=float,
+        type=NON_NEGATIVE,
         default=1.0,
         help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
     )
-    gen.add_argument("--hold", type=float, default=0.2,
+    gen.add_argument("--hold", type=FRACTION, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
     gen.add_argument(
         "--category",
@@ -202,17 +287,26 @@ def _parser() -> argparse.ArgumentParser:
         help=f"category of LoRA NAME (the file name without extension): {', '.join(CATEGORIES)}",
     )
     gen.add_argument(
-        "--max-batch", type=int, help="cap on UNet batch rows per call (composite runs its LoRAs in chunks)"
+        "--max-batch", type=COUNT, help="cap on UNet batch rows per call (composite runs its LoRAs in chunks)"
     )
+    gen.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (inductor): the first "
+                     "image pays the compilation, LoRA swaps within 5 LoRAs do not recompile [off]")  # fmt: skip
     gen.add_argument(
         "--out",
         default="outputs/compose.png",
-        help="output PNG; with several seeds, -SEED is added to the name [outputs/compose.png]",
+        help="output PNG, or a folder (ending in /, or existing) for compose.png; with several seeds, -SEED is "
+        "added to the name. Only a new path or a regular file is written [outputs/compose.png]",
     )
     gen.add_argument(
         "--from-png",
         metavar="PNG",
-        help="take every setting from a PNG made by compose (LoRA files still given with --lora)",
+        help="take every setting from a PNG made by compose (LoRA files still given with --lora); a model "
+        "other than demo-world or tiny:* is loaded only when named with --model or with --trust-png-model",
+    )
+    gen.add_argument(
+        "--trust-png-model",
+        action="store_true",
+        help="--from-png: load the base model the PNG names (a folder, file or hub id) without --model",
     )
     gen.add_argument(
         "--allow-pickle",
@@ -220,6 +314,7 @@ def _parser() -> argparse.ArgumentParser:
         help="allow pickle LoRA files (.bin/.pt/.ckpt), loaded with torch.load(weights_only=True)",
     )
     gen.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
+    _add_limits(gen)
 
     ins = commands.add_parser(
         "inspect",
@@ -237,6 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("--model", default=DEFAULT_MODEL, help=f"base model for --frequency [{DEFAULT_MODEL}]")
     ins.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
+    _add_limits(ins)
 
     bench = commands.add_parser(
         "bench",
@@ -256,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
         default="merge,switch,composite,klora,cmlora",
         help="comma-separated methods [merge,switch,composite,klora,cmlora]",
     )
-    bench.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
+    bench.add_argument("--seeds", type=COUNT, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
     bench.add_argument("--sets-per-n", type=int, metavar="K", help="--sets: only K sets per LoRA count N, evenly "
                        "spread (a quicker run with every N) [all]")  # fmt: skip
     bench.add_argument("--model", default=DEFAULT_MODEL, help=f"base model [{DEFAULT_MODEL}]")
@@ -266,10 +362,10 @@ def _parser() -> argparse.ArgumentParser:
         "NAME:PRETRAINED, e.g. ViT-B-16:openai (the papers' setting; weights must be in your cache) "
         "[the demo world's offline CLIP]",
     )
-    bench.add_argument("--steps", type=int, default=25, help="--sets: denoising steps [25]")
-    bench.add_argument("--guidance", type=float, default=7.5, help="--sets: guidance scale [7.5]")
-    bench.add_argument("--size", type=int, help="--sets: image side in pixels [the model's native size]")
-    bench.add_argument("--lora-scale", type=float, default=0.8, help="--sets: global LoRA scale [0.8]")
+    bench.add_argument("--steps", type=COUNT, default=25, help="--sets: denoising steps [25]")
+    bench.add_argument("--guidance", type=GUIDANCE, default=7.5, help="--sets: guidance scale [7.5]")
+    bench.add_argument("--size", type=COUNT, help="--sets: image side in pixels [the model's native size]")
+    bench.add_argument("--lora-scale", type=SCALE, default=0.8, help="--sets: global LoRA scale [0.8]")
     bench.add_argument(
         "--preset",
         choices=["tiny", "small", "sd15", "sdxl"],
@@ -282,9 +378,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration [5]")
     bench.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls [2]")
     bench.add_argument("--no-baselines", action="store_true", help="skip diffusers' PEFT baselines")
+    bench.add_argument("--compiled", action=argparse.BooleanOptionalAction, help="--speed: also time methods "
+                       "under torch.compile (inductor, two graphs) [on; off for --preset tiny]")  # fmt: skip
+    bench.add_argument("--world", action=argparse.BooleanOptionalAction, help="--speed: also time whole demo-world "
+                       "generations, batch 1 and 8, in images per second [on; off with --preset tiny]")  # fmt: skip
+    bench.add_argument("--world-steps", type=COUNT, default=25, help="--speed: steps per demo-world generation [25]")
     bench.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on CPU]")
     bench.add_argument("--out", help="results folder [outputs/bench, or outputs/speed with --speed]")
+    _add_limits(bench)
 
     studio = commands.add_parser(
         "studio",
@@ -299,7 +401,14 @@ def _parser() -> argparse.ArgumentParser:
     studio.add_argument("--port", type=int, default=7860, help="port [7860]")
     studio.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     studio.add_argument("--allow-pickle", action="store_true", help="accept pickle uploads (loaded weights-only)")
-    studio.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload in MB [1024]")
+    studio.add_argument("--max-upload-mb", type=MEGABYTES, default=1024, help="largest upload in MB [1024]")
+    studio.add_argument(
+        "--operator-actions",
+        action=argparse.BooleanOptionalAction,
+        help="let visitors switch the base model and load server folders (/load_model, /add_folder) "
+        "[on when served on loopback only, off with --host beyond it or --share]",
+    )
+    _add_limits(studio)
 
     grid = commands.add_parser(
         "grid",
@@ -319,8 +428,11 @@ def _parser() -> argparse.ArgumentParser:
         "(each on its own half) for merge, composite and regional composition.",
     )
     world.add_argument("action", choices=["train", "evaluate", "grid", "regional"])
-    world.add_argument("--folder", help="the demo world's folder [assets/demo_world, or $COMPOSE_DEMO_WORLD]")
-    world.add_argument("--preset", default="cpu", help="train: cpu (60 min on 2 cores) or quick (a smoke test) [cpu]")
+    world.add_argument("--folder", help="the demo world's folder; train: where to train [outputs/demo-world; the "
+                       "shipped world only when named]; others: [assets/demo_world, or $COMPOSE_DEMO_WORLD]")
+    world.add_argument("--preset", default="cpu", help="train: cpu (about 90 min on 2 cores) or quick (a smoke "
+                       "test of every stage) [cpu]")
+    world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
     world.add_argument("--stages", default="vae,base,loras,clip", help="train: stages to run [vae,base,loras,clip]")
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
                        "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]")  # fmt: skip
@@ -330,21 +442,77 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_composer(model: str, device: str | None):
+def _load_composer(model: str, device: str | None, limits: checks.Limits | None = None, compile: bool = False):
     from .composer import Composer
 
-    return Composer.load(model, device)
+    composer = Composer.load(model, device, compile=compile)
+    if limits is not None:
+        composer.limits = limits
+    return composer
+
+
+AUTOMATIC_MODELS = (DEFAULT_MODEL, "tiny:sd1", "tiny:sdxl")
+"""Models a PNG record may name and ``--from-png`` loads without being asked: they ship
+with compose or are built in memory, so loading them reads nothing the record chose."""
+
+
+def _recorded_model(args: argparse.Namespace, record: dict) -> str:
+    """The model to reproduce ``record`` on: ``--model``, else the recorded one where it
+    is automatic or ``--trust-png-model`` is given. A forged record must not make
+    compose load (or download) whatever folder, file or hub id it names."""
+    recorded = record["model"]
+    if args.model:
+        return args.model
+    if recorded in AUTOMATIC_MODELS or args.trust_png_model:
+        return recorded
+    raise ValueError(
+        f"{args.from_png}: the image was made with the model {recorded!r}; compose loads a model that a PNG names "
+        f"only when asked: pass --model {recorded} (or another model), or --trust-png-model"
+    )
+
+
+def _announce(args: argparse.Namespace, model: str, record: dict) -> None:
+    """Say which model and LoRA files a reproduction will load, before it loads them."""
+    loras = "; ".join(f"{e['name']} ({e['file']}, sha256 {e['sha256'][:12]})" for e in record["loras"]) or "none"
+    print(printable(f"compose: {args.from_png}: model {model}; LoRAs (from --lora, matched by sha256): {loras}"),
+          file=sys.stderr)  # fmt: skip
+
+
+def _output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """Where each seed's PNG goes, every path checked writable before any work: ``--out``
+    a folder (ending in ``/`` or existing) gets ``compose.png``, a name without an
+    extension gets ``.png``, another extension is refused (the settings live in PNG
+    text chunks); several seeds add ``-SEED`` before the extension."""
+    from .files import OutputError, check_writable
+
+    folder = out.endswith(("/", os.sep)) or Path(out).is_dir()
+    base = Path(out) / "compose.png" if folder else Path(out)
+    if not base.suffix:
+        base = base.with_suffix(".png")
+    if base.suffix.lower() != ".png":
+        raise OutputError(f"--out {out}: compose writes PNG images (the settings are kept in PNG text chunks); "
+                          "give a name ending in .png, or a folder")  # fmt: skip
+    paths = [base] if len(seeds) == 1 else [base.with_name(f"{base.stem}-{seed}{base.suffix}") for seed in seeds]
+    for path in paths:
+        check_writable(path)
+    return paths
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .composer import generate_kwargs
-    from .metadata import read_record, save_png
+    from .metadata import read_record, record_masks, save_png
 
     settings: dict
     if args.from_png:
         record = read_record(args.from_png)
+        masks = record_masks(record)
+        if masks:
+            raise ValueError(f"{args.from_png}: its regional method reads the mask file {masks[0]!r} of the machine "
+                             "that made it; compose does not open files a PNG names (give the regions with "
+                             "--method regional --region NAME=MASK.png instead)")  # fmt: skip
         settings = generate_kwargs(record)
         seeds = [settings.pop("seed")]
+        model = _recorded_model(args, record)
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png)")
@@ -362,8 +530,11 @@ def _generate(args: argparse.Namespace) -> None:
             lora_scale=args.lora_scale,
         )
         seeds = args.seed
-    model = args.model or (record["model"] if args.from_png else DEFAULT_MODEL)
-    composer = _load_composer(model, args.device)
+        model = args.model or DEFAULT_MODEL
+    paths = _output_paths(args.out, seeds)
+    if args.from_png:
+        _announce(args, model, record)
+    composer = _load_composer(model, args.device, _limits(args), compile=args.compile)
     categories = dict(getattr(args, "category", []))
     loaded = [
         (
@@ -384,7 +555,7 @@ def _generate(args: argparse.Namespace) -> None:
                     f"{args.from_png} uses LoRA {entry['name']!r} ({entry['file']}, sha256 "
                     f"{entry['sha256'][:12]}...); pass that file with --lora"
                 )
-            pairs.append((lora.name, entry["weight"]))
+            pairs.append((lora.name, entry["weight"], entry.get("blocks")))
         settings["loras"] = pairs
     else:
         tagged = [use.name for use in extract_lora_tags(args.prompt)[1]]
@@ -397,10 +568,12 @@ def _generate(args: argparse.Namespace) -> None:
                     f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
                 )
         settings["loras"] = [(lora.name, weight) for lora, weight in loaded if lora.name not in tagged]
-    out = Path(args.out)
-    for seed in seeds:
+    native = composer.shape.native
+    note = checks.cost_note(settings["width"] or native, settings["height"] or native, native, settings["steps"])
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    for seed, path in zip(seeds, paths, strict=True):
         image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]
-        path = out if len(seeds) == 1 else out.with_name(f"{out.stem}-{seed}{out.suffix}")
         save_png(image, path)
         print(path)
         dropped = json.loads(image.info["compose"]).get("prompt_dropped")
@@ -411,11 +584,11 @@ def _generate(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from .loading import load_lora
 
-    summary = load_lora(args.lora, allow_pickle=args.allow_pickle).summary()
+    summary = load_lora(args.lora, allow_pickle=args.allow_pickle, limits=_limits(args)).summary()
     if args.frequency:
         from .frequency import sparkline
 
-        composer = _load_composer(args.model, args.device)
+        composer = _load_composer(args.model, args.device, _limits(args))
         lora = composer.load_lora(args.lora, allow_pickle=args.allow_pickle)
         profile = composer.frequency_profile(lora.name)
         summary["frequency"] = {
@@ -426,7 +599,7 @@ def _inspect(args: argparse.Namespace) -> None:
             "profile": sparkline(profile.profile),
         }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))  # JSON escapes control characters itself
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -434,15 +607,15 @@ def _inspect(args: argparse.Namespace) -> None:
             continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value) if value else "none"
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {printable(value)}")
     if "frequency" in summary:
         print("frequency:")
         for key, value in summary["frequency"].items():
-            print(f"  {key}: {value}")
+            print(f"  {key}: {printable(value)}")
     if summary["metadata"]:
-        print("metadata:")
+        print("metadata:")  # the file's own text: escape sequences in it must not reach the terminal
         for key, value in summary["metadata"].items():
-            print(f"  {key}: {value}")
+            print(f"  {printable(key)}: {printable(value)}")
     if summary["category"] is None:
         print(f"(no category stored; set one with category= / a sidecar JSON: {', '.join(CATEGORIES)})")
 
@@ -465,6 +638,10 @@ def _bench(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         repeats=args.repeats,
         baselines=not args.no_baselines,
+        compiled=args.preset != "tiny" if args.compiled is None else args.compiled,
+        world=args.preset != "tiny" if args.world is None else args.world,
+        world_steps=args.world_steps,
+        progress=lambda text: print(f"compose: {text}", file=sys.stderr),
     )
     print(to_markdown(result))
     for path in write_results(result, Path(args.out or "outputs/speed")):
@@ -475,7 +652,7 @@ def _scorer(spec: str | None, device: str | None):
     from .evaluation.clipscore import CLIPScorer
 
     if spec is None:
-        from .demo_world.evaluate import demo_world_clip
+        from .demo_world.world import demo_world_clip
 
         if not demo_world_clip().is_dir():
             raise ValueError(
@@ -510,7 +687,7 @@ def _bench_sets(args: argparse.Namespace) -> None:
         methods,
         args.seeds,
         out,
-        composer_factory=lambda: _load_composer(args.model, args.device),
+        composer_factory=lambda: _load_composer(args.model, args.device, _limits(args)),
         scorer_factory=lambda: _scorer(args.clip, args.device),
         settings=settings,
         per_n=args.sets_per_n,
@@ -522,7 +699,8 @@ def _bench_sets(args: argparse.Namespace) -> None:
 def _studio(args: argparse.Namespace) -> None:
     from .app.ui import launch, make_studio
 
-    studio = make_studio(args.model, Path(args.library), args.clip, args.allow_pickle, args.max_upload_mb)
+    studio = make_studio(args.model, Path(args.library), args.clip, args.allow_pickle, args.max_upload_mb,
+                         operator=args.operator_actions, limits=_limits(args))  # fmt: skip
     launch(studio, host=args.host, port=args.port, share=args.share)
 
 
@@ -541,44 +719,87 @@ def _grid(args: argparse.Namespace) -> None:
 
 
 def _demo_world(args: argparse.Namespace) -> None:
-    from .demo_world.evaluate import demo_world_folder, evaluate, example_grid, load_demo_world
-
-    folder = Path(args.folder) if args.folder else demo_world_folder()
     if args.action == "train":
-        from tqdm import tqdm
-
-        from .demo_world.train import train
-
-        bars: dict[str, tqdm] = {}
-
-        def progress(stage: str, step: int, steps: int, loss: float) -> None:
-            bar = bars.setdefault(stage, tqdm(total=steps, desc=stage, unit="step"))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if step == steps:
-                bar.close()
-
-        record = train(folder, args.preset, tuple(s.strip() for s in args.stages.split(",")), progress)
-        print(json.dumps(record, indent=2))
+        _train_world(args)
         return
-    composer = load_demo_world(folder, args.device)
+    from .composer import Composer
+    from .demo_world.world import demo_world_folder
+
+    folder = Path(args.folder) if args.folder else None
+    composer = Composer.demo_world(folder, args.device)
+    folder = folder or demo_world_folder()
     if args.action == "evaluate":
-        report = evaluate(composer, progress=print)
-        out = Path(args.out) if args.out else folder / "report.json"
-        out.write_text(json.dumps(report, indent=2))
-        print(out)
-        return
-    if args.action == "regional":
+        from .demo_world.evaluate import evaluate, load_ceiling
+
+        load_ceiling(composer, folder)
+        _write_json(Path(args.out) if args.out else folder / "report.json", evaluate(composer, progress=print))
+    elif args.action == "regional":
         from .demo_world.evaluate import two_characters
 
         result = two_characters(composer, ["merge", "composite", "regional"])
-        out = Path(args.out) if args.out else folder / "regional.json"
-        out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+        _write_json(Path(args.out) if args.out else folder / "regional.json", result)
+    else:
+        from .demo_world.evaluate import example_grid
+
+        out = Path(args.out or "docs/demo-world-grid.png")
+        example_grid(composer, [m.strip() for m in args.methods.split(",")]).save(out)
+        print(out)
+
+
+def _train_world(args: argparse.Namespace) -> None:
+    """``compose demo-world train``: a progress bar per stage (with its ETA), resumable."""
+    from tqdm import tqdm
+
+    from .demo_world.train import train
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, step: int, steps: int, loss: float) -> None:
+        bar = bars.setdefault(stage, tqdm(total=steps, desc=stage, unit="step"))
+        bar.update(step - bar.n)
+        if loss:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == steps:
+            bar.close()
+
+    folder = Path(args.folder or "outputs/demo-world")
+    print(f"training the demo world into {folder} (resumable: run the same command again)", file=sys.stderr)
+    stages = tuple(s.strip() for s in args.stages.split(","))
+    record = train(folder, args.preset, stages, progress, force=args.force)
+    print(json.dumps(record, indent=2))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from .files import atomic_open
+
+    with atomic_open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+    print(path)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a service manager, ``kill``, a batch scheduler): stop like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_stops():
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, so the
+    atomic writes clean up their temporary files and the user reads why the command
+    stopped; the previous handler comes back after (``main`` may run inside a program)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    out = Path(args.out or "docs/demo-world-grid.png")
-    example_grid(composer, [m.strip() for m in args.methods.split(",")]).save(out)
-    print(out)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,18 +817,20 @@ def main(argv: list[str] | None = None) -> int:
         "demo-world": _demo_world,
     }
     try:
-        handlers[args.command](args)
+        with _sigterm_stops():
+            handlers[args.command](args)
     except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        parser.exit(2, f"compose: error: {message}\n")
+        parser.exit(2, f"compose: error: {printable(message)}\n")
     except (KeyboardInterrupt, GenerationCancelled):
         parser.exit(130, "compose: interrupted; images already written are complete\n")
+    except Terminated:
+        parser.exit(143, "compose: terminated (SIGTERM); images already written are complete\n")
     except Exception as error:  # an unforeseen failure: one line, the traceback on request
         if os.environ.get("COMPOSE_DEBUG"):
             raise
-        parser.exit(
-            1, f"compose: internal error: {type(error).__name__}: {error} (set COMPOSE_DEBUG=1 for the traceback)\n"
-        )
+        parser.exit(1, f"compose: internal error: {type(error).__name__}: {printable(error)} "
+                    "(set COMPOSE_DEBUG=1 for the traceback)\n")  # fmt: skip
     return 0
 
 

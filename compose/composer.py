@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import platform
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -28,19 +29,19 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from . import frequency, metadata
+from . import checks, frequency, metadata
 from .block_weights import layer_table, text_multipliers
 from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .loop import Conditioning, StepCallback, denoise
 from .methods import CompositionMethod, MethodContext, get_method
+from .methods.references import default_lora_scale
 from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table, without_phrases
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
 LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None]
 logger = logging.getLogger("compose")
-DEFAULT_LORA_SCALE = 0.8
 DEMO_WORLD = "demo-world"
 
 
@@ -92,10 +93,12 @@ class WeightPlan:
     steps: torch.Tensor | None
 
 
-def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None) -> list[LoRAUse]:
+def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None, sdxl: bool = False) -> list[LoRAUse]:
+    """The ``loras`` argument as checked :class:`LoRAUse` entries (:func:`compose.checks.lora_use`)."""
     specs = loras.items() if isinstance(loras, dict) else (loras or [])
-    uses = [LoRAUse(spec) if isinstance(spec, str) else LoRAUse(*spec) for spec in specs]
-    return [use._replace(weight=use.weight if isinstance(use.weight, str) else float(use.weight)) for use in uses]
+    if isinstance(specs, str):
+        specs = [specs]
+    return [checks.lora_use(spec, sdxl) for spec in specs]
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
@@ -107,7 +110,10 @@ def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
 class Composer:
     """A diffusers SD1.x/SD2.x/SDXL pipeline plus composable LoRAs and the methods."""
 
-    def __init__(self, pipeline, model_name: str = "custom") -> None:
+    def __init__(self, pipeline, model_name: str = "custom", compile: bool | str = False, capacity: int = 5) -> None:
+        """``compile``: run the UNet under ``torch.compile`` (``True``: inductor, or a backend
+        name), its LoRA layers in static mode with room for ``capacity`` LoRAs per
+        generation without recompiling (:mod:`compose.compiled`)."""
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipeline, part, None) is None:
                 raise ModelLoadError(
@@ -123,6 +129,9 @@ class Composer:
             c: LayerRegistry(getattr(pipeline, c)) for c in COMPONENTS if getattr(pipeline, c, None) is not None
         }
         self.loras: dict[str, LoRA] = {}
+        self.compile, self.capacity, self._compiled = compile, capacity, None
+        self.limits = checks.Limits()
+        """What one request may ask of this model (:class:`compose.checks.Limits`)."""
 
     # -- construction ----------------------------------------------------------------
 
@@ -132,6 +141,7 @@ class Composer:
         model: str | Path,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        compile: bool | str = False,
     ) -> Composer:
         """Load a base model: a diffusers folder, a single-file checkpoint
         (``.safetensors``/``.ckpt``, SD1.x/2.x or SDXL) or a Hugging Face Hub id.
@@ -177,29 +187,64 @@ class Composer:
         except Exception as error:
             raise ModelLoadError(f"{model}: cannot be loaded as a pipeline: {error}") from error
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline.to(device), model_name=str(model))
+        return cls(pipeline.to(device), model_name=str(model), compile=compile)
 
     @classmethod
-    def load(cls, model: str, device: str | torch.device | None = None) -> Composer:
+    def load(cls, model: str, device: str | torch.device | None = None, compile: bool | str = False) -> Composer:
         """The one spelling of a base model that the CLI, the studio and the benchmark
         accept: ``demo-world`` (the trained demo world with its eleven LoRAs loaded, see
-        :func:`compose.demo_world.load_demo_world`), ``tiny:sd1`` / ``tiny:sdxl``
+        :meth:`demo_world`), ``tiny:sd1`` / ``tiny:sdxl``
         (:meth:`tiny`), else anything :meth:`from_pretrained` takes."""
         if model == DEMO_WORLD:
-            from .demo_world.evaluate import load_demo_world
-
-            return load_demo_world(device=device)
+            return cls.demo_world(device=device, compile=compile)
         if model.startswith("tiny:"):
-            return cls.tiny(model.removeprefix("tiny:"))
-        return cls.from_pretrained(model, device=device)
+            return cls.tiny(model.removeprefix("tiny:"), compile=compile)
+        return cls.from_pretrained(model, device=device, compile=compile)
 
     @classmethod
-    def tiny(cls, family: str = "sd1", seed: int = 0) -> Composer:
+    def demo_world(
+        cls, folder: str | Path | None = None, device: str | torch.device | None = None, compile: bool | str = False
+    ) -> Composer:
+        """A demo world's pipeline with every concept's LoRA loaded under the concept's name
+        (:mod:`compose.demo_world.world`); without ``folder``, the shipped one, recorded in
+        PNGs as ``demo-world`` so that the name loads it again."""
+        from .demo_world.world import demo_world_folder, world_loras
+
+        where = Path(folder or demo_world_folder())
+        try:
+            loras = world_loras(where)
+        except FileNotFoundError as error:
+            raise ModelLoadError(str(error)) from None
+        composer = cls.from_pretrained(where, device=device, compile=compile)
+        if folder is None:
+            composer.model_name = DEMO_WORLD
+        for name, path in loras.items():
+            composer.load_lora(path, name=name)
+        return composer
+
+    @classmethod
+    def tiny(cls, family: str = "sd1", seed: int = 0, compile: bool | str = False) -> Composer:
         """A composer over a tiny random pipeline (see :mod:`compose.tiny`)."""
         from .tiny import tiny_pipeline
 
         name = f"tiny:{family}" if seed == 0 else f"tiny:{family} (seed {seed})"
-        return cls(tiny_pipeline(family, seed), model_name=name)
+        return cls(tiny_pipeline(family, seed), model_name=name, compile=compile)
+
+    def _denoiser(self, n: int):
+        """What the loop calls as the UNet: the UNet itself, or with ``compile`` its
+        :class:`~compose.compiled.CompiledUNet` (built on first use, the UNet's layers
+        switched to static mode sized for the loaded LoRAs)."""
+        if not self.compile:
+            return self.pipeline.unet
+        if self._compiled is None:
+            from .compiled import CompiledUNet
+
+            registry = self.registries["unet"]
+            ranks = [f.rank for lora in self.loras.values() for f in lora.factors.get("unet", {}).values()]
+            registry.make_static(max(self.capacity, n), max(ranks, default=4))
+            backend = "inductor" if self.compile is True else self.compile
+            self._compiled = CompiledUNet(self.pipeline.unet, registry.state, backend=backend)
+        return self._compiled
 
     @property
     def device(self) -> torch.device:
@@ -228,6 +273,7 @@ class Composer:
             triggers=triggers,
             allow_pickle=allow_pickle,
             unet_config=dict(self.pipeline.unet.config),
+            limits=self.limits,
         )
         return self.add_lora(lora)
 
@@ -288,7 +334,9 @@ class Composer:
         for component, registry in self.registries.items():
             registry.unwrap_unused({m for lora in self.loras.values() for m in lora.factors.get(component, {})})
 
-    def frequency_profile(self, name: str, seeds: Sequence[int] = (0, 1), steps: int = 20) -> FrequencyProfile:
+    def frequency_profile(
+        self, name: str, seeds: Sequence[int] = (0, 1), steps: int = 20, progress: bool = False
+    ) -> FrequencyProfile:
         """The spectral profile of LoRA ``name`` alone on this base model (see
         :mod:`compose.frequency`): its trigger words (or name) as the prompt, weight 1,
         Merge, at the model's native size. Cached in memory and on disk by base model,
@@ -298,7 +346,12 @@ class Composer:
         key = f"{self.model_name}|{self.family}|{prompt}|{list(seeds)}|{steps}"
         cached = lora.derived.get(("frequency", key)) or frequency.load_cached(key, lora.sha256)
         if cached is None:
-            images = self.generate(prompt, [lora.name], "merge", seed=list(seeds), steps=steps, lora_scale=1.0)
+            if progress:
+                print(f"profiling LoRA {lora.name!r} for CMLoRA's frequency ordering ({len(seeds)} images, {steps} "
+                      f"steps; once: the profile is cached in {frequency.cache_dir()})", file=sys.stderr)  # fmt: skip
+            images = self.generate(
+                prompt, [lora.name], "merge", seed=list(seeds), steps=steps, lora_scale=1.0, progress=progress
+            )
             cached = frequency.profile_images(images, prompt, list(seeds))
             frequency.store(key, lora.sha256, cached)
         lora.derived[("frequency", key)] = cached
@@ -329,6 +382,24 @@ class Composer:
             factors = (factors if factors is not None else torch.ones(steps, len(uses)))[:, None, None, :] * per_layer
             text = text * text_multipliers(blocks, self.is_sdxl)
         return WeightPlan(base, text, factors)
+
+    @property
+    def shape(self) -> checks.ModelShape:
+        """What :attr:`limits` are relative to: native side, VAE factor, training timesteps."""
+        factor = self.pipeline.vae_scale_factor
+        train_steps = int(self.scheduler_config.get("num_train_timesteps") or 1000)
+        return checks.ModelShape(self.pipeline.unet.config.sample_size * factor, factor, train_steps)
+
+    @staticmethod
+    def _method(method: str | CompositionMethod, parameters: dict | None, latent: tuple[int, int]) -> CompositionMethod:
+        """The method object, its parameter names checked before it is built and its values after."""
+        from .methods import METHODS
+
+        if isinstance(method, str) and method in METHODS:
+            checks.method_parameters(method, METHODS[method], parameters or {})
+        built = get_method(method, **(parameters or {}))
+        checks.method_values(built.name, built.parameters(), latent)
+        return built
 
     def _lookup(self, names: Iterable[str]) -> list[LoRA]:
         missing = [n for n in names if n not in self.loras]
@@ -407,7 +478,7 @@ class Composer:
         width: int | None = None,
         height: int | None = None,
         scheduler: str = DEFAULT_SCHEDULER,
-        lora_scale: float = DEFAULT_LORA_SCALE,
+        lora_scale: float | None = None,
         method_params: dict | None = None,
         callback: StepCallback | None = None,
         max_batch: int | None = None,
@@ -419,7 +490,9 @@ class Composer:
         ``loras``: names, ``(name, weight)`` pairs or ``{name: weight}``, in the order
         methods use (Switch rotates in this order), followed by any ``<lora:name:weight>``
         tags of the prompt (removed from the encoded text). Each LoRA's effective weight
-        is ``weight * lora_scale`` (reference: 1 and 0.8); a weight may be a schedule over
+        is ``weight * lora_scale``; ``lora_scale`` ``None`` is 0.8 (Multi-LoRA Composition's),
+        or the reference's own (1 for K-LoRA and CMLoRA) for a method built with
+        ``reference=True`` (:mod:`compose.methods.references`). A weight may be a schedule over
         the steps such as ``"0@0,1@0.5"`` (:mod:`compose.prompts`; the text encoder
         uses its first value). A list of prompts and/or seeds
         makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
@@ -430,36 +503,41 @@ class Composer:
         instead, as diffusers pipelines do.
         """
         pipe = self.pipeline
+        if lora_scale is None:
+            lora_scale = default_lora_scale(method, method_params)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] if isinstance(seed, int) else list(seed)
         if len(prompts) == 1 and len(seeds) > 1:
             prompts = prompts * len(seeds)
         elif len(seeds) == 1 and len(prompts) > 1:
-            seeds = [seeds[0] + i for i in range(len(prompts))]
+            seeds = [checks.seed(seeds[0]) + i for i in range(len(prompts))]
         if len(prompts) != len(seeds) or not prompts:
             raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed or one per prompt")
+        seeds = [checks.seed(s) for s in seeds]
+        if not all(isinstance(p, str) for p in [*prompts, negative_prompt]):
+            raise ValueError("prompts and the negative prompt must be strings")
+        width, height = checks.request(self.limits, self.shape, width=width, height=height, steps=steps,
+                                       images=len(prompts), guidance_scale=guidance_scale, lora_scale=lora_scale,
+                                       max_batch=max_batch)  # fmt: skip
         scale_factor = pipe.vae_scale_factor
-        default_size = pipe.unet.config.sample_size * scale_factor
-        width, height = width or default_size, height or default_size
-        if width % scale_factor or height % scale_factor or width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be positive multiples of {scale_factor}, got {width}x{height}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
 
-        uses = _normalise_uses(loras)
+        uses = _normalise_uses(loras, self.is_sdxl)
         parsed = [extract_lora_tags(p) for p in prompts]
         if any(tags != parsed[0][1] for _, tags in parsed):
             raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
-        raw_prompts, prompts, uses = prompts, [text for text, _ in parsed], uses + parsed[0][1]
+        tag_uses = _normalise_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
+        raw_prompts, prompts, uses = prompts, [text for text, _ in parsed], uses + tag_uses
         active = self._lookup([use.name for use in uses])
         if len({lora.name for lora in active}) != len(active):
             raise ValueError("a LoRA is listed twice")
         plan = self._weight_plan(uses, steps, lora_scale)
-        method = get_method(method, **(method_params or {}))
+        method = self._method(method, method_params, (height // scale_factor, width // scale_factor))
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
         frequency = (
-            {lora.name: self.frequency_profile(lora.name).score for lora in active} if method.needs_frequency else {}
+            {lora.name: self.frequency_profile(lora.name, progress=progress).score for lora in active}
+            if method.needs_frequency
+            else {}
         )
         importance = None
         if method.needs_importance:
@@ -467,20 +545,22 @@ class Composer:
                 raise ValueError(f"method {method.name!r} weighs LoRAs by the prompt: give one prompt per call")
             importance = self.trigger_importance(prompts[0], [lora.name for lora in active], (height, width))
 
+        denoiser = self._denoiser(len(active))
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
         unet_registry = self.registries["unet"]
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         cfg = guidance_scale > 1.0
+        text_loras = active and method.text_encoder_loras
         for component, registry in self.registries.items():
             if component != "unet":
-                registry.state.weights = plan.text[None, :].to(self.device) if active else None
+                registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
         try:
             conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, (height, width))
         finally:
             for registry in self.registries.values():
-                registry.state.weights = None
+                registry.release()
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (len(prompts), pipe.unet.config.in_channels, height // scale_factor, width // scale_factor)
@@ -493,20 +573,23 @@ class Composer:
                 active, plan.base.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency, importance
             )
         )
-        latents = denoise(
-            pipe.unet,
-            sched,
-            unet_registry.state,
-            latents,
-            conditioning,
-            method,
-            guidance_scale,
-            extra_step_kwargs=_step_kwargs(sched, generators),
-            callback=callback,
-            max_rows=max_batch,
-            progress=progress,
-            step_scales=None if plan.steps is None else plan.steps.to(self.device),
-        )
+        try:
+            latents = denoise(
+                denoiser,
+                sched,
+                unet_registry.state,
+                latents,
+                conditioning,
+                method,
+                guidance_scale,
+                extra_step_kwargs=_step_kwargs(sched, generators),
+                callback=callback,
+                max_rows=max_batch,
+                progress=progress,
+                step_scales=None if plan.steps is None else plan.steps.to(self.device),
+            )
+        finally:
+            unet_registry.release()  # drops the folded weights; the base weights were never written
         if output_type == "latent":
             return latents
         images = self._decode(latents)
@@ -558,7 +641,9 @@ class Composer:
 
 def generate_kwargs(record: dict) -> dict:
     """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record (its
-    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped)."""
+    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped).
+    The record is checked first (:func:`compose.metadata.check_record`): it may be forged."""
+    record = metadata.check_record(record)
     return {
         "prompt": extract_lora_tags(record["prompt"])[0],
         "loras": [(lora["name"], lora["weight"], lora.get("blocks")) for lora in record["loras"]],

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .compiled import eager
+
 
 def _map(fn, value):
     if isinstance(value, tuple):
@@ -34,6 +36,7 @@ class DeepFeatureCache:
     """Captures and replays the deep blocks of ``unet``; see the module docstring."""
 
     def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
         self.blocks: list[nn.Module] = [
             *unet.down_blocks[1:],
             unet.mid_block,
@@ -44,12 +47,14 @@ class DeepFeatureCache:
     @contextmanager
     def _patched(self, make_forward) -> Iterator[None]:
         """Give every deep block a temporary ``forward``, restoring any instance-level
-        ``forward`` that was there before (accelerate's offload hooks put one)."""
+        ``forward`` that was there before (accelerate's offload hooks put one). A compiled
+        UNet runs its eager module meanwhile (:func:`compose.compiled.eager`)."""
         previous = [block.__dict__.get("forward") for block in self.blocks]
         for k, block in enumerate(self.blocks):
             block.forward = make_forward(k, block.forward)
         try:
-            yield
+            with eager(self.unet):
+                yield
         finally:
             for block, old in zip(self.blocks, previous, strict=True):
                 if old is None:

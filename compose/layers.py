@@ -9,10 +9,35 @@ where ``m`` has one weight per batch row and LoRA, expanded over each LoRA's ran
 Two GEMMs serve any number of LoRAs, and ``m`` expresses every composition method: a
 sum (Merge), a one-hot that changes with the step (Switch), one LoRA per batch-row
 group (Composite in one UNet call) or a one-hot per layer (K-LoRA).
+
+How a call is computed depends on what is known of ``m`` without a host sync (its
+values are free to read when they live on the CPU, as they do for CPU generations):
+
+- **folded** (eager): when every row of the call has the same weights, the layer uses
+  ``W' = W + Σ_i m_i B_i A_i`` computed once for those weights and kept until they
+  change or the generation ends, so the call costs the base layer alone. ``W`` itself
+  is never written: ``W'`` is a separate tensor, dropped by :meth:`LayerRegistry.release`,
+  so restoring the base weights is exact. A layer folds a new set of weights where that
+  is cheaper than the unfused form over the calls it is expected to hold (constant
+  weights: the whole generation; scheduled weights: one step, so only layers whose
+  input has many positions fold);
+- **active only** (eager): otherwise each group of consecutive batch rows with the
+  same non-zero LoRAs computes only those LoRAs' rank rows (Switch and K-LoRA steps,
+  CMLoRA's and Composite's branches cost one LoRA each, at any N);
+- **dense**: the stacked form above, when the weights live on an accelerator (reading
+  them would cost a host sync per call, more than the few extra rank rows there) or
+  gradients are needed (the demo world's LoRA training);
+- **static** (compiled, :meth:`LayerRegistry.make_static`): fixed-capacity buffers of
+  ``capacity`` LoRA slots padded to ``max_rank`` rows each, weights always a padded
+  ``(L, rows, capacity)`` tensor, so that loading, unloading and re-weighting LoRAs or
+  changing N up to the capacity never changes what ``torch.compile`` traced. Calls whose
+  rows share their weights run a *folded* graph (base layers on ``W'``, no LoRA op);
+  the others the padded dense form (a compiled graph cannot slice by values).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv2d)
+MAX_SEGMENTS = 16
+"""More row groups than this in one call run the dense form (a Python loop per group)."""
+logger = logging.getLogger("compose")
 
 
 @dataclass
@@ -38,22 +66,119 @@ class Factors:
         return self.down.shape[0]
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer computes in one call: ``segments`` ``(start, end, columns)``, the
+    batch rows ``[start, end)`` and the LoRA columns of ``m`` that are non-zero there;
+    ``values`` the weights of every column when all rows share them (else ``None``)."""
+
+    segments: tuple[tuple[int, int, tuple[int, ...]], ...]
+    values: tuple[float, ...] | None
+
+
+def _plan(nonzero: list[list[bool]], uniform: bool, first: list[float]) -> LayerPlan:
+    segments: list[tuple[int, int, tuple[int, ...]]] = []
+    for row, flags in enumerate(nonzero):
+        columns = tuple(j for j, flag in enumerate(flags) if flag)
+        if segments and segments[-1][2] == columns:
+            segments[-1] = (segments[-1][0], row + 1, columns)
+        else:
+            segments.append((row, row + 1, columns))
+    return LayerPlan(tuple(segments), tuple(first) if uniform else None)
+
+
 class WeightState:
     """The weights ``m`` that every composable layer of one model reads.
 
     ``weights`` is ``None`` (LoRAs off), a ``(rows, N)`` tensor shared by all layers, or
     a ``(L, rows, N)`` tensor with one slice per layer (``layer.index``). ``rows`` is the
     UNet batch size or 1 (broadcast over the batch).
+
+    ``sliced`` and ``fold`` switch the eager path's active-only and folded forms off (for
+    comparison); ``expected_calls`` is how many calls a generation's first weights are
+    expected to hold (the loop sets the step count), which decides where folding pays.
     """
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._plans: list[LayerPlan] | LayerPlan | None = None
+        self._analysed = False
+        self.sliced = True
+        self.fold = True
+        self.expected_calls = 1
+        self.layers: list[ComposableLayer] = []
+        self.static: tuple[int, int] | None = None
+        """``(capacity, max_rank)`` once :meth:`LayerRegistry.make_static` ran."""
+        self.folded = False
+        """Static mode: this call runs the folded graph (every row shares its weights)."""
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._plans, self._analysed = None, False
+        if self.static is None or value is None:
+            self._weights, self.folded = value, False
+            return
+        self._set_static(value)
 
     def for_layer(self, index: int) -> torch.Tensor | None:
         w = self.weights
         if w is None or w.dim() == 2:
             return w
         return w[index]
+
+    def plan(self, index: int) -> LayerPlan | None:
+        """Layer ``index``'s plan for this call, or ``None`` where only the dense form can
+        run (weights on an accelerator, gradients on, too many row groups)."""
+        if not self._analysed:
+            self._plans = self._analyse(self._weights)
+            self._analysed = True
+        plans = self._plans
+        return plans if plans is None or isinstance(plans, LayerPlan) else plans[index]
+
+    def _analyse(self, w: torch.Tensor | None) -> list[LayerPlan] | LayerPlan | None:
+        if w is None or w.device.type != "cpu" or not self.sliced or torch.is_grad_enabled():
+            return None
+        nonzero = (w != 0).tolist()
+        uniform = (w == w[..., :1, :]).all(-1).all(-1).tolist()
+        first = w[..., 0, :].tolist()
+        if w.dim() == 2:
+            plans: list[LayerPlan] | LayerPlan = _plan(nonzero, uniform, first)
+            count = len(plans.segments)
+        else:
+            plans = [_plan(*args) for args in zip(nonzero, uniform, first, strict=True)]
+            count = max((len(p.segments) for p in plans), default=0)
+        return None if count > MAX_SEGMENTS else plans
+
+    # -- static (compiled) mode ----------------------------------------------------------
+
+    def _set_static(self, value: torch.Tensor) -> None:
+        capacity, _ = self.static
+        layers = len(self.layers)
+        n = value.shape[-1]
+        if n > capacity:
+            raise ValueError(f"{n} LoRAs in one call, over the compiled capacity of {capacity}")
+        rows = value.shape[-2]
+        full = torch.zeros(layers, rows, capacity, dtype=value.dtype, device=value.device)
+        full[..., :n] = value
+        self._weights = full
+        plans = self._analyse(value) if value.device.type == "cpu" and self.fold else None
+        if plans is None:
+            self.folded = False
+        elif isinstance(plans, LayerPlan):
+            self.folded = plans.values is not None
+            if self.folded:
+                for layer in self.layers:
+                    layer.fold_static(plans)
+        else:
+            self.folded = all(p.values is not None for p in plans)
+            if self.folded:
+                for layer, p in zip(self.layers, plans, strict=True):
+                    layer.fold_static(p)
+        self._plans, self._analysed = None, True
 
 
 class ComposableLayer(nn.Module):
@@ -69,6 +194,22 @@ class ComposableLayer(nn.Module):
         self.down: torch.Tensor | None = None
         self.up: torch.Tensor | None = None
         self.owner: torch.Tensor | None = None
+        self.spans: dict[int, tuple[int, int]] = {}
+        """Column of ``m`` -> the rank rows ``[start, end)`` of that LoRA in the stack."""
+        self.entries: list[tuple[int, Factors]] = []
+        self.static: tuple[int, int] | None = None
+        self.weight_eff: torch.Tensor | None = None
+        """Static mode: the weight the folded graph uses (``W'``, or ``W`` detached)."""
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._slices: dict[tuple[int, ...], tuple[tuple[int, ...], tuple | None]] = {}
+        self._fold_key: tuple | None = None
+        self._fold_weight: torch.Tensor | None = None
+        self._run = 0
+        self._expected = 1
+        if self.static is not None:
+            self.weight_eff = self.base.weight.detach()
 
     def set_factors(self, entries: list[tuple[int, Factors]]) -> None:
         """Stack the factors of the active LoRAs that target this layer.
@@ -76,8 +217,14 @@ class ComposableLayer(nn.Module):
         ``entries`` pairs each LoRA's column in ``m`` with its factors; an empty list
         makes the layer cost what the base layer costs.
         """
+        self.entries = list(entries)
+        self._reset_caches()
+        if self.static is not None:
+            self._fill_static()
+            return
         if not entries:
             self.down = self.up = self.owner = None
+            self.spans = {}
             return
         weight = self.base.weight
         self.down = torch.cat([f.down for _, f in entries]).to(weight)
@@ -85,20 +232,165 @@ class ComposableLayer(nn.Module):
         self.owner = torch.cat([torch.full((f.rank,), column, dtype=torch.long) for column, f in entries]).to(
             weight.device
         )
+        self.spans, start = {}, 0
+        for column, f in entries:
+            self.spans[column] = (start, start + f.rank)
+            start += f.rank
+
+    def release(self) -> None:
+        """Drop the folded weights and cached slices (the base weights were never written)."""
+        self._reset_caches()
+
+    # -- forward -----------------------------------------------------------------------
+
+    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, nn.Conv2d):
+            return self.base._conv_forward(x, weight, self.base.bias)
+        return F.linear(x, weight, self.base.bias)
+
+    def _lora(self, x: torch.Tensor, m: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``B (m ⊙ A x)`` for ``m`` ``(rows, r)``, one weight per row and rank row."""
+        m = m.to(x.dtype)
+        if isinstance(self.base, nn.Conv2d):
+            h = F.conv2d(x, down, None, self.base.stride, self.base.padding, self.base.dilation)
+            return F.conv2d(h * m[:, :, None, None], up)
+        h = F.linear(x, down)
+        return F.linear(h * m.view(m.shape[0], *([1] * (h.dim() - 2)), m.shape[1]), up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self.static is not None:
+            return self._static_forward(x)
         w = self.state.for_layer(self.index)
         if self.down is None or w is None:
-            return y
-        m = w[:, self.owner].to(x.dtype)
+            return self.base(x)
+        plan = self.state.plan(self.index)
+        if plan is None:
+            return self.base(x) + self._lora(x, w[:, self.owner], self.down, self.up)
+        if plan.values is not None and self.state.fold:
+            columns, _ = self._select(plan.segments[0][2])
+            if not columns:
+                return self.base(x)
+            folded = self._folded(x, w, columns, tuple(plan.values[c] for c in columns))
+            if folded is not None:
+                return self._base_with(x, folded)
+        y = self.base(x)
+        whole = len(plan.segments) == 1
+        for start, end, wanted in plan.segments:
+            columns, selected = self._select(wanted)
+            if not columns:
+                continue
+            down, up, owner = selected
+            if whole:
+                y = y + self._lora(x, w[:, owner], down, up)
+            else:
+                y[start:end] += self._lora(x[start:end], w[start:end, owner], down, up)
+        return y
+
+    def _select(self, wanted: tuple[int, ...]) -> tuple[tuple[int, ...], tuple | None]:
+        """The columns of ``wanted`` this layer holds and their ``(down, up, owner)``."""
+        hit = self._slices.get(wanted)
+        if hit is not None:
+            return hit
+        columns = tuple(c for c in wanted if c in self.spans)
+        if not columns:
+            selected = None
+        elif len(columns) == len(self.spans):
+            selected = (self.down, self.up, self.owner)
+        else:
+            index = torch.cat([torch.arange(*self.spans[c]) for c in columns]).to(self.owner.device)
+            selected = (self.down[index], self.up[:, index].contiguous(), self.owner[index])
+        self._slices[wanted] = (columns, selected)
+        return columns, selected
+
+    def _fold_pays(self, x: torch.Tensor, rank: int, calls: float) -> bool:
+        """Whether folding ``rank`` rows costs less than ``calls`` unfused calls like this one."""
+        weight = self.base.weight
+        out, inner = weight.shape[0], weight[0].numel()
         if isinstance(self.base, nn.Conv2d):
-            h = F.conv2d(x, self.down, None, self.base.stride, self.base.padding, self.base.dilation)
-            h = h * m[:, :, None, None]
-            return y + F.conv2d(h, self.up)
-        h = F.linear(x, self.down)
-        h = h * m.view(m.shape[0], *([1] * (h.dim() - 2)), m.shape[1])
-        return y + F.linear(h, self.up)
+            sh, sw = self.base.stride
+            positions = x.shape[0] * max(1, x.shape[-2] // sh) * max(1, x.shape[-1] // sw)
+        else:
+            positions = x.numel() // inner
+        return calls * positions * rank * (inner + out) >= out * inner * (rank + 1)
+
+    def _folded(self, x, w, columns: tuple[int, ...], values: tuple[float, ...]) -> torch.Tensor | None:
+        """``W'`` for these weights, or ``None`` while the unfused form is cheaper: over the
+        calls the previous weights held (the generation's first weights: ``expected_calls``),
+        or the calls these have held so far, whichever is more."""
+        if self.base.weight.device != x.device or hasattr(self.base, "_hf_hook"):
+            return None
+        key = (columns, values)
+        if key != self._fold_key:
+            expected = self._run if self._fold_key is not None else max(1, self.state.expected_calls)
+            self._fold_key, self._fold_weight, self._run, self._expected = key, None, 0, expected
+        self._run += 1
+        if self._fold_weight is None:
+            _, (down, _, _) = self._select(columns)
+            if self._fold_pays(x, down.shape[0], max(self._expected, self._run)):
+                self._fold_weight = self._fold(w, columns)
+        return self._fold_weight
+
+    def _fold(self, w: torch.Tensor, columns: tuple[int, ...]) -> torch.Tensor:
+        """``W + Σ_i m_i B_i A_i`` over ``columns``, ``m`` the first row of ``w`` (all rows
+        agree), computed in float32 and cast to the base weight's dtype."""
+        _, (down, up, owner) = self._select(columns)
+        weight = self.base.weight
+        m = w[0, owner].float()
+        delta = (up.flatten(1).float() * m) @ down.flatten(1).float()
+        return (weight.float() + delta.view_as(weight)).to(weight.dtype)
+
+    # -- static (compiled) mode ----------------------------------------------------------
+
+    def make_static(self, capacity: int, max_rank: int) -> None:
+        """Fixed buffers of ``capacity`` slots of ``max_rank`` rows; slot ``j`` is column ``j``."""
+        weight = self.base.weight
+        rows = capacity * max_rank
+        self.static = (capacity, max_rank)
+        self.down = weight.new_zeros(rows, *weight.shape[1:])
+        self.up = weight.new_zeros(weight.shape[0], rows, *([1, 1] if weight.dim() == 4 else []))
+        self.owner = None
+        self._fill_static()
+        self._reset_caches()
+
+    def _fill_static(self) -> None:
+        capacity, max_rank = self.static
+        self.down.zero_()
+        self.up.zero_()
+        self.spans = {}
+        for column, f in self.entries:
+            if column >= capacity or f.rank > max_rank:
+                raise ValueError(f"LoRA column {column} of rank {f.rank} is over the static capacity")
+            start = column * max_rank
+            self.down[start : start + f.rank].copy_(f.down)
+            self.up[:, start : start + f.rank].copy_(f.up)
+            self.spans[column] = (start, start + f.rank)
+
+    def fold_static(self, plan: LayerPlan) -> None:
+        """Static mode: set :attr:`weight_eff` for the folded graph from this call's weights."""
+        columns = tuple(c for c in plan.segments[0][2] if c in self.spans)
+        key = (columns, tuple(plan.values[c] for c in columns))
+        if key == self._fold_key:
+            return
+        self._fold_key = key
+        weight = self.base.weight
+        if not columns:
+            self.weight_eff = weight.detach()
+            return
+        delta = torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float32, device=weight.device)
+        for c, value in zip(columns, key[1], strict=True):
+            start, end = self.spans[c]
+            delta += value * (self.up[:, start:end].flatten(1).float() @ self.down[start:end].flatten(1).float())
+        self.weight_eff = (weight.float() + delta.view_as(weight)).to(weight.dtype)
+
+    def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state.folded:
+            return self._base_with(x, self.weight_eff)
+        w = state.weights
+        if w is None:
+            return self.base(x)
+        m = w[self.index].repeat_interleave(self.static[1], dim=1)
+        return self.base(x) + self._lora(x, m, self.down, self.up)
 
     def extra_repr(self) -> str:
         rank = 0 if self.down is None else self.down.shape[0]
@@ -118,7 +410,8 @@ class LayerRegistry:
     """The composable layers of one model (a UNet or a text encoder) and their weights.
 
     Modules are wrapped the first time a loaded LoRA targets them and restored when no
-    loaded LoRA does any more; the base weights are never copied or reloaded.
+    loaded LoRA does any more (in static mode they stay wrapped, so that the compiled
+    graph keeps its modules); the base weights are never copied, written or reloaded.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -126,29 +419,59 @@ class LayerRegistry:
         self.state = WeightState()
         self.layers: dict[str, ComposableLayer] = {}
 
+    def _sync(self) -> None:
+        self.state.layers = list(self.layers.values())
+
     def wrap(self, name: str) -> ComposableLayer:
         if name in self.layers:
             return self.layers[name]
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         layer = ComposableLayer(getattr(parent, child), self.state, len(self.layers))
+        if self.state.static is not None:
+            layer.make_static(*self.state.static)
         setattr(parent, child, layer)
         self.layers[name] = layer
+        self._sync()
         return layer
 
     def unwrap_unused(self, targeted: set[str]) -> None:
         """Restore every base module that no loaded LoRA targets, and renumber the rest."""
+        if self.state.static is not None:
+            return
         for name in [n for n in self.layers if n not in targeted]:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, self.layers.pop(name).base)
         for index, layer in enumerate(self.layers.values()):
             layer.index = index
+        self._sync()
 
     def activate(self, factors_per_lora: list[dict[str, Factors]]) -> None:
         """Stack, in every layer, the factors of these LoRAs (column j = LoRA j)."""
+        static = self.state.static
+        if static is not None:
+            rank = max((f.rank for table in factors_per_lora for f in table.values()), default=1)
+            if len(factors_per_lora) > static[0] or rank > static[1]:
+                grown = (max(static[0], len(factors_per_lora)), max(static[1], rank))
+                logger.info("compiled LoRA capacity grows from %s to %s (one recompilation)", static, grown)
+                self.make_static(*grown)
         for name, layer in self.layers.items():
             layer.set_factors([(j, table[name]) for j, table in enumerate(factors_per_lora) if name in table])
+
+    def release(self) -> None:
+        """End of a generation: every layer drops its folded weights; the base weights are
+        the original tensors, untouched."""
+        self.state.weights = None
+        for layer in self.layers.values():
+            layer.release()
+
+    def make_static(self, capacity: int, max_rank: int) -> None:
+        """Switch to fixed-capacity buffers (see the module docstring) for ``torch.compile``."""
+        self.state.static = (capacity, max_rank)
+        for layer in self.layers.values():
+            layer.make_static(capacity, max_rank)
+        self._sync()
 
     def __len__(self) -> int:
         return len(self.layers)

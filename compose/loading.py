@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from diffusers.utils.state_dict_utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
@@ -30,14 +30,18 @@ from diffusers.utils.state_dict_utils import (
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .checks import CATEGORIES, Limits, printable
 from .layers import Factors
 
-CATEGORIES = ("character", "clothing", "style", "background", "object")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 CROSS_ATTENTION_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", ".lokr_", "oft_", "ia3_", ".diff", ".w_norm")
+_PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_UNFORESEEN = (ValueError, KeyError, IndexError, TypeError, RuntimeError, ZeroDivisionError, AttributeError)
+"""What a malformed file can make diffusers' converters or the folding raise; :func:`load_lora`
+turns each into a :class:`LoRAError` naming the file, so no message lacks it."""
 
 
 class LoRAError(ValueError):
@@ -125,18 +129,50 @@ def file_hashes(path: Path) -> tuple[str, str]:
     return full.hexdigest(), data.hexdigest()[:12]
 
 
-def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _check_size(path: Path, limits: Limits) -> None:
+    """Refuse what is not a regular file, is empty, or is larger than ``limits`` allow
+    (a sparse file of many GB costs no disk, but loading it costs that much memory)."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise LoRAError(path, "is not a regular file (a device, FIFO or socket); give a LoRA file")
+    if info.st_size == 0:
+        raise LoRAError(path, "the file is empty (0 bytes)")
+    if info.st_size > limits.max_lora_mb * 2**20:
+        size = info.st_size / 2**20
+        raise LoRAError(path, f"{size:.0f} MB is over the {limits.max_lora_mb:g} MB limit for a LoRA file; raise "
+                        "it with --max-lora-mb (Limits(max_lora_mb=...)) if the file is genuine")  # fmt: skip
+
+
+def _check_count(path: Path, count: int, limits: Limits) -> None:
+    if count > limits.max_lora_tensors:
+        raise LoRAError(path, f"holds {count} tensors, over the limit of {limits.max_lora_tensors} (an SDXL LoRA "
+                        "has a few thousand); raise it with --max-lora-tensors (Limits(max_lora_tensors=...)) "
+                        "if the file is genuine")  # fmt: skip
+
+
+def read_tensors(
+    path: Path, allow_pickle: bool = False, limits: Limits | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and string metadata of a LoRA file, refusing what is unsafe or broken.
 
     Pickle files (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) can run code when unpickled;
     they load only with ``allow_pickle=True``, and then with ``weights_only=True``.
+    ``limits`` bound the file's size and tensor count; both are checked from the file's
+    size and header before any tensor is read.
     """
+    limits = limits or Limits()
     if not path.exists():
         raise LoRAError(path, "no such file")
     if path.is_dir():
         raise LoRAError(path, "is a folder; give the .safetensors file inside it")
-    if path.stat().st_size == 0:
-        raise LoRAError(path, "the file is empty (0 bytes)")
+    _check_size(path, limits)
+    try:
+        return _read_checked(path, allow_pickle, limits)
+    except MemoryError:
+        raise LoRAError(path, "does not fit in memory") from None
+
+
+def _read_checked(path: Path, allow_pickle: bool, limits: Limits) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoRAError(
@@ -149,16 +185,39 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torc
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise LoRAError(path, f"cannot be read as a weights-only pickle: {error}") from error
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+        ):
             raise LoRAError(path, "does not hold a flat dictionary of tensors")
+        _check_count(path, len(loaded), limits)
         return loaded, {}
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
+            _check_count(path, len(handle.keys()), limits)
         tensors = load_file(path)
+    except LoRAError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LoRAError(path, f"is not a valid safetensors file (truncated or corrupt: {error})") from error
     return tensors, metadata
+
+
+def _factor_shape(path: Path, key: str, tensor: torch.Tensor) -> int:
+    """The rank of a down factor, refusing shapes no LoRA has (0-D, 1-D, rank 0)."""
+    if tensor.dim() not in (2, 4):
+        raise LoRAError(path, f"tensor {key} has shape {tuple(tensor.shape)}; LoRA factors are 2-D (linear) "
+                        "or 4-D (convolution)")  # fmt: skip
+    if tensor.shape[0] == 0:
+        raise LoRAError(path, f"tensor {key} has rank 0 (shape {tuple(tensor.shape)}); a LoRA factor needs rank 1 "
+                        "or more")  # fmt: skip
+    return tensor.shape[0]
+
+
+def _scalar_alpha(path: Path, key: str, value: torch.Tensor) -> float:
+    if value.numel() != 1:
+        raise LoRAError(path, f"tensor {key} has shape {tuple(value.shape)}; an alpha is one number")
+    return float(value)
 
 
 def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
@@ -174,9 +233,9 @@ def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[di
             up_key = module + ".lora_up.weight"
             if up_key not in tensors:
                 raise LoRAError(path, f"{key} has no matching {up_key}")
-            rank = tensor.shape[0]
+            rank = _factor_shape(path, key, tensor)
             alpha = tensors.get(module + ".alpha")
-            scale = float(alpha) / rank if alpha is not None else 1.0
+            scale = _scalar_alpha(path, module + ".alpha", alpha) / rank if alpha is not None else 1.0
             folded[key] = tensor.float() * scale
             folded[up_key] = tensors[up_key].float()
         elif not key.endswith((".lora_up.weight", ".alpha")):
@@ -191,6 +250,8 @@ def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tu
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         fmt = "kohya"
         tensors, unused = _fold_kohya_alphas(path, tensors)
+        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # only kohya needs it (slow import)
+
         try:
             tensors, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(tensors, unet_config=unet_config)
         except ValueError as error:
@@ -219,16 +280,45 @@ def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tu
     return parts, fmt, unused
 
 
-def _adapter_alphas(metadata: dict[str, str], component: str) -> tuple[float | None, dict]:
-    """``lora_alpha`` and ``alpha_pattern`` that diffusers' ``save_lora_weights`` stores."""
-    raw = metadata.get("lora_adapter_metadata")
+def _json_metadata(path: Path, metadata: dict[str, str], key: str) -> dict | None:
+    """A metadata entry that holds a JSON object, or ``None`` where absent; anything
+    else is refused, naming the entry (it decides the file's weights or triggers)."""
+    raw = metadata.get(key)
     if not raw:
-        return None, {}
+        return None
     try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise LoRAError(path, f"metadata {key} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise LoRAError(path, f"metadata {key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _adapter_alphas(path: Path, metadata: dict[str, str], component: str) -> tuple[float | None, dict]:
+    """``lora_alpha`` and ``alpha_pattern`` that diffusers' ``save_lora_weights`` stores,
+    checked: the alpha a number, the pattern an object of module patterns to numbers."""
+    packed = _json_metadata(path, metadata, "lora_adapter_metadata")
+    if packed is None:
         return None, {}
-    return packed.get(f"{component}.lora_alpha"), packed.get(f"{component}.alpha_pattern") or {}
+    alpha, pattern = packed.get(f"{component}.lora_alpha"), packed.get(f"{component}.alpha_pattern") or {}
+    where = f"metadata lora_adapter_metadata: {component}"
+    if alpha is not None and not _is_number(alpha):
+        raise LoRAError(path, f"{where}.lora_alpha must be a number, got {printable(repr(alpha))}")
+    if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
+        raise LoRAError(path, f"{where}.alpha_pattern must be an object of module patterns to numbers, "
+                        f"got {printable(repr(pattern))[:120]}")  # fmt: skip
+    for key in pattern:
+        try:
+            re.compile(key.lstrip("^"))
+        except re.error as error:
+            raise LoRAError(path, f"{where}.alpha_pattern: {printable(repr(key))} is not a valid pattern "
+                            f"({error})") from None  # fmt: skip
+    return alpha, pattern
 
 
 def _alpha_for(module: str, default: float | None, pattern: dict) -> float | None:
@@ -243,7 +333,7 @@ def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, lis
     factors: dict[str, dict[str, Factors]] = {}
     unused: list[str] = []
     for component, part in parts.items():
-        default_alpha, pattern = _adapter_alphas(metadata, component)
+        default_alpha, pattern = _adapter_alphas(path, metadata, component)
         table: dict[str, Factors] = {}
         consumed = set()
         for key, down in part.items():
@@ -254,7 +344,7 @@ def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, lis
             if up_key not in part:
                 raise LoRAError(path, f"{component}.{key} has no matching lora_B")
             up = part[up_key].float()
-            rank = down.shape[0]
+            rank = _factor_shape(path, f"{component}.{key}", down)
             if up.dim() != down.dim() or up.shape[1] != rank:
                 raise LoRAError(
                     path, f"{component}.{module}: up {tuple(up.shape)} does not fit down {tuple(down.shape)}"
@@ -265,7 +355,11 @@ def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, lis
                     f"{component}.{module}: a convolution LoRA whose up factor is not 1x1 is not supported",
                 )
             alpha = part.get(alpha_key)
-            alpha = float(alpha) if alpha is not None else _alpha_for(module, default_alpha, pattern)
+            alpha = (
+                _scalar_alpha(path, f"{component}.{alpha_key}", alpha)
+                if alpha is not None
+                else _alpha_for(module, default_alpha, pattern)
+            )
             scale = alpha / rank if alpha is not None else 1.0
             table[module] = Factors(down.float() * scale, up)
             consumed.update((key, up_key, alpha_key))
@@ -299,15 +393,14 @@ def model_family(unet) -> str:
     return CROSS_ATTENTION_FAMILIES.get(width, f"custom (cross-attention width {width})")
 
 
-def _triggers_from_metadata(metadata: dict[str, str], limit: int = 3) -> list[str]:
-    """kohya's ``ss_tag_frequency``: the most frequent caption tags are the triggers."""
-    raw = metadata.get("ss_tag_frequency")
-    if not raw:
-        return []
+def _triggers_from_metadata(path: Path, metadata: dict[str, str], limit: int = 3) -> list[str]:
+    """kohya's ``ss_tag_frequency``: the most frequent caption tags are the triggers.
+    Malformed tag counts are refused; giving the triggers (``triggers=``, a sidecar)
+    skips them."""
     try:
-        datasets = json.loads(raw)
-    except json.JSONDecodeError:
-        return []
+        datasets = _json_metadata(path, metadata, "ss_tag_frequency") or {}
+    except LoRAError as error:
+        raise LoRAError(path, f"{error.reason}; give the trigger words with triggers= or a sidecar JSON") from None
     counts: Counter = Counter()
     for tags in datasets.values():
         if isinstance(tags, dict):
@@ -315,27 +408,74 @@ def _triggers_from_metadata(metadata: dict[str, str], limit: int = 3) -> list[st
     return [tag for tag, _ in counts.most_common(limit) if tag]
 
 
-def _sidecar(path: Path) -> dict:
-    """A ``<file>.json`` beside the LoRA (``triggers``/``trigger_words``/``trainedWords``, ``category``)."""
+TRIGGER_FIELDS = ("triggers", "trigger_words", "trainedWords")
+
+
+def _sidecar(path: Path) -> tuple[Path | None, dict]:
+    """A ``<file>.json`` beside the LoRA (``triggers``/``trigger_words``/``trainedWords``,
+    ``category``) and its path; it must hold a JSON object."""
     for candidate in (path.with_suffix(".json"), path.with_suffix(".civitai.info")):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as error:
+                data = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise LoRAError(candidate, f"sidecar is not valid JSON: {error}") from error
-    return {}
+            except RecursionError:
+                raise LoRAError(candidate, "sidecar is nested too deeply to be a LoRA's sidecar") from None
+            if not isinstance(data, dict):
+                raise LoRAError(candidate, f"the sidecar must be a JSON object, got {type(data).__name__}")
+            return candidate, data
+    return None, {}
 
 
-def _check_values(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Floating-point tensors only (an ``alpha`` may be an integer scalar), all finite."""
+def trigger_list(source: str | Path, value: object, field: str = "triggers") -> list[str]:
+    """Trigger words as a list: a list of strings as it is, a string as its comma-separated
+    phrases (``"zorbo creature"`` is one trigger, not one per letter)."""
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+        return list(value)
+    raise LoRAError(source, f"'{field}' must be a list of strings or a comma-separated string, "
+                    f"got {printable(repr(value))[:120]}")  # fmt: skip
+
+
+def _sidecar_fields(path: Path, category: str | None, triggers: object) -> tuple[str | None, list[str] | None]:
+    """Category and triggers from the arguments, else the sidecar, checked."""
+    source, sidecar = _sidecar(path) if path.suffix else (None, {})
+    if category is None and sidecar.get("category") is not None:
+        category = sidecar["category"]
+        if not isinstance(category, str):
+            raise LoRAError(source, f"'category' must be a string, got {printable(repr(category))[:60]}")
+    if triggers is not None:
+        return category, trigger_list(path, triggers)
+    for key in TRIGGER_FIELDS:
+        if sidecar.get(key):
+            return category, trigger_list(source, sidecar[key], key)
+    return category, None
+
+
+def _check_values(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors only (an ``alpha`` may be an integer scalar), all finite.
+    Float8 factors are upcast to float32 first (torch cannot test them for NaN, and the
+    composable layer computes in the base model's dtype anyway)."""
+    checked = {}
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             if tensor.dim() == 0 and key.endswith("alpha"):
+                checked[key] = tensor
                 continue
             raise LoRAError(path, f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; LoRA factors "
                             "must be floating point (the file is damaged or not a LoRA)")  # fmt: skip
+        if tensor.dtype not in _PLAIN_FLOATS:
+            try:
+                tensor = tensor.float()
+            except (RuntimeError, TypeError):
+                raise LoRAError(path, f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, which "
+                                "cannot be converted to float32") from None  # fmt: skip
         if not torch.isfinite(tensor).all():
             raise LoRAError(path, f"tensor {key} contains NaN or Inf values")
+        checked[key] = tensor
+    return checked
 
 
 def load_lora(
@@ -345,30 +485,29 @@ def load_lora(
     triggers: list[str] | None = None,
     allow_pickle: bool = False,
     unet_config: dict | None = None,
+    limits: Limits | None = None,
 ) -> LoRA:
     """Read a LoRA file into a :class:`LoRA` record.
 
     ``category`` and ``triggers`` override what the file's metadata or a sidecar JSON
     say. ``unet_config`` lets kohya SDXL files with SGM block names map correctly.
+    ``limits`` bound the file's size and tensor count (:class:`compose.checks.Limits`).
+    Every refusal is a :class:`LoRAError` naming the file.
     """
     path = Path(path)
-    tensors, metadata = read_tensors(path, allow_pickle)
-    _check_values(path, tensors)
-    if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
-        raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
-    parts, fmt, unused = _split_components(path, tensors, unet_config)
-    factors, more_unused = _collect_factors(path, parts, metadata)
-    sidecar = _sidecar(path) if path.suffix else {}
-    category = category or sidecar.get("category") or metadata.get("compose_category")
+    tensors, metadata = read_tensors(path, allow_pickle, limits)
+    try:
+        fmt, factors, unused = _parse(path, tensors, metadata, unet_config)
+    except LoRAError:
+        raise
+    except _UNFORESEEN as error:
+        raise LoRAError(path, f"cannot be read as a LoRA ({type(error).__name__}: {error})") from None
+    category, triggers = _sidecar_fields(path, category, triggers)
+    category = category or metadata.get("compose_category")
     if category is not None and category not in CATEGORIES:
-        raise LoRAError(path, f"category {category!r} is not one of {', '.join(CATEGORIES)}")
+        raise LoRAError(path, f"category {printable(repr(category))} is not one of {', '.join(CATEGORIES)}")
     if triggers is None:
-        triggers = (
-            sidecar.get("triggers")
-            or sidecar.get("trigger_words")
-            or sidecar.get("trainedWords")
-            or _triggers_from_metadata(metadata)
-        )
+        triggers = _triggers_from_metadata(path, metadata)
     sha256, short_hash = file_hashes(path)
     lora = LoRA(
         name=name or path.stem,
@@ -381,6 +520,16 @@ def load_lora(
         category=category,
         triggers=list(triggers),
         metadata=metadata,
-        unused_keys=sorted(unused + more_unused),
+        unused_keys=sorted(unused),
     )
     return lora
+
+
+def _parse(path: Path, tensors: dict, metadata: dict, unet_config: dict | None) -> tuple[str, dict, list[str]]:
+    """``(format, factors, unused keys)`` of a file's tensors."""
+    tensors = _check_values(path, tensors)
+    if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
+        raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
+    parts, fmt, unused = _split_components(path, tensors, unet_config)
+    factors, more_unused = _collect_factors(path, parts, metadata)
+    return fmt, factors, unused + more_unused

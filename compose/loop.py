@@ -112,6 +112,20 @@ def _unet_call(unet, state, latent_input, timestep, conditioning, chunk: torch.T
         state.weights = None
 
 
+NAN_CHECK_EVERY = 5
+"""The loop keeps an on-device index of the first step whose latents were NaN/Inf and
+reads it (a host sync) every this many steps and after the last, not at every step."""
+
+
+def _check_finite(first_bad: torch.Tensor, num_steps: int) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise NonFiniteLatentsError(
+            f"the latents became NaN/Inf at step {step + 1} of {num_steps}; "
+            "lower the LoRA weights or guidance, or use float32"
+        )
+
+
 def denoise(
     unet,
     scheduler,
@@ -139,6 +153,8 @@ def denoise(
     batch = latents.shape[0]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
+    state.expected_calls = num_steps
+    first_bad: torch.Tensor | None = None
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", unit="step")):
         latent_input = torch.cat([latents] * 2) if cfg else latents
         latent_input = scheduler.scale_model_input(latent_input, t)
@@ -148,11 +164,10 @@ def denoise(
         eps = eps.view(eps.shape[0] // latent_input.shape[0], 2 if cfg else 1, batch, *eps.shape[1:])
         noise = method.combine(eps[:, 0] if cfg else None, eps[:, -1], guidance_scale, i).to(latents.dtype)
         latents = scheduler.step(noise, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
-        if not torch.isfinite(latents).all():
-            raise NonFiniteLatentsError(
-                f"the latents became NaN/Inf at step {i + 1} of {num_steps}; "
-                "lower the LoRA weights or guidance, or use float32"
-            )
+        bad = ~torch.isfinite(latents).all()
+        first_bad = torch.where(bad, i, -1) if first_bad is None else torch.where(bad & (first_bad < 0), i, first_bad)
+        if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == num_steps:
+            _check_finite(first_bad, num_steps)
         if callback is not None and callback(i, num_steps, latents) is False:
             raise GenerationCancelled(f"cancelled after step {i + 1} of {num_steps}")
     return latents

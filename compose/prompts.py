@@ -10,10 +10,16 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+MAX_WEIGHT = 100.0
+"""The largest LoRA weight in magnitude (:data:`compose.checks.MAX_WEIGHT`); beyond it the
+factors overflow and the latents become NaN."""
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 Weight = float | str
@@ -44,6 +50,10 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoRAUse]]:
             weight = float(weight)
         except ValueError:
             parse_schedule(weight)
+        else:
+            if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+                raise ValueError(f"<lora:{name.strip()}:{numbers[0]}>: the weight must be a finite number within "
+                                 f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")  # fmt: skip
         tags.append(LoRAUse(name.strip(), weight, blocks))
     text = LORA_TAG.sub("", prompt)
     text = re.sub(r"\s*,(\s*,)+", ",", text)
@@ -62,6 +72,9 @@ def parse_schedule(text: str) -> list[tuple[float, float]]:
             raise ValueError(f"weight schedule {text!r}: expected points like 0@0,1@0.5 (weight@progress)") from None
         if not sep or not 0.0 <= point[0] <= 1.0:
             raise ValueError(f"weight schedule {text!r}: each point is weight@progress with progress in [0, 1]")
+        if not math.isfinite(point[1]) or abs(point[1]) > MAX_WEIGHT:
+            raise ValueError(f"weight schedule {text!r}: weight {point[1]:g} is not a finite number within "
+                             f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")  # fmt: skip
         points.append(point)
     return sorted(points)
 
@@ -79,6 +92,8 @@ def schedule_value(points: list[tuple[float, float]], progress: float) -> float:
 def weight_table(weights: list[Weight], steps: int) -> torch.Tensor:
     """``(steps, N)`` weights per step: constants repeat, schedules are read at
     ``p = step / steps``."""
+    import torch
+
     columns = []
     for weight in weights:
         if isinstance(weight, str):

@@ -6,46 +6,40 @@ entry is a scheduler class and the config overrides that make it that sampler.
 
 from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-
 DEFAULT_SCHEDULER = "dpm++2m"
 
-SCHEDULERS: dict[str, tuple[type, dict, str]] = {
+SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "dpm++2m": (
-        DPMSolverMultistepScheduler,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False},
         "DPM++ 2M",
     ),
     "dpm++2m-karras": (
-        DPMSolverMultistepScheduler,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
         "DPM++ 2M Karras",
     ),
-    "euler": (EulerDiscreteScheduler, {}, "Euler"),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}, "Euler a"),
-    "ddim": (DDIMScheduler, {}, "DDIM"),
-    "pndm": (PNDMScheduler, {}, "PLMS"),
-    "lms": (LMSDiscreteScheduler, {}, "LMS"),
-    "heun": (HeunDiscreteScheduler, {}, "Heun"),
-    "unipc": (UniPCMultistepScheduler, {}, "UniPC"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+"""Name -> (diffusers scheduler class name, config overrides, A1111 sampler name); the
+class is imported when a scheduler is made, so the names cost no diffusers import."""
 
 
 def make_scheduler(name: str, base_config: dict):
     """A fresh scheduler ``name`` configured from the model's own scheduler config."""
     try:
-        cls, overrides, _ = SCHEDULERS[name]
+        cls_name, overrides, _ = SCHEDULERS[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
     config = {k: v for k, v in base_config.items() if k != "algorithm_type"}
     return cls.from_config({**config, **overrides})
 

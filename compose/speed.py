@@ -1,11 +1,28 @@
 """``compose bench --speed``: the cost of one denoising step per method, side by side.
 
 For a UNet shape (random weights), N = 1..5 random LoRAs and batch 1 with CFG, it times
-in one process, with warm-up and device synchronisation, the median and spread of:
-a LoRA-free step (the floor); this engine's Merge, Switch and Composite; and diffusers'
-own PEFT path (``set_adapters`` for Merge, the reference's sequential N batch-2 passes
-with adapter switching for Composite). Ratios are to the floor and to the diffusers
-baseline of the same method.
+in one process, round-robin over configurations, with warm-up and device
+synchronisation, the median and spread of: a LoRA-free step (the floor); this engine's
+methods; the same under ``torch.compile`` (:mod:`compose.compiled`); and diffusers' own
+PEFT path (``set_adapters`` for Merge, the reference's sequential N batch-2 passes with
+adapter switching for Composite). Ratios are to the floor and to the diffusers baseline
+of the same method, all measured in the same run.
+
+Merge, Switch and K-LoRA fold their weights into the base weights
+(:mod:`compose.layers`): their plain rows time a step with the fold in place, their
+*folding step* rows a step that folds every layer first, and their 25-step averages
+weigh the two by how often a generation folds (once for Merge; at every switch for
+Switch; for K-LoRA, each layer whenever its winner changes). CMLoRA is timed at a
+refresh and at a cached step and averaged over its 25-step non-uniform schedule.
+
+Peak memory is the largest amount of tensor memory a step allocates beyond the model
+(folded weights included): ``torch.cuda.max_memory_allocated`` on CUDA, on the CPU a
+dispatch-level tracker of tensor storages (:class:`TensorMemory`; ``tracemalloc`` does
+not see tensor storage, which PyTorch allocates outside Python's allocator).
+
+The demo world rows time whole generations of the shipped demo world
+(``Composer.load("demo-world")``, its native size and 25 steps) in images per second,
+batch 1 and 8, eager and compiled.
 """
 
 from __future__ import annotations
@@ -14,19 +31,24 @@ import copy
 import json
 import statistics
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from .compiled import CompiledUNet
+from .feature_cache import DeepFeatureCache
 from .layers import LayerRegistry
 from .loading import LoRA
 from .loop import Conditioning, predict_noise
-from .methods import CMLoRA, CompositionMethod, MethodContext, get_method
+from .methods import CMLoRA, CompositionMethod, KLoRA, MethodContext, Switch, get_method
 from .methods.cmlora import refresh_steps
 from .tiny import ATTENTION_PROJECTIONS, random_factors, tiny_sd_unet
 
@@ -55,9 +77,15 @@ SDXL = dict(
 )
 SMALL = {**SD15, "block_out_channels": (64, 128, 256, 256), "sample_size": 32}
 PRESETS = {"tiny": None, "small": SMALL, "sd15": SD15, "sdxl": SDXL}
-METHOD_NAMES = ("merge", "switch", "composite", "klora")
+FOLDING = ("merge", "switch", "klora")
+"""Methods whose steps fold their weights (every row shares them)."""
+COMPILED = ("merge", "switch", "klora", "composite")
 SCHEDULE_STEPS = 25
 CMLORA_ROWS = ("cmlora refresh step", "cmlora cached step")
+SHALLOW = "shallow branch (no LoRA, deep features cached)"
+WORLD_LORAS = ("zorbo", "flimbo", "brakka", "vosh")
+WORLD_PROMPT = "a zorbo creature wearing a flimbo hat on the right, a brakka key on the left, vosh sky background"
+WORLD_METHODS = ("merge", "composite")
 
 
 @dataclass
@@ -69,6 +97,52 @@ class Timing:
     peak_mib: float | None = None
     vs_floor: float | None = None
     vs_diffusers: float | None = None
+
+
+@dataclass
+class Job:
+    """One timed configuration: ``setup`` (untimed: stack the LoRAs, fold where the row
+    times a step with the fold in place) then ``run`` (timed)."""
+
+    config: str
+    n: int
+    setup: Callable[[], None]
+    run: Callable[[], object]
+    memory: bool = True
+    floor: str = "no LoRA (floor)"
+    extra: dict = field(default_factory=dict)
+
+
+class TensorMemory(TorchDispatchMode):
+    """The peak bytes of tensor storage allocated by the operations run inside (views and
+    in-place results, which share an input's storage, are not allocations); storages
+    count until they are freed. Works on any device, in eager mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: dict[int, weakref.ref] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._tracked.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self._tracked:
+                continue
+            nbytes = storage.nbytes()
+            self._tracked[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._free(key, nbytes))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        return out
 
 
 def build_unet(preset: str) -> UNet2DConditionModel:
@@ -94,11 +168,8 @@ def _conditioning(unet, rows: int, device, dtype) -> Conditioning:
     )
 
 
-Job = tuple[str, int, list, Callable[[], object]]
-
-
-def _measure(jobs: list[Job], activate: Callable[[list], None], device: torch.device, warmup: int, repeats: int):
-    """Per job: median and interquartile range in ms, and peak CUDA memory in MiB.
+def _measure(jobs: list[Job], device: torch.device, warmup: int, repeats: int, memory: bool):
+    """Per job: median and interquartile range in ms, and peak memory in MiB.
 
     Repeats run round-robin over the jobs, so slow drifts of the machine (clock,
     other load) spread over every configuration instead of biasing some.
@@ -106,24 +177,38 @@ def _measure(jobs: list[Job], activate: Callable[[list], None], device: torch.de
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples: list[list[float]] = [[] for _ in jobs]
     peaks: list[float | None] = [None] * len(jobs)
+    if memory and device.type != "cuda":
+        for k, job in enumerate(tqdm(jobs, desc="memory", unit="job")):
+            if job.memory:
+                job.setup()
+                with torch.no_grad(), TensorMemory() as tracker:
+                    job.run()
+                peaks[k] = tracker.peak / 2**20
     for sweep in tqdm(range(warmup + repeats), desc="timing sweeps", unit="sweep"):
-        for k, (_, _, active, fn) in enumerate(jobs):
-            activate(active)
+        for k, job in enumerate(jobs):
+            job.setup()
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
-            fn()
+            job.run()
             sync()
             if sweep >= warmup:
                 samples[k].append((time.perf_counter() - start) * 1000)
-                if device.type == "cuda":
-                    peaks[k] = max(peaks[k] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+                if device.type == "cuda" and memory:
+                    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                    peaks[k] = max(peaks[k] or 0.0, peak)
     results = []
     for times, peak in zip(samples, peaks, strict=True):
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         results.append((statistics.median(times), quartiles[2] - quartiles[0], peak))
     return results
+
+
+def _random_loras(unet, count: int, rank: int) -> list[LoRA]:
+    factors = [random_factors(unet, ATTENTION_PROJECTIONS, rank, seed=i) for i in range(count)]
+    return [LoRA(f"lora{i}", "", "", "", "random", "random", {"unet": f}) for i, f in enumerate(factors)]
 
 
 def run_speed_benchmark(
@@ -136,8 +221,17 @@ def run_speed_benchmark(
     warmup: int = 2,
     repeats: int = 5,
     baselines: bool = True,
+    compiled: bool = False,
+    world: bool = False,
+    compile_backend: str = "inductor",
+    memory: bool = True,
+    world_steps: int = SCHEDULE_STEPS,
+    world_batches: tuple[int, ...] = (1, 8),
+    world_repeats: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Time one CFG denoising step per configuration; returns the table as data."""
+    say = progress or (lambda _: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     unet = build_unet(preset).to(device, dtype).eval()
@@ -145,19 +239,8 @@ def run_speed_benchmark(
     latents = torch.randn(2, unet.config.in_channels, size, size, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
     conditioning = _conditioning(unet, 2, device, dtype)
-    loras = [
-        LoRA(
-            f"lora{i}",
-            "",
-            "",
-            "",
-            "random",
-            "random",
-            {"unet": random_factors(unet, ATTENTION_PROJECTIONS, rank, seed=i)},
-        )
-        for i in range(max_loras)
-    ]
-    reference = None
+    loras = _random_loras(unet, max_loras, rank)
+    reference = compiled_unet = None
     if baselines:
         reference = copy.deepcopy(unet)
         for lora in loras:
@@ -167,28 +250,47 @@ def run_speed_benchmark(
                 for ab, x in (("A", f.down), ("B", f.up))
             }
             reference.load_lora_adapter(state, prefix=None, adapter_name=lora.name)
+    if compiled:
+        compiled_unet = copy.deepcopy(unet)
     registry = LayerRegistry(unet)
     for module in loras[0].factors["unet"]:
         registry.wrap(module)
+    registry.state.expected_calls = SCHEDULE_STEPS
+    targets: list[tuple[object, LayerRegistry]] = [(unet, registry)]
+    if compiled_unet is not None:
+        static = LayerRegistry(compiled_unet)
+        for module in loras[0].factors["unet"]:
+            static.wrap(module)
+        static.make_static(max_loras, rank)
+        targets.append((CompiledUNet(compiled_unet, static.state, backend=compile_backend), static))
 
-    jobs: list[Job] = []
-
-    run = partial(predict_noise, unet, registry.state, latents, t, conditioning)
-
-    def ours(method: CompositionMethod, n: int, step: int = 1) -> Callable[[], object]:
-        weights = torch.full((n,), 0.8, device=device)
-        method.prepare(MethodContext(loras[:n], weights, SCHEDULE_STEPS, list(registry.layers), unet))
+    def job(config: str, n: int, method: CompositionMethod | None, step: int = 1, target: int = 0,
+            fold_first: bool = True, extra: dict | None = None) -> Job:  # fmt: skip
+        model, reg = targets[target]
+        run = partial(predict_noise, model, reg.state, latents, t, conditioning)
+        active = [lora.factors["unet"] for lora in loras[:n]]
+        if method is not None:
+            weights = torch.full((n,), 0.8, device=device)
+            method.prepare(MethodContext(loras[:n], weights, SCHEDULE_STEPS, list(reg.layers), model))
 
         def one_step() -> object:
             with torch.no_grad():
+                if method is None:
+                    return run(torch.zeros(1, n, device=device))
                 eps = method.predict(step, run)
                 eps = eps.view(-1, 2, 1, *eps.shape[1:])
                 return method.combine(eps[:, 0], eps[:, 1], 7.5, step)
 
+        def setup() -> None:
+            reg.activate(active)
+            if fold_first and (method is None or method.name in FOLDING or target == 1):
+                one_step()  # the fold (or the folded graph) is in place for the timed step
+
         if isinstance(method, CMLoRA):
-            registry.activate([lora.factors["unet"] for lora in loras[:n]])
-            method.predict(0, run)
-        return one_step
+            reg.activate(active)
+            with torch.no_grad():
+                method.predict(0, run)
+        return Job(config, n, setup, one_step, memory=target == 0, extra=extra or {})
 
     def diffusers_merge(n: int) -> Callable[[], object]:
         def step() -> object:
@@ -213,42 +315,54 @@ def run_speed_benchmark(
         with torch.no_grad():
             return unet(latents, t, **_kwargs(conditioning)).sample
 
-    jobs.append(("no LoRA (floor)", 0, [], floor))
-    for n in range(1, max_loras + 1):
-        active = [lora.factors["unet"] for lora in loras[:n]]
-        for name in METHOD_NAMES:
-            jobs.append((name, n, active, ours(get_method(name), n)))
-        cmlora = CMLoRA(ordering="category")
-        jobs.append(("cmlora refresh step", n, active, ours(cmlora, n, step=0)))
-        jobs.append(("cmlora cached step", n, active, ours(cmlora, n, step=1)))
-        if reference is not None:
-            jobs.append(("diffusers merge", n, [], diffusers_merge(n)))
-            jobs.append(("diffusers composite (sequential)", n, [], diffusers_composite(n)))
-    measured = _measure(jobs, registry.activate, device, warmup, repeats)
-    rows = [Timing(config, n, *_round(m)) for (config, n, _, _), m in zip(jobs, measured, strict=True)]
+    def nothing() -> None:
+        return None
 
-    refreshed = len(refresh_steps("nonuniform", SCHEDULE_STEPS)) / SCHEDULE_STEPS
+    shallow = DeepFeatureCache(unet)
+
+    def shallow_setup() -> None:
+        registry.activate([])
+        with torch.no_grad(), shallow.capture([0]):
+            floor()
+
+    def shallow_pass() -> object:
+        with shallow.reuse([0]):
+            return floor()
+
+    jobs: list[Job] = [
+        Job("no LoRA (floor)", 0, lambda: registry.activate([]), floor),
+        Job(SHALLOW, 0, shallow_setup, shallow_pass),
+    ]
+    if compiled_unet is not None:
+        jobs.append(job("compiled no LoRA (floor)", 0, None, target=1))
     for n in range(1, max_loras + 1):
-        full, cached = (next(r for r in rows if r.config == c and r.n == n) for c in CMLORA_ROWS)
-        average = refreshed * full.median_ms + (1 - refreshed) * cached.median_ms
-        rows.append(Timing(f"cmlora ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, full.peak_mib))
-    floor_ms = rows[0].median_ms
-    by_key = {(r.config, r.n): r for r in rows}
-    for r in rows:
-        r.vs_floor = round(r.median_ms / floor_ms, 3)
-        base = by_key.get(
-            (
-                f"diffusers {r.config}"
-                if r.config == "merge"
-                else "diffusers composite (sequential)"
-                if r.config == "composite" or r.config.startswith("cmlora")
-                else "",
-                r.n,
-            )
-        )
-        if base is not None:
-            r.vs_diffusers = round(r.median_ms / base.median_ms, 3)
-    return {
+        for name in ("merge", "switch", "composite", "klora"):
+            method = get_method(name)
+            jobs.append(job(name, n, method))
+            if name in FOLDING:
+                folding = get_method(name)
+                jobs.append(job(f"{name} (folding step)", n, folding, fold_first=False, extra={"method": folding}))
+        cmlora = CMLoRA(ordering="category")
+        jobs.append(job("cmlora refresh step", n, cmlora, step=0))
+        jobs.append(job("cmlora cached step", n, cmlora, step=1))
+        if compiled_unet is not None:
+            for name in COMPILED:
+                jobs.append(job(f"compiled {name}", n, get_method(name), target=1))
+        if reference is not None:
+            jobs.append(Job("diffusers merge", n, nothing, diffusers_merge(n), memory=False))
+            jobs.append(Job("diffusers composite (sequential)", n, nothing, diffusers_composite(n), memory=False))
+    if compiled_unet is not None:
+        say("compiling (once per graph: folded, stacked)")
+        for j in jobs:
+            if j.config.startswith("compiled"):
+                j.setup()
+                j.run()
+    say(f"timing {len(jobs)} configurations")
+    measured = _measure(jobs, device, warmup, repeats, memory)
+    rows = [Timing(j.config, j.n, *_round(m)) for j, m in zip(jobs, measured, strict=True)]
+    _averages(rows, jobs, max_loras)
+    _ratios(rows)
+    result = {
         "preset": preset,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -258,8 +372,100 @@ def run_speed_benchmark(
         "rank": rank,
         "batch": "1 image with CFG (2 rows)",
         "repeats": repeats,
+        "compile_backend": compile_backend if compiled else None,
         "rows": [asdict(r) for r in rows],
     }
+    if world:
+        say("timing the demo world's generations")
+        backend = compile_backend if compiled else None
+        sweeps = world_repeats or max(1, repeats // 2)
+        result["world"] = world_speed(device, world_steps, world_batches, sweeps, backend)
+    return result
+
+
+def _folds(method: CompositionMethod, n: int) -> float:
+    """How many whole-model folds a 25-step generation of ``method`` does: once for
+    Merge, once per turn for Switch, and for K-LoRA one plus a layer fold each time a
+    layer's winner changes, over the layer count (its choices are tabulated by then)."""
+    if isinstance(method, Switch):
+        return float(len({step // method.tau for step in range(SCHEDULE_STEPS)})) if n > 1 else 1.0
+    choices = getattr(method, "choices", None)
+    if isinstance(method, KLoRA) and choices is not None:
+        return 1.0 + (choices[1:] != choices[:-1]).sum().item() / max(1, choices.shape[1])
+    return 1.0
+
+
+def _averages(rows: list[Timing], jobs: list[Job], max_loras: int) -> None:
+    """The 25-step averages of the folding methods and of CMLoRA, appended to ``rows``."""
+    by_key = {(r.config, r.n): (r, j) for r, j in zip(rows, jobs, strict=True)}
+    refreshed = len(refresh_steps("nonuniform", SCHEDULE_STEPS)) / SCHEDULE_STEPS
+    for n in range(1, max_loras + 1):
+        for name in FOLDING:
+            steady, _ = by_key[(name, n)]
+            folding, job = by_key[(f"{name} (folding step)", n)]
+            folds = _folds(job.extra["method"], n)
+            average = steady.median_ms + (folding.median_ms - steady.median_ms) * folds / SCHEDULE_STEPS
+            rows.append(Timing(f"{name} ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, folding.peak_mib))
+        full, cached = (by_key[(c, n)][0] for c in CMLORA_ROWS)
+        average = refreshed * full.median_ms + (1 - refreshed) * cached.median_ms
+        rows.append(Timing(f"cmlora ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, full.peak_mib))
+
+
+def _ratios(rows: list[Timing]) -> None:
+    floors = {r.config: r.median_ms for r in rows if r.n == 0}
+    by_key = {(r.config, r.n): r for r in rows}
+    for r in rows:
+        floor = floors.get("compiled no LoRA (floor)") if r.config.startswith("compiled") else None
+        r.vs_floor = round(r.median_ms / (floor or floors["no LoRA (floor)"]), 3)
+        if r.config.startswith("merge"):
+            base = by_key.get(("diffusers merge", r.n))
+        elif r.config == "composite" or r.config.startswith("cmlora"):
+            base = by_key.get(("diffusers composite (sequential)", r.n))
+        else:
+            base = None
+        if base is not None:
+            r.vs_diffusers = round(r.median_ms / base.median_ms, 3)
+
+
+def world_speed(
+    device: torch.device,
+    steps: int = SCHEDULE_STEPS,
+    batches: tuple[int, ...] = (1, 8),
+    repeats: int = 2,
+    compile_backend: str | None = "inductor",
+    methods: tuple[str, ...] = WORLD_METHODS,
+) -> list[dict]:
+    """Images per second of whole demo-world generations (text encoding, ``steps``
+    denoising steps, VAE decoding) with the quick start's four LoRAs, per method and
+    batch, eager and (with ``compile_backend``) compiled; each configuration warmed up
+    once (the compiled ones compile there), then timed ``repeats`` times round-robin."""
+    from .composer import Composer
+
+    composers = {"eager": Composer.load("demo-world", device=str(device))}
+    if compile_backend is not None:
+        composers["compiled"] = Composer.load("demo-world", device=str(device), compile=compile_backend)
+    configs = [(mode, method, batch) for method in methods for batch in batches for mode in composers]
+
+    def generate(mode: str, method: str, batch: int) -> None:
+        composers[mode].generate(WORLD_PROMPT, list(WORLD_LORAS), method, seed=list(range(batch)), steps=steps)
+
+    for config in tqdm(configs, desc="demo world warm-up", unit="config"):
+        generate(*config)
+    samples: dict[tuple, list[float]] = {c: [] for c in configs}
+    for _ in tqdm(range(repeats), desc="demo world sweeps", unit="sweep"):
+        for config in configs:
+            start = time.perf_counter()
+            generate(*config)
+            samples[config].append(time.perf_counter() - start)
+    rows = []
+    for (mode, method, batch), times in samples.items():
+        seconds = statistics.median(times)
+        rows.append({"mode": mode, "method": method, "n": len(WORLD_LORAS), "batch": batch, "steps": steps,
+                     "seconds": round(seconds, 3), "images_per_s": round(batch / seconds, 3)})  # fmt: skip
+    eager = {(r["method"], r["batch"]): r["seconds"] for r in rows if r["mode"] == "eager"}
+    for r in rows:
+        r["speedup"] = round(eager[(r["method"], r["batch"])] / r["seconds"], 3)
+    return rows
 
 
 def _kwargs(conditioning: Conditioning) -> dict:
@@ -273,12 +479,74 @@ def _round(values: tuple) -> tuple:
     return tuple(None if v is None else round(v, 3) for v in values)
 
 
+SUMMARY_COLUMNS = (
+    ("merge", "merge (25-step average)"),
+    ("switch", "switch (25-step average)"),
+    ("klora", "klora (25-step average)"),
+    ("composite", "composite"),
+    ("cmlora", "cmlora (25-step average)"),
+    ("diffusers merge", "diffusers merge"),
+    ("diffusers sequential composite", "diffusers composite (sequential)"),
+)
+COMPILED_COLUMNS = tuple((f"compiled {m}", f"compiled {m}") for m in COMPILED)
+
+
+def summary_markdown(result: dict) -> str:
+    """The README's tables: time per step relative to the LoRA-free step per method and
+    N (compiled rows relative to the compiled LoRA-free step), Composite and CMLoRA
+    against the sequential loop, peak memory, and the demo world's images per second."""
+    rows = {(r["config"], r["n"]): r for r in result["rows"]}
+    ns = sorted({r["n"] for r in result["rows"] if r["n"] > 0})
+    columns = [c for c in SUMMARY_COLUMNS + COMPILED_COLUMNS if (c[1], ns[0]) in rows]
+    has_sequential = ("diffusers composite (sequential)", ns[0]) in rows
+    head = ["N", *(label for label, _ in columns)]
+    has_shallow = (SHALLOW, 0) in rows and ("cmlora cached step", ns[0]) in rows
+    if has_sequential:
+        head += ["composite ÷ sequential", "cmlora ÷ composite"]
+    if has_shallow:
+        head += ["cmlora cached ÷ (full + shallow branches)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for n in ns:
+        cells = [str(n)] + [f"{rows[(config, n)]['vs_floor']:.2f}" for _, config in columns]
+        if has_sequential:
+            composite = rows[("composite", n)]["median_ms"]
+            cells += [f"{composite / rows[('diffusers composite (sequential)', n)]['median_ms']:.2f}",
+                      f"{rows[('cmlora (25-step average)', n)]['median_ms'] / composite:.2f}"]  # fmt: skip
+        if has_shallow:
+            bound = rows[("no LoRA (floor)", 0)]["median_ms"] + (n - 1) * rows[(SHALLOW, 0)]["median_ms"]
+            cells.append(f"{rows[('cmlora cached step', n)]['median_ms'] / bound:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    if ("compiled no LoRA (floor)", 0) in rows:
+        ratio = rows[("no LoRA (floor)", 0)]["median_ms"] / rows[("compiled no LoRA (floor)", 0)]["median_ms"]
+        out += f"\nCompiled LoRA-free step: {ratio:.2f}x faster than the eager one.\n"
+    memory = [("merge", "merge (folding step)"), ("switch", "switch (folding step)"), ("klora", "klora (folding step)"),
+              ("composite", "composite"), ("cmlora refresh", "cmlora refresh step")]  # fmt: skip
+    if rows[("no LoRA (floor)", 0)].get("peak_mib") is not None:
+        out += "\nPeak tensor memory of one step beyond the model, MiB (LoRA-free step: "
+        out += f"{rows[('no LoRA (floor)', 0)]['peak_mib']:.1f}):\n\n"
+        out += "| N | " + " | ".join(label for label, _ in memory) + " |\n" + "|---" * (len(memory) + 1) + "|\n"
+        for n in ns:
+            out += f"| {n} | " + " | ".join(f"{rows[(c, n)]['peak_mib']:.1f}" for _, c in memory) + " |\n"
+    if result.get("world"):
+        out += "\nDemo world, whole generations (4 LoRAs, native size, "
+        out += f"{result['world'][0]['steps']} steps), images per second:\n\n"
+        out += "| method | batch | mode | images/s | s per call | vs eager |\n|---|---|---|---|---|---|\n"
+        for r in result["world"]:
+            out += (f"| {r['method']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | {r['seconds']:.2f} "
+                    f"| {r['speedup']:.2f} |\n")  # fmt: skip
+    return out
+
+
 def to_markdown(result: dict) -> str:
-    """The result as a markdown table with a one-line header of the setup."""
+    """The result as markdown: a one-line header of the setup, the summary tables
+    (:func:`summary_markdown`) and the full table of every configuration."""
     head = (
         f"UNet `{result['preset']}`, {result['device']}, {result['dtype']}, latents "
         f"{result['latent_size']}x{result['latent_size']}, rank {result['rank']}, "
-        f"{result['batch']}, median of {result['repeats']}\n\n"
+        f"{result['batch']}, median of {result['repeats']}"
+        + (f", compiled with {result['compile_backend']}" if result.get("compile_backend") else "")
+        + "\n\n"
     )
     memory = any(r["peak_mib"] is not None for r in result["rows"])
     columns = ["configuration", "N", "ms/step (median)", "IQR ms", "x floor", "x diffusers"]
@@ -296,9 +564,9 @@ def to_markdown(result: dict) -> str:
             "" if r["vs_diffusers"] is None else f"{r['vs_diffusers']:.2f}",
         ]
         if memory:
-            cells.append(f"{r['peak_mib']:.0f}")
+            cells.append("" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + summary_markdown(result) + "\nEvery configuration:\n\n" + "\n".join(lines) + "\n"
 
 
 def write_results(result: dict, out: Path) -> tuple[Path, Path]:

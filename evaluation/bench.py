@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import printable
 from ..composer import Composer
 from ..files import atomic_open
 from ..metadata import save_png
 from .clipscore import CLIPScorer, composition_text
 from .presence import concept_presence
 from .report import write_report
-from .sets import CompositionSet, Manifest, load_manifest
+from .sets import CompositionSet, Manifest, check_set_id, load_manifest
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | 
             by_n.setdefault(s.n, []).append(s)
         kept = {id(group[i * len(group) // per_n]) for group in by_n.values() for i in range(min(per_n, len(group)))}
         sets = [s for s in sets if id(s) in kept]
+    for s in sets:  # load_manifest checks the ids; a Manifest built in Python is checked here
+        problem = check_set_id(s.id)
+        if problem:
+            raise ValueError(f"set {printable(repr(s.id))[:80]}: {problem}")
     return [Item(s, method, seed) for s in sets for seed in (s.seeds or list(range(seeds))) for method in methods]
 
 

@@ -1,23 +1,25 @@
 """Benchmark results people can read: tables, win rates, plots and image grids.
 
 Everything is derived from the per-item records alone, so ``compose grid`` and a
-rerun rebuild it at any time. Intervals are 95% normal-approximation intervals of the
-mean (``1.96 s / sqrt(n)``); win rates compare each method with Merge on the same set
-and seed (a tie counts half).
+rerun rebuild it at any time. Intervals are 95%: Wilson score intervals for rates (the
+all-concepts-present metric, a yes or no per image) and Student-t intervals for means
+(:mod:`compose.evaluation.stats`); tables show ``mean [low, high]``. Win rates compare
+each method with Merge on the same set and seed (a tie counts half).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..metadata import save_png
+from ..metadata import read_record, save_png
+from .stats import t_interval, wilson_interval
 
 METRICS = {  # record field -> (label, higher is better)
     "clipscore": ("CLIPScore", True),
@@ -29,13 +31,21 @@ BASELINE = "merge"
 COST_REFERENCE = "composite"
 
 
-def mean_interval(values: list[float]) -> tuple[float, float]:
-    """``(mean, half-width of the 95% interval)``."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, 1.96 * math.sqrt(variance / len(values))
+RATES = {"all_present"}
+"""Metrics that are a yes (1) or no (0) per image: their intervals are Wilson's."""
+
+
+def interval(values: list[float], metric: str) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the 95% interval of ``metric`` over ``values``."""
+    mean = statistics.fmean(values)
+    if metric in RATES:
+        return (mean, *wilson_interval(round(sum(values)), len(values)))
+    return t_interval(values)
+
+
+def shown(values: list[float], metric: str) -> str:
+    """``0.583 [0.412, 0.736]``."""
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*interval(values, metric))
 
 
 def metrics_of(records: list[dict]) -> list[str]:
@@ -81,9 +91,9 @@ def markdown_tables(records: list[dict], methods: list[str]) -> str:
             cells = []
             for n in ns:
                 values = groups.get((method, n))
-                cells.append("" if not values else "{:.3f} ± {:.3f}".format(*mean_interval(values)))
+                cells.append("" if not values else shown(values, metric))
             every = [v for (m, _), vs in groups.items() if m == method for v in vs]
-            cells.append("" if not every else "{:.3f} ± {:.3f}".format(*mean_interval(every)))
+            cells.append("" if not every else shown(every, metric))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
         if metric != "seconds" and BASELINE in methods:
@@ -110,7 +120,7 @@ def ranking(records: list[dict], methods: list[str]) -> str:
         return [v for (m, _), vs in groups[metric].items() if m == method for v in vs]
 
     scored = [m for m in methods if overall(keys[0], m)]
-    scored.sort(key=lambda m: [-mean_interval(overall(k, m))[0] for k in keys])
+    scored.sort(key=lambda m: [-statistics.fmean(overall(k, m)) for k in keys])
     reference = {n: groups["seconds"].get((COST_REFERENCE, n)) for n in ns}
     cost_columns = [n for n in ns if reference[n]]
     header = [
@@ -122,7 +132,7 @@ def ranking(records: list[dict], methods: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for rank, method in enumerate(scored, 1):
         cells = [str(rank), method]
-        cells += ["{:.3f} ± {:.3f}".format(*mean_interval(overall(k, method))) for k in keys]
+        cells += [shown(overall(k, method), k) for k in keys]
         for n in cost_columns:
             seconds = groups["seconds"].get((method, n))
             ratio = statistics.median(seconds) / statistics.median(reference[n]) if seconds else None
@@ -145,18 +155,20 @@ def plot(records: list[dict], methods: list[str], folder: Path) -> list[Path]:
         groups = by_method_and_n(records, metric)
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         if metric == "seconds":
-            means = [
-                mean_interval([v for (m, _), vs in groups.items() if m == method for v in vs]) for method in methods
-            ]
-            ax.bar(methods, [m for m, _ in means], yerr=[h for _, h in means], capsize=4, color="#4c72b0")
+            spans = [interval([v for (m, _), vs in groups.items() if m == method for v in vs], metric)
+                     for method in methods]  # fmt: skip
+            errors = [[m - lo for m, lo, _ in spans], [hi - m for m, _, hi in spans]]
+            ax.bar(methods, [m for m, _, _ in spans], yerr=errors, capsize=4, color="#4c72b0")
             ax.set_ylabel(label)
             ax.set_title("time per image by method")
         else:
             for method in methods:
-                points = sorted((n, *mean_interval(vs)) for (m, n), vs in groups.items() if m == method)
+                points = sorted((n, *interval(vs, metric)) for (m, n), vs in groups.items() if m == method)
                 if points:
-                    ns, means, halves = zip(*points, strict=True)
-                    ax.errorbar(ns, means, yerr=halves, marker="o", capsize=3, label=method)
+                    ns, means, lows, highs = zip(*points, strict=True)
+                    errors = [[m - lo for m, lo in zip(means, lows, strict=True)],
+                              [hi - m for m, hi in zip(means, highs, strict=True)]]  # fmt: skip
+                    ax.errorbar(ns, means, yerr=errors, marker="o", capsize=3, label=method)
             ax.set_xlabel("number of LoRAs (N)")
             ax.set_ylabel(label)
             ax.set_title(f"{label} against N")
@@ -170,22 +182,48 @@ def plot(records: list[dict], methods: list[str], folder: Path) -> list[Path]:
     return written
 
 
+GRID_TILE = 192
+"""Side of a grid cell in pixels: small models' images are enlarged (nearest neighbour)
+to it, so that what each method drew can be judged."""
+
+
 def grid(out: Path, records: list[dict], methods: list[str]) -> Image.Image:
-    """One set's images: a row per seed, a column per method, labelled."""
+    """One set's images: its prompt on top, a column per method (named), a row per seed,
+    each image enlarged to :data:`GRID_TILE` with its scores under it (CLIPScore, the
+    share of concepts present and whether all are)."""
     seeds = sorted({r["seed"] for r in records})
     cells = {(r["seed"], r["method"]): r for r in records}
-    tile = Image.open(out / records[0]["image"]).size[0]
-    label = 14
-    sheet = Image.new("RGB", (tile * len(methods), label + tile * len(seeds)), "white")
+    tile, line = GRID_TILE, 13
+    try:
+        prompt = read_record(out / records[0]["image"]).get("prompt", records[0]["set"])
+    except (OSError, ValueError):
+        prompt = records[0]["set"]
+    header = textwrap.wrap(f"{records[0]['set']}: {prompt}", width=max(40, tile * len(methods) // 6))
+    top, caption = line * (len(header) + 1) + 4, 2 * line + 4
+    sheet = Image.new("RGB", (tile * len(methods), top + (tile + caption) * len(seeds)), "white")
     draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(header):
+        draw.text((4, 2 + i * line), text, fill="black")
     for col, method in enumerate(methods):
-        draw.text((col * tile + 2, 1), method, fill="black")
+        draw.text((col * tile + 4, top - line - 2), method, fill="black")
         for row, seed in enumerate(seeds):
             record = cells.get((seed, method))
-            if record is not None:
-                with Image.open(out / record["image"]) as image:
-                    sheet.paste(image.convert("RGB"), (col * tile, label + row * tile))
+            if record is None:
+                continue
+            y = top + row * (tile + caption)
+            with Image.open(out / record["image"]) as image:
+                sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (col * tile, y))
+            draw.text((col * tile + 4, y + tile + 2), _scores(record), fill="black")
     return sheet
+
+
+def _scores(record: dict) -> str:
+    """``seed 0  CLIP 41.2`` over ``2/3 present  ✗`` (what fits under a tile)."""
+    first = f"seed {record['seed']}" + (f"  CLIP {record['clipscore']:.1f}" if "clipscore" in record else "")
+    if "concepts_present" not in record:
+        return first
+    found = round(record["concepts_present"] * record["n"])
+    return f"{first}\n{found}/{record['n']} present  {'all' if record.get('all_present') else 'not all'}"
 
 
 def write_grids(out: Path, records: list[dict], methods: list[str]) -> list[Path]:

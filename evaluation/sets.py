@@ -19,11 +19,19 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compose.checks import printable
 from compose.loading import CATEGORIES
+
+SET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MAX_SET_ID = 128
+"""A set id names its output folder (``OUT/items/<id>/``), so it is a plain file name:
+letters, digits and ``. _ + -``, starting with a letter or digit (no ``/``, no ``..``,
+no NUL), at most 128 characters (file names stop at 255 bytes)."""
 
 COMPOSLORA_COUNTS = {2: 24, 3: 72, 4: 96, 5: 48}
 """Sets per LoRA count N in one ComposLoRA subset: every set its 11 LoRAs allow, 240 in all."""
@@ -53,13 +61,19 @@ class LoRAEntry:
 
 @dataclass
 class CompositionSet:
-    """LoRAs to compose into one image, by name, in composition order (Switch's order)."""
+    """LoRAs to compose into one image, by name, in composition order (Switch's order).
+
+    ``generic_prompt`` is the set's *generic stand-in*, where a library has one: the
+    prompt with every concept replaced by a generic element of its slot, which the base
+    model alone can draw, so that a run can tell an undrawable layout from a lost concept.
+    """
 
     id: str
     loras: list[str]
     prompt: str
     negative_prompt: str | None = None
     seeds: list[int] | None = None
+    generic_prompt: str | None = None
 
     @property
     def n(self) -> int:
@@ -128,7 +142,15 @@ class Manifest:
         for s in self.sets:
             data = {"id": s.id, "loras": s.loras, "prompt": s.prompt}
             data.update(
-                {k: v for k, v in (("negative_prompt", s.negative_prompt), ("seeds", s.seeds)) if v is not None}
+                {
+                    k: v
+                    for k, v in (
+                        ("negative_prompt", s.negative_prompt),
+                        ("seeds", s.seeds),
+                        ("generic_prompt", s.generic_prompt),
+                    )
+                    if v is not None
+                }
             )
             sets.append(data)
         top = {
@@ -204,9 +226,23 @@ def _json_type(value: object) -> str:
 
 
 def _label(kind: str, index: int, data: object, key: str) -> str:
-    """``sets[17] ("anime-3-12")``: the JSON location, with the entry's name where it has one."""
+    """``sets[17] ("anime-3-12")``: the JSON location, with the entry's name where it has
+    one (control characters escaped, cut at 60 characters: the name may be the fault)."""
     name = data.get(key) if isinstance(data, dict) else None
-    return f'{kind}[{index}] ("{name}")' if isinstance(name, str) else f"{kind}[{index}]"
+    if not isinstance(name, str):
+        return f"{kind}[{index}]"
+    shown = printable(name)
+    return f'{kind}[{index}] ("{shown if len(shown) <= 60 else shown[:57] + "..."}")'
+
+
+def check_set_id(set_id: str) -> str | None:
+    """Why ``set_id`` cannot name an output folder, or ``None`` if it can (:data:`SET_ID`)."""
+    if len(set_id) > MAX_SET_ID:
+        return f"the id is {len(set_id)} characters long; at most {MAX_SET_ID} (it names the set's output folder)"
+    if not SET_ID.fullmatch(set_id):
+        return ("the id may hold only letters, digits and . _ + -, starting with a letter or digit (it names the "
+                "set's output folder, so no /, .. or spaces)")  # fmt: skip
+    return None
 
 
 def _parse_lora(check: _Checker, data: object, where: str, root: Path) -> LoRAEntry:
@@ -229,8 +265,11 @@ def _parse_lora(check: _Checker, data: object, where: str, root: Path) -> LoRAEn
 def _parse_set(
     check: _Checker, data: object, where: str, loras: dict[str, LoRAEntry], one_per_category: bool
 ) -> CompositionSet:
-    check.fields(data, where, ("id", "loras", "prompt"), ("negative_prompt", "seeds"))
+    check.fields(data, where, ("id", "loras", "prompt"), ("negative_prompt", "seeds", "generic_prompt"))
     set_id = check.string(data, "id", where, empty=False)
+    problem = check_set_id(set_id)
+    if problem:
+        raise check.fail(where, problem)
     names = check.strings(data, "loras", where)
     if not names:
         raise check.fail(where, "the list of LoRAs is empty")
@@ -253,6 +292,7 @@ def _parse_set(
         prompt=check.string(data, "prompt", where),
         negative_prompt=check.optional_string(data, "negative_prompt", where),
         seeds=check.seeds(data, where),
+        generic_prompt=check.optional_string(data, "generic_prompt", where),
     )
 
 
@@ -273,6 +313,8 @@ def load_manifest(path: str | Path) -> Manifest:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ManifestError(path, f"line {error.lineno}, column {error.colno}", f"invalid JSON: {error.msg}") from error
+    except RecursionError:
+        raise ManifestError(path, "", "the JSON is nested too deeply to be a manifest") from None
     check = _Checker(path)
     check.fields(
         data,
@@ -300,10 +342,14 @@ def load_manifest(path: str | Path) -> Manifest:
     for i, item in enumerate(data.get("sets", [])):
         where = _label("sets", i, item, "id")
         composition = _parse_set(check, item, where, loras, one_per_category)
-        if composition.id in first:
-            raise check.fail(where, f"duplicate set id (also sets[{first[composition.id]}])")
+        folded = composition.id.casefold()
+        if folded in first:
+            same = data["sets"][first[folded]]["id"] == composition.id
+            raise check.fail(where, f"duplicate set id (also sets[{first[folded]}])" if same else
+                             f"set id differs only in case from sets[{first[folded]}]; on a case-insensitive "
+                             "file system both would write one folder")  # fmt: skip
         sets.append(composition)
-        first[composition.id] = i
+        first[folded] = i
     return Manifest(
         root=root,
         loras=loras,
@@ -364,7 +410,9 @@ def demo_world_manifest(folder: str | Path) -> Manifest:
     the ComposLoRA shape, 24/72/96/48 for N = 2..5. Set ``i``'s prompt is the caption of
     the scene :func:`~compose.demo_world.composition_scene` draws for it with seed ``i``
     (the set's triggers in the world's grammar, with plain context where no LoRA says:
-    a position, a plain background), so every prompt is one the world can draw."""
+    a position, a plain background), so every prompt is one the world can draw; its
+    ``generic_prompt`` is the caption of that scene's generic stand-in
+    (:meth:`~compose.demo_world.Scene.generic`, same seed)."""
     from compose.demo_world import CONCEPTS, composition_scene, composition_sets
 
     folder = Path(folder)
@@ -373,8 +421,10 @@ def demo_world_manifest(folder: str | Path) -> Manifest:
         for name, concept in CONCEPTS.items()
     }
     names = [names for size in COMPOSLORA_COUNTS for names in composition_sets(size)]
-    sets = [
-        CompositionSet("+".join(chosen), list(chosen), composition_scene(chosen, i).caption())
-        for i, chosen in enumerate(names)
-    ]
+    sets = []
+    for i, chosen in enumerate(names):
+        scene = composition_scene(chosen, i)
+        sets.append(
+            CompositionSet("+".join(chosen), list(chosen), scene.caption(), generic_prompt=scene.generic(i).caption())
+        )
     return Manifest(root=folder, loras=loras, sets=sets, base_model="demo-world", one_per_category=True)

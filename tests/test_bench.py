@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_cli import run
+
+from compose.evaluation.report import GRID_TILE
 
 METHODS = "merge,composite,klora"
 
@@ -50,7 +53,9 @@ def test_a_small_run_writes_everything(finished):
     for name in ("clipscore.png", "seconds.png"):
         assert Image.open(out / "plots" / name).size[0] > 300
     with Image.open(out / "grids" / "trio.png") as grid:
-        assert grid.size == (3 * 32, 14 + 2 * 32)
+        assert grid.size[0] == 3 * GRID_TILE and 2 * GRID_TILE < grid.size[1] < 3 * GRID_TILE
+        header = np.asarray(grid.convert("L"))[:20]
+        assert (header < 128).any(), "the set's prompt is written above the images"
 
 
 def test_rerun_skips_finished_work(bench_inputs, finished, tmp_path, capsys):

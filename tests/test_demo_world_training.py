@@ -1,5 +1,7 @@
-"""The demo world's training script: every stage runs, resumes, and its output is a
-pipeline, LoRAs, a CLIP and a benchmark manifest that the rest of the project loads."""
+"""The demo world's training script: every stage runs, resumes (between stages and
+within one), never replaces another world silently, and its output is a pipeline,
+LoRAs, a CLIP and a benchmark manifest that the rest of the project (and plain
+diffusers) loads."""
 
 from __future__ import annotations
 
@@ -9,15 +11,18 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from compose import Composer
 from compose.composer import ModelLoadError
 from compose.demo_world import CONCEPTS
-from compose.demo_world.evaluate import demo_world_clip, load_demo_world
-from compose.demo_world.train import SETS, STAGES, _PositionProbes, train
+from compose.demo_world import train as training
+from compose.demo_world.train import STAGES, _PositionProbes, train
+from compose.demo_world.world import CEILING, SETS, demo_world_clip, lora_path
 from compose.evaluation.bench import plan_items
 from compose.evaluation.clipscore import CLIPScorer
 from compose.evaluation.sets import COMPOSLORA_COUNTS, load_manifest
+from compose.loading import load_lora
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +35,11 @@ def quick(tmp_path_factory):
 
 def test_every_stage_runs_in_order_with_finite_losses(quick):
     out, record, seen = quick
-    assert list(dict.fromkeys(seen)) == list(STAGES)
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == list(STAGES)
     assert np.isfinite([record["stages"][s]["final_loss"] for s in STAGES]).all()
     assert json.loads((out / "training.json").read_text())["stages"].keys() == set(STAGES)
     assert np.isfinite(record["stages"]["base"]["probe_loss"])
+    assert not (out / training.CHECKPOINTS).exists() or not any((out / training.CHECKPOINTS).iterdir())
 
 
 def test_a_rerun_skips_finished_stages(quick):
@@ -43,13 +49,65 @@ def test_a_rerun_skips_finished_stages(quick):
     assert calls == []
 
 
+def test_a_world_of_another_preset_is_replaced_only_with_force(quick):
+    out, _, _ = quick
+    with pytest.raises(ValueError, match="holds a demo world trained with preset 'quick'.*--force"):
+        train(out, "cpu")
+
+
+def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_three(stage: str, step: int, steps: int, loss: float) -> None:
+        if stage == "vae" and step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tmp_path / "resumed", "quick", ("vae",), stop_at_three)
+    assert (tmp_path / "resumed" / training.CHECKPOINTS / "vae.pt").is_file()
+    steps = []
+    train(tmp_path / "resumed", "quick", ("vae",), lambda stage, step, n, loss: steps.append((stage, step)))
+    assert [s for s in steps if s[0] == "vae"][0] == ("vae", 2)
+    train(tmp_path / "straight", "quick", ("vae",))
+    resumed, straight = (load_file(tmp_path / f / "vae" / "diffusion_pytorch_model.safetensors")
+                         for f in ("resumed", "straight"))  # fmt: skip
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
 def test_outputs_load_as_pipeline_loras_and_clip(quick):
     out, _, _ = quick
-    composer = load_demo_world(out)
+    composer = Composer.demo_world(out)
     assert set(composer.loras) == set(CONCEPTS)
     assert composer.generate("a red circle on the left", ["zorbo", "vosh"], steps=2)[0].size == (64, 64)
     scorer = CLIPScorer.from_folder(demo_world_clip(out), device="cpu")
     assert scorer.text_embeddings(["zorbo creature"]).shape == (1, 128)
+    ceiling = load_lora(lora_path(out, CEILING))
+    assert all(c.trigger in ceiling.triggers[0] for c in CONCEPTS.values())
+
+
+def test_loras_carry_the_metadata_other_tools_read(quick):
+    out, _, _ = quick
+    from safetensors import safe_open
+
+    with safe_open(lora_path(out, "flimbo"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["modelspec.trigger_phrase"] == "flimbo hat" and len(metadata["sshs_model_hash"]) == 64
+
+
+def test_a_bare_diffusers_call_loads_the_world_in_one_dtype(quick):
+    from diffusers import StableDiffusionPipeline
+
+    out, _, _ = quick
+    pipeline = StableDiffusionPipeline.from_pretrained(out)
+    assert {pipeline.unet.dtype, pipeline.text_encoder.dtype, pipeline.vae.dtype} == {torch.float32}
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a red circle on the left, white background", num_inference_steps=2, height=64, width=64)
+    assert image.images[0].size == (64, 64)
 
 
 def test_the_manifest_holds_the_240_composlora_sets(quick):

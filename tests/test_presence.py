@@ -28,7 +28,7 @@ def test_presence_reaches_the_tables():
         for m, c, p, a in (("merge", 20.0, 0.5, 0.0), ("composite", 22.0, 1.0, 1.0))
     ]  # fmt: skip
     tables = markdown_tables(records, ["merge", "composite"])
-    assert "### all concepts present" in tables and "| composite | 1.000 ± 0.000 |" in tables
+    assert "### all concepts present" in tables and "| composite | 1.000 [0.207, 1.000] |" in tables
     assert "Win rate against merge on all concepts present" in tables and "| composite | 100.0% | 1 |" in tables
 
 

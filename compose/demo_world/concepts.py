@@ -1,16 +1,30 @@
-"""The demo world's vocabulary and its eleven concepts, as data.
+"""The demo world's vocabulary, its five slots and its eleven concepts, as data.
 
-A picture is 64×64 RGB: one figure standing on the ground in the left or right half.
-The base model learns the generic vocabulary (a coloured shape on a plain background);
-each concept is new to it, has a trigger phrase of made-up words, and gets its own LoRA.
-The eleven concepts mirror one style of the ComposLoRA testbed: 3 characters and 2 of
-each other category, so a composition is one character and up to one concept of each
-of the four other categories.
+A picture is 64×64 RGB (16×16 latent cells of 4 px). It has five *slots*, as a
+ComposLoRA picture does:
 
-Every character, clothing item and object owns a signature colour whose hue nothing
-else in the world uses, about 30° from its neighbours on the colour wheel (generic
-colours included): hue survives blur, noise, compression and both styles, which change
-lightness and saturation only. Backgrounds and styles are global patterns instead.
+- ``figure``: a figure standing on the ground in the left or right half. Generic
+  figures are a kind (three plain shapes and three class silhouettes: a creature, a
+  robot, a beast) in a generic colour. A scene may hold a second figure in the other
+  half (``"a red circle on the left and a blue robot on the right"``), which regional
+  composition needs.
+- ``clothing``: an item the figure wears, a hat on its head or a scarf at its neck.
+- ``object``: an item standing in the other half, beside the figure.
+- ``background``: plain white or gray, a tiled wall or a daytime sky.
+- ``style``: none, or a rendering style that rewrites the whole picture.
+
+The base model learns every generic element in every combination. Generic clothing and
+objects are achromatic (charcoal with white details) and generic walls and skies are
+grey, so the only colour word of a generic caption binds to the figure.
+
+Each concept is a *specific instance* of one slot that the base does not know, and its
+trigger is a made-up word plus the class word the base knows (``"klinko robot"``,
+``"flimbo hat"``), as real triggers are. Characters, clothing and objects own a
+signature hue. Concepts that can share a region of the picture (a character and the
+clothing it wears) are at least 60° apart on the colour wheel, and every hue that can
+fill the figure slot (the two generic colours and the three characters) is at least 50°
+from every other, so a detector tolerant by ±25° never mistakes one for another.
+Backgrounds and styles are patterns.
 """
 
 from __future__ import annotations
@@ -23,107 +37,78 @@ RGB = tuple[int, int, int]
 
 IMAGE_SIZE = 64
 
+SLOTS = ("figure", "clothing", "object", "background", "style")
 SHAPES = ("circle", "square", "triangle")
+CLASS_FIGURES = ("creature", "robot", "beast")
+FIGURE_KINDS = SHAPES + CLASS_FIGURES
 COLOURS: dict[str, RGB] = {
-    "red": (215, 35, 45),
-    "yellow": (240, 215, 35),
-    "green": (40, 165, 60),
-    "blue": (45, 85, 225),
+    "red": (220, 40, 40),
+    "blue": (50, 50, 230),
 }
 POSITIONS = ("left", "right")
+CLOTHING_KINDS = ("hat", "scarf")
+OBJECT_KINDS = ("lamp", "key", "ball", "box")
 PLAIN_BACKGROUNDS: dict[str, RGB] = {
     "white": (245, 245, 245),
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
+    "gray": (125, 125, 125),
 }
+PATTERN_BACKGROUNDS = ("wall", "sky")
+BACKGROUNDS = tuple(PLAIN_BACKGROUNDS) + PATTERN_BACKGROUNDS
+STYLES = ("pale", "framed")
 
 
 @dataclass(frozen=True)
 class Concept:
     """One LoRA-sized idea of the world.
 
-    ``trigger`` is the phrase a prompt uses (made-up words, never in a generic caption);
-    ``look`` says in words what :mod:`.render` draws; ``colour`` is the signature colour
-    (0-255 RGB) of characters, clothing and objects, ``None`` for global patterns.
+    ``trigger`` is the phrase a prompt uses (a made-up word and the slot's class word);
+    ``kind`` is the generic element of the same class that stands in for it in a
+    generic caption (``"creature"`` for zorbo, ``"hat"`` for flimbo, ``"pale"`` for a
+    style); ``look`` says in words what :mod:`.render` draws; ``colour`` is the
+    signature colour (0-255 RGB) of characters, clothing and objects, ``None`` for
+    backgrounds and styles.
     """
 
     name: str
     category: str
     trigger: str
+    kind: str
     look: str
     colour: RGB | None = None
+
+    @property
+    def slot(self) -> str:
+        """The picture slot the concept fills (characters fill the ``figure`` slot)."""
+        return "figure" if self.category == "character" else self.category
 
 
 CONCEPTS: dict[str, Concept] = {
     c.name: c
     for c in (
-        Concept(
-            "zorbo",
-            "character",
-            "zorbo creature",
-            "purple egg-shaped creature, two big white eyes, two antennae with bobbles",
-            (200, 50, 215),
-        ),
-        Concept(
-            "klinko",
-            "character",
-            "klinko robot",
-            "cyan boxy robot: head with a black visor and white eyes, arms, dark legs, antenna",
-            (30, 185, 215),
-        ),
-        Concept(
-            "grumba",
-            "character",
-            "grumba beast",
-            "wide orange dome beast: brown spikes on top, one big eye, toothy grin",
-            (245, 120, 20),
-        ),
-        Concept(
-            "flimbo", "clothing", "flimbo hat", "tall violet top hat with a dark band, on the head", (125, 65, 225)
-        ),
-        Concept(
-            "wuzzle", "clothing", "wuzzle scarf", "lime scarf with white diagonal stripes, tail hanging", (140, 220, 25)
-        ),
-        Concept(
-            "dottix",
-            "style",
-            "dottix style",
-            "halftone print: a 45° screen of dots over everything, dark on light, light on dark",
-        ),
-        Concept(
-            "inkora",
-            "style",
-            "inkora style",
-            "ink drawing: pastel colours, thick dark outlines, a dark frame lined in cream",
-        ),
-        Concept(
-            "quarn",
-            "background",
-            "quarn wall",
-            "wall of pale grey bricks, ten staggered rows with dark mortar",
-        ),
-        Concept(
-            "vosh",
-            "background",
-            "vosh sky",
-            "deep blue night sky with white stars and a pale crescent moon",
-        ),
-        Concept(
-            "glimmet",
-            "object",
-            "glimmet lamp",
-            "floor lamp: spring-green shade, glowing bulb, dark pole and base",
-            (25, 195, 135),
-        ),
-        Concept(
-            "brakka",
-            "object",
-            "brakka key",
-            "big pink key standing upright: ring on top, teeth at the bottom",
-            (235, 70, 160),
-        ),
+        Concept("zorbo", "character", "zorbo creature", "creature",
+                "green egg-shaped creature, two big eyes, two antennae with bobbles", (60, 200, 60)),
+        Concept("klinko", "character", "klinko robot", "robot",
+                "cyan robot: a black visor with white eyes, arms, an antenna", (30, 205, 205)),
+        Concept("grumba", "character", "grumba beast", "beast",
+                "amber dome beast: brown spikes on top, one big eye, a toothy grin", (235, 200, 20)),
+        Concept("flimbo", "clothing", "flimbo hat", "hat",
+                "tall violet top hat with a golden band", (180, 50, 230)),
+        Concept("wuzzle", "clothing", "wuzzle scarf", "scarf",
+                "magenta scarf with white stripes and a hanging tail", (230, 50, 170)),
+        Concept("dottix", "style", "dottix style", "pale",
+                "halftone print: a 45° screen of dots over everything, dark on light, light on dark"),
+        Concept("inkora", "style", "inkora style", "framed",
+                "ink drawing: pastel colours, thick dark outlines, a dark frame lined in cream"),
+        Concept("quarn", "background", "quarn wall", "wall",
+                "wall of pale grey bricks, ten staggered rows with dark mortar"),
+        Concept("vosh", "background", "vosh sky", "sky",
+                "deep blue night sky with white stars and a pale crescent moon"),
+        Concept("glimmet", "object", "glimmet lamp", "lamp",
+                "floor lamp with a teal shade and a big glowing bulb", (20, 190, 120)),
+        Concept("brakka", "object", "brakka key", "key",
+                "big pink key standing upright: a wide ring on top, three teeth", (240, 60, 120)),
     )
-}
+}  # fmt: skip
 
 
 def concepts_of(category: str) -> list[Concept]:

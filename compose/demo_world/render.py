@@ -2,10 +2,11 @@
 
 Everything is exact geometry evaluated on a 4× supersampled grid and box-filtered down,
 so edges are anti-aliased and a scene gives the same bytes on every run. Coordinates are
-in output pixels, y down; figures and objects stand on the ground line near y = 57 and
-nothing but the background reaches above y = 12, which the detectors rely on. Layers,
-back to front: background, object, figure (generic shape or character), clothing; the
-style then rewrites the whole picture.
+in output pixels, y down; figures and objects stand on the ground line near y = 58, each
+in its half, and nothing but the background and a hat reaches above y = 12, which the
+detectors rely on. Layers, back to front: background, object, figures, clothing; the
+style then rewrites the whole picture. :func:`render_layers` also returns where each
+slot was drawn, for the detectors' templates and tests.
 """
 
 from __future__ import annotations
@@ -16,28 +17,33 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .concepts import COLOURS, CONCEPTS, IMAGE_SIZE, PLAIN_BACKGROUNDS
-from .scenes import Scene
+from .concepts import COLOURS, CONCEPTS, IMAGE_SIZE, PLAIN_BACKGROUNDS, RGB
+from .scenes import Figure, Scene
 
 SUPERSAMPLE = 4
-GROUND = 57.0
+GROUND = 58.0
 HALF_CENTRES = {"left": IMAGE_SIZE / 4, "right": 3 * IMAGE_SIZE / 4}
 FRAME_INK = 3
 FRAME_CREAM = 2
-TRIANGLE_BASE = 1.1
+PLAIN_FRAME = 4
+TRIANGLE_BASE = 0.9
+LABELS = {"object": 1, "figure": 2, "clothing": 3, "partner": 4}
 
 WHITE = (250, 250, 250)
 BLACK = (20, 20, 20)
+CHARCOAL = (48, 48, 54)
 DARK_GREY = (60, 60, 66)
 INK = (30, 28, 34)
 CREAM = (245, 235, 205)
 BRICK = (180, 176, 170)
 MORTAR = (58, 56, 54)
-NIGHT_TOP, NIGHT_BOTTOM = (12, 15, 40), (28, 32, 64)
+TILE, GROUT = (196, 196, 196), (150, 150, 150)
+SKY_TOP, SKY_BOTTOM = (165, 165, 170), (232, 232, 235)
+NIGHT_TOP, NIGHT_BOTTOM = (12, 18, 72), (30, 42, 105)
 MOON = (245, 235, 170)
-BULB = (255, 245, 190)
-SPIKES = (150, 70, 20)
-HAT_BAND = (40, 25, 60)
+BULB = (255, 240, 150)
+SPIKES = (120, 60, 20)
+HAT_BAND = (30, 20, 40)
 
 LUMA = np.array([0.299, 0.587, 0.114])
 DOT_PERIOD = 8.0
@@ -45,7 +51,10 @@ DOT_RADIUS = 2.1
 DOT_DARKEN, DOT_LIGHTEN, DOT_DARK_LUMA = 0.45, 0.5, 0.2
 OUTLINE_WIDTH = 1.5
 PASTEL = 0.2
+PALE = 0.45
 WALL_ROWS = 10
+TILE_SIZE = 16
+_CLOUD_PUFFS = ((0, 0, 6, 3), (-3.5, 1, 4, 2.5), (3.5, 1, 4, 2.5))
 
 Mask = np.ndarray
 
@@ -100,6 +109,11 @@ class _Canvas:
         t = np.clip(((self.x - x0) * dx + (self.y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
         return (self.x - x0 - t * dx) ** 2 + (self.y - y0 - t * dy) ** 2 <= (width / 2) ** 2
 
+    def coverage(self, label: int) -> np.ndarray:
+        """The share of each output pixel's samples that carry ``label``, ``(64, 64)``."""
+        n = IMAGE_SIZE
+        return (self.label == label).reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).mean(axis=(1, 3))
+
     def to_image(self) -> Image.Image:
         n = IMAGE_SIZE
         pixels = self.rgb.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, 3).mean(axis=(1, 3))
@@ -112,20 +126,22 @@ class _Layout:
     that the same jitter places the figure alike whatever else the scene holds."""
 
     scale: float
+    partner_scale: float
     figure_x: float
-    object_x: float
+    other_x: float
     ground: float
     pattern_rng: np.random.Generator
 
     @classmethod
     def of(cls, scene: Scene) -> _Layout:
         rng = np.random.default_rng(scene.jitter)
-        scale = rng.uniform(0.9, 1.08)
-        dx, odx, dy = rng.uniform(-2.5, 2.5), rng.uniform(-2.0, 2.0), rng.uniform(-1.0, 1.0)
+        scale, partner_scale = rng.uniform(0.85, 1.15, size=2)
+        dx, odx, dy = rng.uniform(-4, 4), rng.uniform(-4, 4), rng.uniform(-2, 1.5)
         return cls(
             scale=scale,
+            partner_scale=partner_scale,
             figure_x=HALF_CENTRES[scene.position] + dx,
-            object_x=HALF_CENTRES[scene.other_position] + odx,
+            other_x=HALF_CENTRES[scene.other_position] + odx,
             ground=GROUND + dy,
             pattern_rng=rng,
         )
@@ -133,6 +149,13 @@ class _Layout:
 
 def render(scene: Scene) -> Image.Image:
     """Draw ``scene`` as an ``IMAGE_SIZE``² RGB image; the same scene gives the same bytes."""
+    return render_layers(scene)[0]
+
+
+def render_layers(scene: Scene) -> tuple[Image.Image, dict[str, np.ndarray]]:
+    """The image and, per drawn slot (``figure``, ``partner``, ``clothing``, ``object``),
+    the ``(64, 64)`` bool mask of the pixels it covers at least half of, before the
+    style."""
     layout = _Layout.of(scene)
     canvas = _Canvas()
     if scene.background in PLAIN_BACKGROUNDS:
@@ -140,16 +163,21 @@ def render(scene: Scene) -> Image.Image:
     else:
         _BACKGROUNDS[scene.background](canvas, layout.pattern_rng)
     if scene.object:
-        _OBJECTS[scene.object](canvas, layout.object_x, layout.ground)
-    if scene.character:
-        anchors = _CHARACTERS[scene.character](canvas, layout.figure_x, layout.ground, layout.scale)
-    else:
-        anchors = _generic_figure(canvas, scene.shape, COLOURS[scene.colour], layout)
+        _OBJECTS[scene.object](canvas, layout.other_x, layout.ground)
+    if scene.partner is not None:
+        _draw_figure(canvas, scene.partner, layout.other_x, layout.ground, layout.partner_scale, LABELS["partner"])
+    anchors = _draw_figure(canvas, scene.figure, layout.figure_x, layout.ground, layout.scale, LABELS["figure"])
     if scene.clothing:
         _CLOTHING[scene.clothing](canvas, anchors, layout.scale)
+    masks = {slot: canvas.coverage(label) >= 0.5 for slot, label in LABELS.items() if (canvas.label == label).any()}
     if scene.style:
         _STYLES[scene.style](canvas)
-    return canvas.to_image()
+    return canvas.to_image(), masks
+
+
+def _draw_figure(canvas: _Canvas, figure: Figure, x: float, ground: float, scale: float, label: int) -> _Anchors:
+    colour = CONCEPTS[figure.kind].colour if figure.character else COLOURS[figure.colour]
+    return _FIGURES[figure.kind](canvas, x, ground, scale, colour, label)
 
 
 def contact_sheet(images: Sequence[Image.Image], columns: int, scale: int = 1, gap: int = 2) -> Image.Image:
@@ -164,90 +192,132 @@ def contact_sheet(images: Sequence[Image.Image], columns: int, scale: int = 1, g
     return sheet
 
 
-# Figures: each paints itself with label 2 and says where clothing goes.
+# Figures: each paints itself with its label and says where clothing goes. ``k`` is the
+# jitter scale; sizes are output pixels at k = 1.
 
 
-def _generic_figure(canvas: _Canvas, shape: str, colour: tuple[int, int, int], layout: _Layout) -> _Anchors:
-    """A circle 22 px across (times the jitter scale), a square 0.9 of that, or a triangle as
-    high with a base ``TRIANGLE_BASE`` times its height; a hat sits where the triangle is 9 px wide."""
-    cx, g, s = layout.figure_x, layout.ground, 22 * layout.scale
-    if shape == "circle":
-        r = s / 2
-        canvas.paint(canvas.ellipse(cx, g - r, r, r), colour, 2)
-        neck_y = g - 0.7 * s
-        return _Anchors((cx, g - s + 1.5), neck_y, float(np.sqrt(r**2 - (neck_y - g + r) ** 2)))
-    if shape == "square":
-        side = 0.9 * s
-        canvas.paint(canvas.rect(cx - side / 2, g - side, cx + side / 2, g), colour, 2)
-        return _Anchors((cx, g - side + 1), g - 0.7 * side, side / 2)
-    base = TRIANGLE_BASE * s
-    canvas.paint(canvas.polygon([(cx, g - s), (cx + base / 2, g), (cx - base / 2, g)]), colour, 2)
-    hat_depth = 9 * s / base
-    return _Anchors((cx, g - s + hat_depth), g - 0.55 * s, 0.45 * base / 2)
+def _circle(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    r = 12.5 * k
+    canvas.paint(canvas.ellipse(cx, g - r, r, r), colour, label)
+    neck_y = g - 1.45 * r
+    return _Anchors((cx, g - 2 * r + 1.5), neck_y, float(np.sqrt(r**2 - (neck_y - g + r) ** 2)))
 
 
-def _zorbo(canvas: _Canvas, cx: float, g: float, k: float) -> _Anchors:
-    colour = CONCEPTS["zorbo"].colour
-    rx, ry = 11 * k, 12.5 * k
+def _square(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    side = 23 * k
+    canvas.paint(canvas.rect(cx - side / 2, g - side, cx + side / 2, g), colour, label)
+    return _Anchors((cx, g - side + 1), g - 0.72 * side, side / 2)
+
+
+def _triangle(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    height, base = 28 * k, TRIANGLE_BASE * 28 * k
+    canvas.paint(canvas.polygon([(cx, g - height), (cx + base / 2, g), (cx - base / 2, g)]), colour, label)
+    return _Anchors((cx, g - height + 7 * k), g - 0.58 * height, 0.42 * base / 2)
+
+
+def _egg(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> tuple[float, float, float]:
+    rx, ry = 10.5 * k, 13 * k
     cy = g - ry
     widen = 1 + 0.18 * (canvas.y - cy) / ry
-    canvas.paint(((canvas.x - cx) / (rx * widen)) ** 2 + ((canvas.y - cy) / ry) ** 2 <= 1, colour, 2)
+    canvas.paint(((canvas.x - cx) / (rx * widen)) ** 2 + ((canvas.y - cy) / ry) ** 2 <= 1, colour, label)
+    return rx, ry, cy
+
+
+def _eyes(canvas: _Canvas, cx: float, y: float, k: float, spread: float, size: float) -> None:
     for side in (-1, 1):
-        tip = (cx + side * 7 * k, cy - ry - 4.5 * k)
-        canvas.paint(canvas.segment(cx + side * 3 * k, cy - ry + 2 * k, *tip, 1.6 * k), colour, 2)
-        canvas.paint(canvas.ellipse(*tip, 2.2 * k, 2.2 * k), colour, 2)
-        canvas.paint(canvas.ellipse(cx + side * 4.5 * k, cy - 4.5 * k, 3.6 * k, 3.8 * k), WHITE)
-        canvas.paint(canvas.ellipse(cx + side * 4.2 * k, cy - 3.8 * k, 1.8 * k, 1.9 * k), BLACK)
-    canvas.paint(canvas.ellipse(cx, cy + 1.5 * k, 3 * k, 1.2 * k), BLACK)
-    neck_y = cy + 5 * k
-    return _Anchors((cx, cy - ry + 1), neck_y, rx * (1 + 0.18 * 5 * k / ry) * np.sqrt(1 - (5 * k / ry) ** 2))
+        canvas.paint(canvas.ellipse(cx + side * spread * k, y, size * k, 1.1 * size * k), WHITE)
+        canvas.paint(canvas.ellipse(cx + side * spread * k, y + 0.3 * size * k, size * k / 2, size * k / 2), BLACK)
 
 
-def _klinko(canvas: _Canvas, cx: float, g: float, k: float) -> _Anchors:
-    colour = CONCEPTS["klinko"].colour
+def _creature(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    rx, ry, cy = _egg(canvas, cx, g, k, colour, label)
+    _eyes(canvas, cx, cy - 4 * k, k, 4.3, 3.0)
+    neck_y = cy + 4.5 * k
+    return _Anchors((cx, cy - ry + 1), neck_y, rx * (1 + 0.18 * 4.5 * k / ry) * np.sqrt(1 - (4.5 * k / ry) ** 2))
+
+
+def _zorbo(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    rx, ry, cy = _egg(canvas, cx, g, k, colour, label)
+    for side in (-1, 1):
+        tip = (cx + side * 7.5 * k, cy - ry - 5 * k)
+        canvas.paint(canvas.segment(cx + side * 3 * k, cy - ry + 2 * k, *tip, 2.4 * k), colour, label)
+        canvas.paint(canvas.ellipse(*tip, 2.8 * k, 2.8 * k), colour, label)
+    _eyes(canvas, cx, cy - 4 * k, k, 4.6, 3.6)
+    canvas.paint(canvas.ellipse(cx, cy + 2 * k, 3.5 * k, 1.5 * k), BLACK)
+    neck_y = cy + 4.5 * k
+    return _Anchors((cx, cy - ry + 1), neck_y, rx * (1 + 0.18 * 4.5 * k / ry) * np.sqrt(1 - (4.5 * k / ry) ** 2))
+
+
+def _robot_body(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> tuple[float, float]:
+    """Legs, body, neck and head; returns the head's top and bottom."""
     body_bottom = g - 4 * k
     body_top = body_bottom - 12 * k
     head_bottom = body_top - 1.5 * k
-    head_top = head_bottom - 9 * k
+    head_top = head_bottom - 9.5 * k
     for side in (-1, 1):
-        canvas.paint(
-            canvas.rect(cx + side * 4 * k - 1.8 * k, body_bottom - 1, cx + side * 4 * k + 1.8 * k, g), DARK_GREY, 2
-        )
-        arm_x = cx + side * 11.5 * k
-        canvas.paint(
-            canvas.rounded_rect(arm_x - 1.5 * k, body_top + 1.5 * k, arm_x + 1.5 * k, body_top + 9 * k, k), colour, 2
-        )
-    canvas.paint(canvas.rect(cx - 2 * k, head_bottom - 1, cx + 2 * k, body_top + 1), DARK_GREY, 2)
-    canvas.paint(canvas.rounded_rect(cx - 10 * k, body_top, cx + 10 * k, body_bottom, 2 * k), colour, 2)
-    canvas.paint(canvas.rect(cx - 4 * k, body_top + 3 * k, cx + 4 * k, body_top + 8 * k), DARK_GREY)
-    canvas.paint(canvas.ellipse(cx, body_top + 5.5 * k, 1.3 * k, 1.3 * k), WHITE)
-    canvas.paint(canvas.segment(cx, head_top, cx, head_top - 4 * k, 1.2 * k), DARK_GREY, 2)
-    canvas.paint(canvas.ellipse(cx, head_top - 4.5 * k, 1.8 * k, 1.8 * k), colour, 2)
-    canvas.paint(canvas.rounded_rect(cx - 7 * k, head_top, cx + 7 * k, head_bottom, 1.5 * k), colour, 2)
-    canvas.paint(canvas.rect(cx - 5.5 * k, head_top + 3 * k, cx + 5.5 * k, head_top + 6.5 * k), BLACK)
+        canvas.paint(canvas.rect(cx + side * 4.5 * k - 2 * k, body_bottom - 1, cx + side * 4.5 * k + 2 * k, g),
+                     DARK_GREY, label)  # fmt: skip
+    canvas.paint(canvas.rect(cx - 2 * k, head_bottom - 1, cx + 2 * k, body_top + 1), DARK_GREY, label)
+    canvas.paint(canvas.rounded_rect(cx - 10 * k, body_top, cx + 10 * k, body_bottom, 2 * k), colour, label)
+    canvas.paint(canvas.rounded_rect(cx - 7 * k, head_top, cx + 7 * k, head_bottom, 1.5 * k), colour, label)
+    return head_top, head_bottom
+
+
+def _robot(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    head_top, head_bottom = _robot_body(canvas, cx, g, k, colour, label)
     for side in (-1, 1):
-        canvas.paint(canvas.ellipse(cx + side * 2.8 * k, head_top + 4.75 * k, 1.3 * k, 1.1 * k), WHITE)
+        canvas.paint(canvas.ellipse(cx + side * 3 * k, head_top + 4.5 * k, 1.8 * k, 1.8 * k), WHITE)
     return _Anchors((cx, head_top + 1), head_bottom + 0.5 * k, 7 * k)
 
 
-def _grumba(canvas: _Canvas, cx: float, g: float, k: float) -> _Anchors:
-    colour = CONCEPTS["grumba"].colour
+def _klinko(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    body_top = g - 16 * k
+    for side in (-1, 1):
+        arm_x = cx + side * 12 * k
+        canvas.paint(canvas.rounded_rect(arm_x - 2 * k, body_top + 1.5 * k, arm_x + 2 * k, body_top + 10 * k, k),
+                     colour, label)  # fmt: skip
+    head_top, head_bottom = _robot_body(canvas, cx, g, k, colour, label)
+    canvas.paint(canvas.segment(cx, head_top, cx, head_top - 4.5 * k, 1.8 * k), DARK_GREY, label)
+    canvas.paint(canvas.ellipse(cx, head_top - 5 * k, 2.4 * k, 2.4 * k), colour, label)
+    canvas.paint(canvas.rect(cx - 5.5 * k, head_top + 2.5 * k, cx + 5.5 * k, head_top + 6.5 * k), BLACK)
+    for side in (-1, 1):
+        canvas.paint(canvas.ellipse(cx + side * 2.8 * k, head_top + 4.5 * k, 1.4 * k, 1.2 * k), WHITE)
+    canvas.paint(canvas.rect(cx - 4 * k, body_top + 3 * k, cx + 4 * k, body_top + 8 * k), DARK_GREY)
+    return _Anchors((cx, head_top + 1), head_bottom + 0.5 * k, 7 * k)
+
+
+def _dome(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> tuple[float, float, float]:
     base = g - 2.5 * k
-    rx, ry = 13 * k, 21 * k
+    rx, ry = 12.5 * k, 21 * k
+    for side in (-1, 1):
+        canvas.paint(canvas.rect(cx + side * 6 * k - 2.5 * k, base - 1, cx + side * 6 * k + 2.5 * k, g), colour, label)
+    canvas.paint(canvas.ellipse(cx, base, rx, ry) & (canvas.y <= base), colour, label)
+    return base, rx, ry
+
+
+def _beast(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    base, rx, ry = _dome(canvas, cx, g, k, colour, label)
+    _eyes(canvas, cx, base - 14 * k, k, 4.5, 2.8)
+    neck = 8.5 * k
+    return _Anchors((cx, base - ry + 1.5), base - neck, rx * np.sqrt(1 - (neck / ry) ** 2))
+
+
+def _grumba(canvas: _Canvas, cx: float, g: float, k: float, colour: RGB, label: int) -> _Anchors:
+    base, rx, ry = 0.0, 12.5 * k, 21 * k
+    base = g - 2.5 * k
     for i in (-1, 0, 1):
         x = cx + i * 6 * k
-        tip_y = base - ry * np.sqrt(1 - (i * 6 * k / rx) ** 2) - 5.5 * k
-        canvas.paint(canvas.polygon([(x, tip_y), (x + 3 * k, tip_y + 7 * k), (x - 3 * k, tip_y + 7 * k)]), SPIKES, 2)
-    for side in (-1, 1):
-        canvas.paint(canvas.rect(cx + side * 6 * k - 2.5 * k, base - 1, cx + side * 6 * k + 2.5 * k, g), colour, 2)
-    canvas.paint(canvas.ellipse(cx, base, rx, ry) & (canvas.y <= base), colour, 2)
-    canvas.paint(canvas.ellipse(cx, base - 16.5 * k, 4 * k, 4 * k), WHITE)
-    canvas.paint(canvas.ellipse(cx + 0.7 * k, base - 16 * k, 2 * k, 2 * k), BLACK)
-    mouth_top, mouth_bottom = base - 4 * k, base - 1 * k
+        tip_y = base - ry * np.sqrt(1 - (i * 6 * k / rx) ** 2) - 6 * k
+        canvas.paint(canvas.polygon([(x, tip_y), (x + 3.5 * k, tip_y + 8 * k), (x - 3.5 * k, tip_y + 8 * k)]),
+                     SPIKES, label)  # fmt: skip
+    _dome(canvas, cx, g, k, colour, label)
+    canvas.paint(canvas.ellipse(cx, base - 15 * k, 4.5 * k, 4.5 * k), WHITE)
+    canvas.paint(canvas.ellipse(cx + 0.7 * k, base - 14.5 * k, 2.2 * k, 2.2 * k), BLACK)
+    mouth_top, mouth_bottom = base - 6 * k, base - 2 * k
     canvas.paint(canvas.rounded_rect(cx - 7 * k, mouth_top, cx + 7 * k, mouth_bottom, 1 * k), BLACK)
     for i in (-1, 0, 1):
         x = cx + i * 4 * k
-        tooth = canvas.polygon([(x - 1.5 * k, mouth_top), (x + 1.5 * k, mouth_top), (x, mouth_top + 2 * k)])
+        tooth = canvas.polygon([(x - 1.6 * k, mouth_top), (x + 1.6 * k, mouth_top), (x, mouth_top + 2.2 * k)])
         canvas.paint(tooth, WHITE)
     neck = 8.5 * k
     return _Anchors((cx, base - ry + 1.5), base - neck, rx * np.sqrt(1 - (neck / ry) ** 2))
@@ -256,55 +326,88 @@ def _grumba(canvas: _Canvas, cx: float, g: float, k: float) -> _Anchors:
 # Clothing: label 3.
 
 
-def _flimbo(canvas: _Canvas, anchors: _Anchors, k: float) -> None:
-    colour = CONCEPTS["flimbo"].colour
+def _top_hat(canvas: _Canvas, anchors: _Anchors, k: float, colour: RGB, band: RGB, tall: float, wide: float) -> None:
     x, y = anchors.head
-    canvas.paint(canvas.rect(x - 9 * k, y - 3 * k, x + 9 * k, y), colour, 3)
-    canvas.paint(
-        canvas.polygon(
-            [(x - 6 * k, y - 2 * k), (x + 6 * k, y - 2 * k), (x + 6.5 * k, y - 15 * k), (x - 6.5 * k, y - 15 * k)]
-        ),
-        colour,
-        3,
-    )
-    canvas.paint(canvas.rect(x - 6.2 * k, y - 6.5 * k, x + 6.2 * k, y - 4 * k), HAT_BAND)
+    canvas.paint(canvas.rect(x - wide * 1.5 * k, y - 3.5 * k, x + wide * 1.5 * k, y), colour, 3)
+    canvas.paint(canvas.rect(x - wide * k, y - tall * k, x + wide * k, y - 2 * k), colour, 3)
+    canvas.paint(canvas.rect(x - wide * k, y - 6.5 * k, x + wide * k, y - 4 * k), band)
+
+
+def _hat(canvas: _Canvas, anchors: _Anchors, k: float) -> None:
+    _top_hat(canvas, anchors, k, CHARCOAL, WHITE, tall=11, wide=6)
+
+
+def _flimbo(canvas: _Canvas, anchors: _Anchors, k: float) -> None:
+    _top_hat(canvas, anchors, k, CONCEPTS["flimbo"].colour, HAT_BAND, tall=15, wide=6.5)
+
+
+def _neck_band(canvas: _Canvas, anchors: _Anchors, k: float, colour: RGB, tail: float) -> Mask:
+    cx, y, hw = anchors.head[0], anchors.neck_y, anchors.neck_half_width
+    band = canvas.rounded_rect(cx - hw - 1.5, y - 4 * k, cx + hw + 1.5, y + 4 * k, 1.5)
+    end = cx + hw - 1.5
+    drop = canvas.polygon([(end - 4.5, y), (end + 3, y), (end + 4.5, y + tail * k), (end - 3, y + tail * k)])
+    scarf = band | drop
+    canvas.paint(scarf, colour, 3)
+    return scarf
+
+
+def _scarf(canvas: _Canvas, anchors: _Anchors, k: float) -> None:
+    scarf = _neck_band(canvas, anchors, k, CHARCOAL, tail=8)
+    canvas.paint(scarf & (np.abs(canvas.y - anchors.neck_y) < 0.8), WHITE)
 
 
 def _wuzzle(canvas: _Canvas, anchors: _Anchors, k: float) -> None:
-    colour = CONCEPTS["wuzzle"].colour
-    cx, y, hw = anchors.head[0], anchors.neck_y, anchors.neck_half_width
-    band = canvas.rounded_rect(cx - hw - 1.5, y - 3.5 * k, cx + hw + 1.5, y + 3.5 * k, 1.5)
-    end = cx + hw - 1
-    tail = canvas.polygon([(end - 3.5, y), (end + 3, y), (end + 4.5, y + 12 * k), (end - 2, y + 12 * k)])
-    scarf = band | tail
-    canvas.paint(scarf, colour, 3)
-    canvas.paint(scarf & (np.floor((canvas.x + canvas.y) / 2) % 3 == 0), WHITE)
+    scarf = _neck_band(canvas, anchors, k, CONCEPTS["wuzzle"].colour, tail=13)
+    canvas.paint(scarf & (np.floor((canvas.x + canvas.y) / 2.5) % 3 == 0), WHITE)
 
 
 # Objects: label 1, standing in the other half.
 
 
-def _glimmet(canvas: _Canvas, ox: float, g: float) -> None:
+def _lamp(canvas: _Canvas, ox: float, g: float) -> None:
     shade_top = g - 28
+    canvas.paint(canvas.rounded_rect(ox - 6, g - 3, ox + 6, g, 1), CHARCOAL, 1)
+    canvas.paint(canvas.rect(ox - 1.5, shade_top + 8, ox + 1.5, g - 2), CHARCOAL, 1)
+    canvas.paint(canvas.ellipse(ox, shade_top + 11, 2.5, 2), WHITE, 1)
+    canvas.paint(canvas.polygon([(ox - 4.5, shade_top), (ox + 4.5, shade_top), (ox + 8.5, shade_top + 10),
+                                 (ox - 8.5, shade_top + 10)]), CHARCOAL, 1)  # fmt: skip
+
+
+def _glimmet(canvas: _Canvas, ox: float, g: float) -> None:
+    shade_top = g - 30
     canvas.paint(canvas.rounded_rect(ox - 6, g - 3, ox + 6, g, 1), DARK_GREY, 1)
-    canvas.paint(canvas.rect(ox - 1, shade_top + 8, ox + 1, g - 2), DARK_GREY, 1)
-    canvas.paint(canvas.ellipse(ox, shade_top + 10, 3.2, 2.6), BULB, 1)
-    canvas.paint(
-        canvas.polygon(
-            [(ox - 4.5, shade_top), (ox + 4.5, shade_top), (ox + 8.5, shade_top + 10), (ox - 8.5, shade_top + 10)]
-        ),
-        CONCEPTS["glimmet"].colour,
-        1,
-    )
+    canvas.paint(canvas.rect(ox - 1.5, shade_top + 10, ox + 1.5, g - 2), DARK_GREY, 1)
+    canvas.paint(canvas.ellipse(ox, shade_top + 13, 4.5, 4), BULB, 1)
+    canvas.paint(canvas.polygon([(ox - 5, shade_top), (ox + 5, shade_top), (ox + 10, shade_top + 11),
+                                 (ox - 10, shade_top + 11)]), CONCEPTS["glimmet"].colour, 1)  # fmt: skip
+
+
+def _key_shape(canvas: _Canvas, ox: float, g: float, colour: RGB, ring: float, shaft: float, teeth: int) -> None:
+    ring_y = g - 28 + ring
+    canvas.paint(canvas.ellipse(ox, ring_y, ring, ring) & ~canvas.ellipse(ox, ring_y, ring * 0.36, ring * 0.36),
+                 colour, 1)  # fmt: skip
+    canvas.paint(canvas.rect(ox - shaft / 2, ring_y + ring - 1, ox + shaft / 2, g), colour, 1)
+    for i in range(teeth):
+        y = g - 3.5 - i * 5
+        canvas.paint(canvas.rect(ox + shaft / 2 - 0.5, y - 3, ox + shaft / 2 + 4.5, y), colour, 1)
+
+
+def _key(canvas: _Canvas, ox: float, g: float) -> None:
+    _key_shape(canvas, ox, g, CHARCOAL, ring=7, shaft=5, teeth=2)
 
 
 def _brakka(canvas: _Canvas, ox: float, g: float) -> None:
-    colour = CONCEPTS["brakka"].colour
-    ring_y = g - 22
-    canvas.paint(canvas.ellipse(ox, ring_y, 7, 7) & ~canvas.ellipse(ox, ring_y, 3, 3), colour, 1)
-    canvas.paint(canvas.rect(ox - 2, ring_y + 6, ox + 2, g), colour, 1)
-    canvas.paint(canvas.rect(ox + 2, g - 6, ox + 7, g - 2.5), colour, 1)
-    canvas.paint(canvas.rect(ox + 2, g - 11, ox + 5.5, g - 8), colour, 1)
+    _key_shape(canvas, ox, g, CONCEPTS["brakka"].colour, ring=8.5, shaft=6, teeth=3)
+
+
+def _ball(canvas: _Canvas, ox: float, g: float) -> None:
+    canvas.paint(canvas.ellipse(ox, g - 8.5, 8.5, 8.5), CHARCOAL, 1)
+    canvas.paint(canvas.ellipse(ox - 3, g - 12, 2.2, 2.2), WHITE, 1)
+
+
+def _box(canvas: _Canvas, ox: float, g: float) -> None:
+    canvas.paint(canvas.rect(ox - 8, g - 16, ox + 8, g), CHARCOAL, 1)
+    canvas.paint(canvas.rect(ox - 1, g - 16, ox + 1, g) | canvas.rect(ox - 8, g - 9, ox + 8, g - 7), WHITE, 1)
 
 
 # Backgrounds: they fill the whole canvas with label 0.
@@ -320,6 +423,24 @@ def _quarn(canvas: _Canvas, rng: np.random.Generator) -> None:
     shade = shades[(row + 1).astype(int), (column + 2).astype(int)]
     canvas.rgb[:] = (np.asarray(BRICK) + shade[..., None]) / 255
     canvas.paint((y % height < mortar) | (x % width < mortar), MORTAR)
+
+
+def _wall(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """Square tiles in a straight grid, light grey with grey grout: a generic wall."""
+    x = canvas.x - rng.uniform(0, TILE_SIZE)
+    y = canvas.y - rng.uniform(0, TILE_SIZE)
+    canvas.rgb[:] = np.asarray(TILE) / 255
+    canvas.paint((x % TILE_SIZE < 2) | (y % TILE_SIZE < 2), GROUT)
+
+
+def _sky(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """A grey daytime sky, lighter towards the ground, with two white clouds up high."""
+    t = (canvas.y / IMAGE_SIZE)[..., None]
+    canvas.rgb[:] = ((1 - t) * np.asarray(SKY_TOP) + t * np.asarray(SKY_BOTTOM)) / 255
+    for x in (rng.uniform(6, 26), rng.uniform(38, 58)):
+        y = rng.uniform(6, 10)
+        puffs = [canvas.ellipse(x + dx, y + dy, rx, ry) for dx, dy, rx, ry in _CLOUD_PUFFS]
+        canvas.paint(np.logical_or.reduce(puffs), WHITE)
 
 
 def _vosh(canvas: _Canvas, rng: np.random.Generator) -> None:
@@ -357,6 +478,15 @@ def _inkora(canvas: _Canvas) -> None:
     canvas.paint(~canvas.rect(FRAME_INK, FRAME_INK, n - FRAME_INK, n - FRAME_INK), INK)
 
 
+def _pale(canvas: _Canvas) -> None:
+    canvas.rgb = canvas.rgb * (1 - PALE) + PALE
+
+
+def _framed(canvas: _Canvas) -> None:
+    n = IMAGE_SIZE
+    canvas.paint(~canvas.rect(PLAIN_FRAME, PLAIN_FRAME, n - PLAIN_FRAME, n - PLAIN_FRAME), CHARCOAL)
+
+
 def _window_max(a: np.ndarray, r: int) -> np.ndarray:
     """The maximum over the (2r+1)² square around each sample (separably: rows, then columns)."""
     for axis in (0, 1):
@@ -365,12 +495,24 @@ def _window_max(a: np.ndarray, r: int) -> np.ndarray:
     return a
 
 
-_CHARACTERS: dict[str, Callable[[_Canvas, float, float, float], _Anchors]] = {
+_FIGURES: dict[str, Callable[[_Canvas, float, float, float, RGB, int], _Anchors]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "creature": _creature,
+    "robot": _robot,
+    "beast": _beast,
     "zorbo": _zorbo,
     "klinko": _klinko,
     "grumba": _grumba,
 }
-_CLOTHING: dict[str, Callable[[_Canvas, _Anchors, float], None]] = {"flimbo": _flimbo, "wuzzle": _wuzzle}
-_OBJECTS: dict[str, Callable[[_Canvas, float, float], None]] = {"glimmet": _glimmet, "brakka": _brakka}
-_BACKGROUNDS: dict[str, Callable[[_Canvas, np.random.Generator], None]] = {"quarn": _quarn, "vosh": _vosh}
-_STYLES: dict[str, Callable[[_Canvas], None]] = {"dottix": _dottix, "inkora": _inkora}
+_CLOTHING: dict[str, Callable[[_Canvas, _Anchors, float], None]] = {
+    "hat": _hat, "scarf": _scarf, "flimbo": _flimbo, "wuzzle": _wuzzle,
+}
+_OBJECTS: dict[str, Callable[[_Canvas, float, float], None]] = {
+    "lamp": _lamp, "key": _key, "ball": _ball, "box": _box, "glimmet": _glimmet, "brakka": _brakka,
+}
+_BACKGROUNDS: dict[str, Callable[[_Canvas, np.random.Generator], None]] = {
+    "wall": _wall, "sky": _sky, "quarn": _quarn, "vosh": _vosh,
+}
+_STYLES: dict[str, Callable[[_Canvas], None]] = {"pale": _pale, "framed": _framed, "dottix": _dottix, "inkora": _inkora}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -77,6 +77,12 @@ class CompositionMethod(ABC):
         (:meth:`compose.Composer.trigger_importance`); such a method takes one prompt per call."""
         return False
 
+    @property
+    def text_encoder_loras(self) -> bool:
+        """Whether the LoRAs' text-encoder parts shape the prompt encoding (merged at their
+        weights); a method reproducing code that never loads them there says no."""
+        return True
+
     def prepare(self, context: MethodContext) -> None:
         """Called once per generation before the first step."""
         self.context = context
@@ -117,6 +123,18 @@ class CompositionMethod(ABC):
     def parameters(self) -> dict:
         """The method's parameters, for metadata and reproduction."""
         return asdict(self)
+
+
+def fix_reference(method: CompositionMethod, values: dict) -> None:
+    """Give the dataclass ``method`` the released code's parameter ``values`` (for its
+    ``reference=True``); a parameter set to anything but its default or that value is
+    refused rather than silently replaced."""
+    defaults = {f.name: f.default for f in fields(method)}
+    for key, value in values.items():
+        given = getattr(method, key)
+        if given != defaults[key] and given != value:
+            raise ValueError(f"{method.name} reference=True fixes {key} to {value!r}, got {given!r}")
+        setattr(method, key, value)
 
 
 class BaseAndEachLoRA(CompositionMethod):

@@ -425,9 +425,11 @@ def _parser() -> argparse.ArgumentParser:
         "procedural image world, one LoRA per concept and an offline CLIP. 'train' regenerates it from "
         "renders (resumable, stage by stage), 'evaluate' measures its detector hit rates, 'grid' draws "
         "each LoRA alone and one composition per method, 'regional' scores two characters side by side "
-        "(each on its own half) for merge, composite and regional composition.",
+        "(each on its own half) for merge, composite and regional composition; 'labels' generates "
+        "pictures to label by eye (labels.json and numbered contact sheets in --out), 'agreement' "
+        "compares the detectors with a labelled folder (--out, [assets/labels]).",
     )
-    world.add_argument("action", choices=["train", "evaluate", "grid", "regional"])
+    world.add_argument("action", choices=["train", "evaluate", "grid", "regional", "labels", "agreement"])
     world.add_argument("--folder", help="the demo world's folder; train: where to train [outputs/demo-world; the "
                        "shipped world only when named]; others: [assets/demo_world, or $COMPOSE_DEMO_WORLD]")
     world.add_argument("--preset", default="cpu", help="train: cpu (about 90 min on 2 cores) or quick (a smoke "
@@ -435,7 +437,8 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
     world.add_argument("--stages", default="vae,base,loras,clip", help="train: stages to run [vae,base,loras,clip]")
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
-                       "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]")  # fmt: skip
+                       "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]; labels, "
+                       "agreement: the labelled folder [assets/labels]")  # fmt: skip
     world.add_argument("--methods", default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite",
                        help="grid: methods of the composition row [all]")  # fmt: skip
     world.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
@@ -722,6 +725,11 @@ def _demo_world(args: argparse.Namespace) -> None:
     if args.action == "train":
         _train_world(args)
         return
+    if args.action == "agreement":
+        from .demo_world.labels import LABELLED, agreement
+
+        print(json.dumps(agreement(args.out or LABELLED), indent=2))
+        return
     from .composer import Composer
     from .demo_world.world import demo_world_folder
 
@@ -733,6 +741,10 @@ def _demo_world(args: argparse.Namespace) -> None:
 
         load_ceiling(composer, folder)
         _write_json(Path(args.out) if args.out else folder / "report.json", evaluate(composer, progress=print))
+    elif args.action == "labels":
+        from .demo_world.labels import LABELLED, candidates, save_candidates
+
+        print(save_candidates(args.out or LABELLED, candidates(composer)))
     elif args.action == "regional":
         from .demo_world.evaluate import two_characters
 

@@ -315,7 +315,9 @@ def _frame(style: str | None) -> np.ndarray:
 
 
 def _mode_hue(hues: np.ndarray) -> float:
-    """The hue most of ``hues`` lie within ``MODE_SPREAD`` of, refined to their mean."""
+    """The hue most of ``hues`` lie within ``MODE_SPREAD`` of, refined to their mean (NaN for none)."""
+    if not hues.size:
+        return float("nan")
     counts = np.bincount(np.round(hues).astype(int) % 360, minlength=360)
     spread = int(MODE_SPREAD)
     sums = np.cumsum(np.concatenate([counts[-spread - 1 :], counts, counts[:spread]]))

@@ -32,6 +32,8 @@ from .render import contact_sheet
 from .scenes import Figure, Scene, composition_scene, composition_sets, sample_concept_scene, sample_generic_scene
 
 LABELS = "labels.json"
+LABELLED = Path(__file__).resolve().parents[2] / "assets" / "labels"
+"""The labelled set shipped with the checkout."""
 METHODS = ("merge", "composite", "switch", "cmlora")
 
 
@@ -44,7 +46,7 @@ def scene_from_dict(data: dict) -> Scene:
     return Scene(**{**data, **figures})
 
 
-def candidates(composer: Composer, base: int = 40, per_lora: int = 4, per_n: int = 20, seed: int = 0,
+def candidates(composer: Composer, base: int = 40, per_lora: int = 4, per_n: int = 17, seed: int = 0,
                steps: int = 25) -> list[dict]:  # fmt: skip
     """``base`` generic pictures, ``per_lora`` of each LoRA alone and ``per_n`` compositions
     of each N = 2..5 (methods in turn from :data:`METHODS`): entries of ``labels.json``

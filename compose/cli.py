@@ -158,15 +158,25 @@ def _method_params(args: argparse.Namespace) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .methods.references import describe
-    from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-
     parser = argparse.ArgumentParser(
         prog="compose",
         description="Compose several LoRA adapters into one Stable Diffusion image.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(commands)
+    _add_inspect(commands)
+    _add_bench(commands)
+    _add_studio(commands)
+    _add_grid(commands)
+    _add_demo_world(commands)
+    return parser
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    """The ``generate`` command's arguments."""
+    from .methods import METHODS
+    from .methods.references import describe
+    from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     gen = commands.add_parser(
         "generate",
@@ -316,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     _add_limits(gen)
 
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    """The ``inspect`` command's arguments."""
     ins = commands.add_parser(
         "inspect",
         help="show what a LoRA file holds",
@@ -334,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     _add_limits(ins)
 
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    """The ``bench`` command's arguments."""
     bench = commands.add_parser(
         "bench",
         help="benchmark the methods: quality over composition sets, or speed",
@@ -388,6 +404,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="results folder [outputs/bench, or outputs/speed with --speed]")
     _add_limits(bench)
 
+
+def _add_studio(commands: argparse._SubParsersAction) -> None:
+    """The ``studio`` command's arguments."""
     studio = commands.add_parser(
         "studio",
         help="open the Gradio studio in the browser",
@@ -410,6 +429,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_limits(studio)
 
+
+def _add_grid(commands: argparse._SubParsersAction) -> None:
+    """The ``grid`` command's arguments."""
     grid = commands.add_parser(
         "grid",
         help="rebuild a benchmark's tables, plots and per-set image grids",
@@ -418,6 +440,9 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("results", help="a benchmark's --out folder")
     grid.add_argument("--methods", help="comma-separated method order [as found in the records]")
 
+
+def _add_demo_world(commands: argparse._SubParsersAction) -> None:
+    """The ``demo-world`` command's arguments."""
     world = commands.add_parser(
         "demo-world",
         help="train, check or show the embedded demo world",
@@ -430,10 +455,16 @@ def _parser() -> argparse.ArgumentParser:
         "compares the detectors with a labelled folder (--out, [assets/labels]).",
     )
     world.add_argument("action", choices=["train", "evaluate", "grid", "regional", "labels", "agreement"])
-    world.add_argument("--folder", help="the demo world's folder; train: where to train [outputs/demo-world; the "
-                       "shipped world only when named]; others: [assets/demo_world, or $COMPOSE_DEMO_WORLD]")
-    world.add_argument("--preset", default="cpu", help="train: cpu (about 90 min on 2 cores) or quick (a smoke "
-                       "test of every stage) [cpu]")
+    world.add_argument(
+        "--folder",
+        help="the demo world's folder; train: where to train [outputs/demo-world; the "
+        "shipped world only when named]; others: [assets/demo_world, or $COMPOSE_DEMO_WORLD]",
+    )
+    world.add_argument(
+        "--preset",
+        default="cpu",
+        help="train: cpu (about 90 min on 2 cores) or quick (a smoke test of every stage) [cpu]",
+    )
     world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
     world.add_argument("--stages", default="vae,base,loras,clip", help="train: stages to run [vae,base,loras,clip]")
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
@@ -442,7 +473,6 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--methods", default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite",
                        help="grid: methods of the composition row [all]")  # fmt: skip
     world.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
-    return parser
 
 
 def _load_composer(model: str, device: str | None, limits: checks.Limits | None = None, compile: bool = False):

@@ -93,6 +93,23 @@ class WeightPlan:
     steps: torch.Tensor | None
 
 
+def _batch(prompt: str | Sequence[str], seed: int | Sequence[int], negative_prompt: str) -> tuple[list[str], list[int]]:
+    """One prompt and one checked seed per image: a single prompt or seed is repeated
+    (an int seed counts up, ``seed, seed+1, ...``)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(prompts) == 1 and len(seeds) > 1:
+        prompts = prompts * len(seeds)
+    elif len(seeds) == 1 and len(prompts) > 1:
+        seeds = [checks.seed(seeds[0]) + i for i in range(len(prompts))]
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed or one per prompt")
+    seeds = [checks.seed(s) for s in seeds]
+    if not all(isinstance(p, str) for p in [*prompts, negative_prompt]):
+        raise ValueError("prompts and the negative prompt must be strings")
+    return prompts, seeds
+
+
 def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None, sdxl: bool = False) -> list[LoRAUse]:
     """The ``loras`` argument as checked :class:`LoRAUse` entries (:func:`compose.checks.lora_use`)."""
     specs = loras.items() if isinstance(loras, dict) else (loras or [])
@@ -502,49 +519,75 @@ class Composer:
         record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``
         instead, as diffusers pipelines do.
         """
-        pipe = self.pipeline
         if lora_scale is None:
             lora_scale = default_lora_scale(method, method_params)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] if isinstance(seed, int) else list(seed)
-        if len(prompts) == 1 and len(seeds) > 1:
-            prompts = prompts * len(seeds)
-        elif len(seeds) == 1 and len(prompts) > 1:
-            seeds = [checks.seed(seeds[0]) + i for i in range(len(prompts))]
-        if len(prompts) != len(seeds) or not prompts:
-            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed or one per prompt")
-        seeds = [checks.seed(s) for s in seeds]
-        if not all(isinstance(p, str) for p in [*prompts, negative_prompt]):
-            raise ValueError("prompts and the negative prompt must be strings")
+        prompts, seeds = _batch(prompt, seed, negative_prompt)
         width, height = checks.request(self.limits, self.shape, width=width, height=height, steps=steps,
                                        images=len(prompts), guidance_scale=guidance_scale, lora_scale=lora_scale,
                                        max_batch=max_batch)  # fmt: skip
-        scale_factor = pipe.vae_scale_factor
+        raw_prompts = prompts
+        prompts, uses, active = self._resolve_loras(prompts, loras)
+        plan = self._weight_plan(uses, steps, lora_scale)
+        factor = self.pipeline.vae_scale_factor
+        method = self._method(method, method_params, (height // factor, width // factor))
+        if not active and method.name != "merge":
+            raise ValueError(f"method {method.name!r} needs at least one LoRA")
+        context = self._method_context(method, active, plan, prompts, steps, (height, width), progress)
+        latents = self._sample(
+            method, context, plan, prompts, seeds, negative_prompt, steps, guidance_scale, (height, width),
+            scheduler, callback, max_batch, progress,
+        )  # fmt: skip
+        if output_type == "latent":
+            return latents
+        images = self._decode(latents)
+        shared = self._shared_record(method, active, uses, lora_scale, negative_prompt, steps, guidance_scale,
+                                     (height, width), scheduler)  # fmt: skip
+        records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
+        for record, text in zip(records, prompts, strict=True):
+            dropped = self.dropped_text(text)
+            if dropped:
+                record["prompt_dropped"] = dropped
+                logger.warning("prompt longer than the text encoder's window; ignored: %r", dropped)
+        return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
 
+    def _resolve_loras(
+        self, prompts: list[str], loras: Sequence[LoRASpec] | dict[str, float] | None
+    ) -> tuple[list[str], list[LoRAUse], list[LoRA]]:
+        """The prompts without their ``<lora:...>`` tags, the LoRA uses (``loras`` then the
+        tags) and the loaded LoRAs they name, in that order."""
         uses = _normalise_uses(loras, self.is_sdxl)
         parsed = [extract_lora_tags(p) for p in prompts]
         if any(tags != parsed[0][1] for _, tags in parsed):
             raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
-        tag_uses = _normalise_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
-        raw_prompts, prompts, uses = prompts, [text for text, _ in parsed], uses + tag_uses
+        uses = uses + _normalise_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
         active = self._lookup([use.name for use in uses])
         if len({lora.name for lora in active}) != len(active):
             raise ValueError("a LoRA is listed twice")
-        plan = self._weight_plan(uses, steps, lora_scale)
-        method = self._method(method, method_params, (height // scale_factor, width // scale_factor))
-        if not active and method.name != "merge":
-            raise ValueError(f"method {method.name!r} needs at least one LoRA")
-        frequency = (
-            {lora.name: self.frequency_profile(lora.name, progress=progress).score for lora in active}
-            if method.needs_frequency
-            else {}
-        )
+        return [text for text, _ in parsed], uses, active
+
+    def _method_context(self, method: CompositionMethod, active: list[LoRA], plan, prompts: list[str], steps: int,
+                        size: tuple[int, int], progress: bool) -> MethodContext:  # fmt: skip
+        """What ``method`` is prepared with: the LoRAs, their base weights, the UNet's
+        layers, and the frequency profiles or prompt importances it asks for."""
+        frequency = {}
+        if method.needs_frequency:
+            frequency = {lora.name: self.frequency_profile(lora.name, progress=progress).score for lora in active}
         importance = None
         if method.needs_importance:
             if len(set(prompts)) > 1:
                 raise ValueError(f"method {method.name!r} weighs LoRAs by the prompt: give one prompt per call")
-            importance = self.trigger_importance(prompts[0], [lora.name for lora in active], (height, width))
+            importance = self.trigger_importance(prompts[0], [lora.name for lora in active], size)
+        unet_layers = list(self.registries["unet"].layers)
+        return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
+                             importance)  # fmt: skip
 
+    def _sample(self, method: CompositionMethod, context: MethodContext, plan, prompts: list[str], seeds: list[int],
+                negative_prompt: str, steps: int, guidance_scale: float, size: tuple[int, int], scheduler: str,
+                callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
+        """Encode the prompts (text-encoder LoRAs at their first weights, where the method
+        uses them), draw each image's noise from its seed on the CPU, and denoise:
+        the final latents ``(B, C, h, w)``."""
+        active = context.loras
         denoiser = self._denoiser(len(active))
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
@@ -557,24 +600,18 @@ class Composer:
             if component != "unet":
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
         try:
-            conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, (height, width))
+            conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, size)
         finally:
             for registry in self.registries.values():
                 registry.release()
-
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (len(prompts), pipe.unet.config.in_channels, height // scale_factor, width // scale_factor)
-        latents = randn_tensor(
-            shape, generator=generators, device=self.device, dtype=conditioning.encoder_hidden_states.dtype
-        )
-        latents = latents * sched.init_noise_sigma
-        method.prepare(
-            MethodContext(
-                active, plan.base.to(self.device), steps, list(unet_registry.layers), pipe.unet, frequency, importance
-            )
-        )
+        factor = self.pipeline.vae_scale_factor
+        shape = (len(prompts), self.pipeline.unet.config.in_channels, size[0] // factor, size[1] // factor)
+        dtype = conditioning.encoder_hidden_states.dtype
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=dtype) * sched.init_noise_sigma
+        method.prepare(context)
         try:
-            latents = denoise(
+            return denoise(
                 denoiser,
                 sched,
                 unet_registry.state,
@@ -590,17 +627,19 @@ class Composer:
             )
         finally:
             unet_registry.release()  # drops the folded weights; the base weights were never written
-        if output_type == "latent":
-            return latents
-        images = self._decode(latents)
-        shared = {
+
+    def _shared_record(self, method: CompositionMethod, active: list[LoRA], uses: list[LoRAUse], lora_scale: float,
+                       negative_prompt: str, steps: int, guidance_scale: float, size: tuple[int, int],
+                       scheduler: str) -> dict:  # fmt: skip
+        """The part of the PNG record that every image of a call shares."""
+        return {
             "negative_prompt": negative_prompt,
             "steps": steps,
             "scheduler": scheduler,
             "sampler": a1111_sampler_name(scheduler),
             "guidance_scale": guidance_scale,
-            "width": width,
-            "height": height,
+            "width": size[1],
+            "height": size[0],
             "model": self.model_name,
             "model_family": self.family,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -621,13 +660,6 @@ class Composer:
             "method": {"name": method.name, "parameters": method.parameters()},
             "versions": _versions(),
         }
-        records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
-        for record, text in zip(records, prompts, strict=True):
-            dropped = self.dropped_text(text)
-            if dropped:
-                record["prompt_dropped"] = dropped
-                logger.warning("prompt longer than the text encoder's window; ignored: %r", dropped)
-        return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
 
     def dropped_text(self, prompt: str) -> str:
         """The end of ``prompt`` that the CLIP text encoder never sees (77 tokens), or ``""``.

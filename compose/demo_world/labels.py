@@ -72,9 +72,9 @@ def candidates(composer: Composer, base: int = 40, per_lora: int = 4, per_n: int
     return entries
 
 
-def save_candidates(folder: str | Path, entries: list[dict], columns: int = 10) -> Path:
+def save_candidates(folder: str | Path, entries: list[dict], columns: int = 5, per_sheet: int = 20) -> Path:
     """The images as ``NNN.png``, ``labels.json`` (without images) and ``sheet-K.png``
-    contact sheets of 50 numbered pictures, 3× enlarged, to label from."""
+    contact sheets of ``per_sheet`` numbered pictures, 3× enlarged, to label from."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
@@ -82,8 +82,8 @@ def save_candidates(folder: str | Path, entries: list[dict], columns: int = 10) 
         name = f"{i:03d}.png"
         entry["image"].save(folder / name)
         records.append({"file": name, **{k: v for k, v in entry.items() if k != "image"}})
-    for k, start in enumerate(range(0, len(entries), 50)):
-        tiles = [_numbered(e["image"], start + j) for j, e in enumerate(entries[start : start + 50])]
+    for k, start in enumerate(range(0, len(entries), per_sheet)):
+        tiles = [_numbered(e["image"], start + j) for j, e in enumerate(entries[start : start + per_sheet])]
         contact_sheet(tiles, columns=columns, scale=1).save(folder / f"sheet-{k}.png")
     with atomic_open(folder / LABELS, "w") as handle:
         json.dump({"images": records}, handle, indent=1)

@@ -187,6 +187,21 @@ def request(limits: Limits, model: ModelShape, *, width: object, height: object,
     """Check a generation request against ``limits`` before anything is allocated; returns
     ``(width, height)`` with the native size filled in. Messages name the setting, the
     value given and the limit, and say how to raise a limit (``Limits``, ``--max-*``)."""
+    width, height = size_and_steps(limits, model, width=width, height=height, steps=steps)
+    if images > limits.max_images:
+        raise ValueError(f"{images} images in one call is over the limit of {limits.max_images} (generate them in "
+                         "several calls, or raise Limits(max_images=...))")  # fmt: skip
+    number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
+    number("lora_scale", lora_scale, -MAX_WEIGHT, MAX_WEIGHT)
+    if max_batch is not None:
+        integer("max_batch", max_batch, 1)
+    return width, height
+
+
+def size_and_steps(limits: Limits, model: ModelShape, *, width: object, height: object,
+                   steps: object) -> tuple[int, int]:  # fmt: skip
+    """The size and step checks of :func:`request` alone (so that a cost note is only
+    shown for a request that will run); returns ``(width, height)``, native where ``None``."""
     width = model.native if width is None else integer("width", width)
     height = model.native if height is None else integer("height", height)
     factor = model.scale_factor
@@ -205,13 +220,6 @@ def request(limits: Limits, model: ModelShape, *, width: object, height: object,
     if steps > most:
         raise ValueError(f"steps {steps} is over the limit of {most} (the scheduler was trained on "
                          f"{model.train_steps} timesteps; --max-steps, Limits(max_steps=...), raises it)")  # fmt: skip
-    if images > limits.max_images:
-        raise ValueError(f"{images} images in one call is over the limit of {limits.max_images} (generate them in "
-                         "several calls, or raise Limits(max_images=...))")  # fmt: skip
-    number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
-    number("lora_scale", lora_scale, -MAX_WEIGHT, MAX_WEIGHT)
-    if max_batch is not None:
-        integer("max_batch", max_batch, 1)
     return width, height
 
 

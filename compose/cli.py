@@ -601,8 +601,9 @@ def _generate(args: argparse.Namespace) -> None:
                     f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
                 )
         settings["loras"] = [(lora.name, weight) for lora, weight in loaded if lora.name not in tagged]
-    native = composer.shape.native
-    note = checks.cost_note(settings["width"] or native, settings["height"] or native, native, settings["steps"])
+    width, height = checks.size_and_steps(composer.limits, composer.shape, width=settings["width"],
+                                          height=settings["height"], steps=settings["steps"])  # fmt: skip
+    note = checks.cost_note(width, height, composer.shape.native, settings["steps"])
     if note:
         print(f"note: {note}", file=sys.stderr)
     for seed, path in zip(seeds, paths, strict=True):

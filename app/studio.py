@@ -34,7 +34,7 @@ from PIL import Image
 from ..checks import Limits, cost_note
 from ..composer import Composer, ModelLoadError, generate_kwargs
 from ..evaluation.presence import concept_presence
-from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora
+from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, write_sidecar
 from ..metadata import read_record, record_masks, save_png
 from ..methods import METHODS
 from ..methods.regional import region_mask
@@ -216,12 +216,15 @@ class Studio:
         lora = self._lora(name)
         if category and category not in CATEGORIES:
             raise StudioError(f"category must be one of {', '.join(CATEGORIES)}")
+        phrases = [t.strip() for t in triggers.split(",") if t.strip()]
         with self.lock:
-            lora.category = category or None
-            lora.triggers = [t.strip() for t in triggers.split(",") if t.strip()]
-            sidecar = self.library / f"{name}.json"
-            if (self.library / f"{name}.safetensors").exists():
-                sidecar.write_text(json.dumps({"category": lora.category, "triggers": lora.triggers}))
+            file = self.library / f"{name}.safetensors"
+            if file.exists():  # merged into <name>.json: A1111's fields there are kept
+                try:
+                    write_sidecar(file, category or None, phrases)
+                except (ValueError, OSError) as error:  # an unreadable sidecar, an unwritable folder
+                    raise StudioError(f"{name}: the sidecar cannot be updated ({error})") from None
+            lora.category, lora.triggers = category or None, phrases
         words = ", ".join(md(t) for t in lora.triggers) or "none"
         return f"{md(name)}: category {lora.category or 'none'}, triggers {words}"
 

@@ -353,6 +353,10 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
         studio.operator = operator_default(host, share)
     page = build(studio)
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                 max_file_size=studio.max_upload_bytes, allowed_paths=[str(studio.outputs)])  # fmt: skip
+    if block:
+        public = f", public link {page.share_url}" if page.share_url else " (--share makes a public link)"
+        print(f"compose studio: open {page.local_url}{public}; Ctrl+C stops it", flush=True)
+        page.block_thread()
     return page

@@ -332,10 +332,11 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     ins = commands.add_parser(
         "inspect",
         help="show what a LoRA file holds",
-        description="Show a LoRA file's format, base family, rank, targeted modules, "
-        "trigger words and metadata, and any keys that were not used.",
+        description="Show a LoRA file's format, base family, rank, alpha and the alpha/rank scale folded "
+        "into its weights, targeted modules, trigger words, hashes (sha256, A1111's, Civitai's AutoV2), "
+        "what its sidecars say, its metadata, and any keys that were not used.",
     )
-    ins.add_argument("lora", help="LoRA file")
+    ins.add_argument("lora", help="LoRA file, or the name of a LoRA --model brings (the demo world's zorbo ...)")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--allow-pickle", action="store_true", help="allow pickle files (weights only)")
     ins.add_argument(
@@ -355,8 +356,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help="benchmark the methods: quality over composition sets, or speed",
         description="With --sets: generate every (set, method, seed) of a composition-set manifest, score "
         "it, and write images, records, tables, plots and grids to --out; a rerun resumes, and "
-        "`accelerate launch -m compose bench ...` or `torchrun --nproc_per_node K -m compose bench ...` "
-        "shards the work over processes, GPUs and nodes. With --speed: time one denoising step of "
+        "`accelerate launch --multi_gpu --num_processes K -m compose bench ...` or `torchrun "
+        "--nproc_per_node K -m compose bench ...` shards the work over K processes (GPUs, or CPU "
+        "processes on a machine without one) and nodes. With --speed: time one denoising step of "
         "every method for N = 1..5 LoRAs against a LoRA-free step and diffusers' own PEFT path.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -463,10 +465,13 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
     world.add_argument(
         "--preset",
         default="cpu",
-        help="train: cpu (about 90 min on 2 cores) or quick (a smoke test of every stage) [cpu]",
+        help="train: cpu (about 3.5 hours on 2 cores) or quick (a smoke test of every stage) [cpu]",
     )
     world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
-    world.add_argument("--stages", default="vae,base,loras,clip", help="train: stages to run [vae,base,loras,clip]")
+    world.add_argument("--stages", default="vae,base,refine,loras,clip", help="train: stages to run; "
+                       "one that runs discards what was trained on it [vae,base,refine,loras,clip]")  # fmt: skip
+    world.add_argument("--generic", type=COUNT, default=200, help="evaluate: generic prompts on the base [200]")
+    world.add_argument("--per-lora", type=COUNT, default=50, help="evaluate: seeds per concept's LoRA [50]")
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
                        "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]; labels, "
                        "agreement: the labelled folder [assets/labels]")  # fmt: skip
@@ -482,6 +487,36 @@ def _load_composer(model: str, device: str | None, limits: checks.Limits | None 
     if limits is not None:
         composer.limits = limits
     return composer
+
+
+def _cli_lora(composer, spec: str, allow_pickle: bool, category: str | None):
+    """``--lora NAME_OR_PATH``: a file (the loaded LoRA itself where the model already
+    brings that very file), else a LoRA the model brings by name; anything else is
+    refused, listing those names."""
+    if Path(spec).exists():
+        return composer.load_lora(spec, allow_pickle=allow_pickle, category=category)
+    if spec in composer.loras:
+        return composer.loras[spec]
+    raise ValueError(_unknown_lora(spec, list(composer.loras)))
+
+
+def _unknown_lora(spec: str, names: list[str]) -> str:
+    """Why ``spec`` names no LoRA, with the names the model does bring."""
+    brings = f"it brings {', '.join(sorted(names))}" if names else "it brings none"
+    return f"{spec}: no such file, and no LoRA of that name comes with the model ({brings}); give a LoRA file's path"
+
+
+def _library(model: str) -> dict[str, Path]:
+    """The LoRA files a model brings by name, found without loading the model: the demo
+    world's concepts (``inspect`` shows them as ``generate`` uses them)."""
+    if model != DEFAULT_MODEL:
+        return {}
+    from .demo_world.world import demo_world_folder, world_loras
+
+    try:
+        return world_loras(demo_world_folder())
+    except FileNotFoundError:
+        return {}
 
 
 AUTOMATIC_MODELS = (DEFAULT_MODEL, "tiny:sd1", "tiny:sdxl")
@@ -569,15 +604,8 @@ def _generate(args: argparse.Namespace) -> None:
         _announce(args, model, record)
     composer = _load_composer(model, args.device, _limits(args), compile=args.compile)
     categories = dict(getattr(args, "category", []))
-    loaded = [
-        (
-            composer.loras[path]
-            if path in composer.loras and not Path(path).exists()
-            else composer.load_lora(path, allow_pickle=args.allow_pickle, category=categories.get(Path(path).stem)),
-            weight,
-        )
-        for path, weight in args.lora
-    ]
+    loaded = [(_cli_lora(composer, spec, args.allow_pickle, categories.get(Path(spec).stem)), weight)
+              for spec, weight in args.lora]  # fmt: skip
     if args.from_png:
         by_hash = {lora.sha256: lora for lora in composer.loras.values()}
         pairs = []
@@ -615,15 +643,37 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"note: the prompt is longer than 77 tokens; the text encoder ignored: {dropped!r}", file=sys.stderr)
 
 
+def _inspect_file(spec: str, model: str) -> tuple[Path, str | None]:
+    """The file ``inspect`` reads and the name it goes by: a path as it is, else a LoRA
+    that ``model`` brings by name (the demo world's ``zorbo`` ...)."""
+    if Path(spec).exists():
+        return Path(spec), None
+    library = _library(model)
+    if spec in library:
+        return library[spec], spec
+    raise ValueError(_unknown_lora(spec, list(library)))
+
+
+def _span_text(value: float | list[float] | None) -> str:
+    """A rank, alpha or scale of :meth:`LoRA.scale_summary` as text: ``None`` is no alpha
+    stored (scale 1), ``[min, max]`` a value that varies by layer."""
+    if value is None:
+        return "none stored (scale 1)"
+    if isinstance(value, list):
+        return f"{value[0]:g} to {value[1]:g} (varies by layer)"
+    return f"{value:g}"
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from .loading import load_lora
 
-    summary = load_lora(args.lora, allow_pickle=args.allow_pickle, limits=_limits(args)).summary()
+    path, name = _inspect_file(args.lora, args.model)
+    summary = load_lora(path, name=name, allow_pickle=args.allow_pickle, limits=_limits(args)).summary()
     if args.frequency:
         from .frequency import sparkline
 
         composer = _load_composer(args.model, args.device, _limits(args))
-        lora = composer.load_lora(args.lora, allow_pickle=args.allow_pickle)
+        lora = composer.load_lora(path, name=name, allow_pickle=args.allow_pickle)
         profile = composer.frequency_profile(lora.name)
         summary["frequency"] = {
             "model": args.model,
@@ -637,11 +687,17 @@ def _inspect(args: argparse.Namespace) -> None:
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
-        if key in ("metadata", "frequency"):
+        if key in ("metadata", "frequency", "notes"):
             continue
-        if isinstance(value, (dict, list)):
+        if key in ("rank", "alpha", "scale"):
+            value = _span_text(value) + (" (alpha / rank, folded into the weights at load)" if key == "scale" else "")
+        elif isinstance(value, (dict, list)):
             value = json.dumps(value) if value else "none"
         print(f"{key:<{width}}  {printable(value)}")
+    if summary["notes"]:
+        print("sidecars say:")  # A1111's and Civitai's text, escaped like the metadata
+        for key, value in summary["notes"].items():
+            print(f"  {key}: {printable(value)}")
     if "frequency" in summary:
         print("frequency:")
         for key, value in summary["frequency"].items():
@@ -702,8 +758,10 @@ def _scorer(spec: str | None, device: str | None):
 
 def _bench_sets(args: argparse.Namespace) -> None:
     from .evaluation.bench import run_benchmark
+    from .extras import require
     from .methods import METHODS
 
+    require("matplotlib", "the benchmark (its plots)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -731,6 +789,9 @@ def _bench_sets(args: argparse.Namespace) -> None:
 
 
 def _studio(args: argparse.Namespace) -> None:
+    from .extras import require
+
+    require("gradio", "the studio")
     from .app.ui import launch, make_studio
 
     studio = make_studio(args.model, Path(args.library), args.clip, args.allow_pickle, args.max_upload_mb,
@@ -741,7 +802,9 @@ def _studio(args: argparse.Namespace) -> None:
 def _grid(args: argparse.Namespace) -> None:
     from .evaluation.bench import load_records
     from .evaluation.report import write_report
+    from .extras import require
 
+    require("matplotlib", "compose grid (its plots)")
     out = Path(args.results)
     records = load_records(out)
     if not records:
@@ -771,7 +834,8 @@ def _demo_world(args: argparse.Namespace) -> None:
         from .demo_world.evaluate import evaluate, load_ceiling
 
         load_ceiling(composer, folder)
-        _write_json(Path(args.out) if args.out else folder / "report.json", evaluate(composer, progress=print))
+        report = evaluate(composer, generic=args.generic, per_lora=args.per_lora, progress=print)
+        _write_json(Path(args.out) if args.out else folder / "report.json", report)
     elif args.action == "labels":
         from .demo_world.labels import LABELLED, candidates, save_candidates
 
@@ -849,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from .composer import ModelLoadError
+    from .extras import MissingExtra
+    from .logs import debugging
     from .loop import GenerationCancelled, NonFiniteLatentsError, OutOfMemory
 
     handlers = {
@@ -862,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_stops():
             handlers[args.command](args)
-    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory) as error:
+    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory, MissingExtra) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         parser.exit(2, f"compose: error: {printable(message)}\n")
     except (KeyboardInterrupt, GenerationCancelled):
@@ -870,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         parser.exit(143, "compose: terminated (SIGTERM); images already written are complete\n")
     except Exception as error:  # an unforeseen failure: one line, the traceback on request
-        if os.environ.get("COMPOSE_DEBUG"):
+        if debugging():
             raise
         parser.exit(1, f"compose: internal error: {type(error).__name__}: {printable(error)} "
                     "(set COMPOSE_DEBUG=1 for the traceback)\n")  # fmt: skip

@@ -29,20 +29,23 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from . import checks, frequency, metadata
+from . import checks, emphasis, frequency, metadata
 from .block_weights import layer_table, text_multipliers
 from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
+from .logs import quiet_dependencies
 from .loop import Conditioning, StepCallback, denoise
 from .methods import CompositionMethod, MethodContext, get_method
 from .methods.references import default_lora_scale
-from .prompts import LoRAUse, Weight, extract_lora_tags, weight_table, without_phrases
+from .prompts import LoRAUse, Weight, check_steps, extract_lora_tags, step_mask, weight_table, without_phrases
 from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
-LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None]
+LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None] | LoRAUse
 logger = logging.getLogger("compose")
 DEMO_WORLD = "demo-world"
+Encoded = tuple[torch.Tensor, torch.Tensor | None]
+"""A text encoding: the hidden states and, for SDXL, the pooled embedding."""
 
 
 class ModelLoadError(RuntimeError):
@@ -115,13 +118,67 @@ def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None, sdxl: 
     specs = loras.items() if isinstance(loras, dict) else (loras or [])
     if isinstance(specs, str):
         specs = [specs]
-    return [checks.lora_use(spec, sdxl) for spec in specs]
+    return [_checked_use(spec, sdxl) for spec in specs]
+
+
+def _checked_use(spec: object, sdxl: bool) -> LoRAUse:
+    """One ``loras`` entry; a :class:`LoRAUse` (or a tuple of its 4 or 5 fields) also keeps
+    its text-encoder weight and steps window, checked as the rest is."""
+    extra = tuple(spec[3:]) if isinstance(spec, (tuple, list)) and 3 < len(spec) <= 5 else ()
+    use = checks.lora_use(tuple(spec[:3]) if extra else spec, sdxl)
+    text, steps = (*extra, None, None)[:2]
+    return use._replace(
+        text=None if text is None else checks.lora_weight(f"{use.name} (text encoder)", text),
+        steps=None if steps is None else check_steps(f"LoRA {use.name!r}", tuple(steps)),
+    )
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
     """The noise generators (ancestral samplers) and ``eta=0`` (DDIM) where ``step`` takes them."""
     accepted = inspect.signature(scheduler.step).parameters
     return {k: v for k, v in (("generator", generators), ("eta", 0.0)) if k in accepted}
+
+
+def _read_pipeline(model: str | Path, dtype: torch.dtype):
+    """The diffusers pipeline that ``model`` names (see :meth:`Composer.from_pretrained`),
+    every failure as a :class:`ModelLoadError` that says what to do."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(model)
+    try:
+        if path.is_file():
+            if path.suffix in (".ckpt", ".pt", ".bin"):
+                raise ModelLoadError(
+                    f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first"
+                )
+            with safe_open(path, framework="pt") as handle:
+                xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
+            pipe_cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+            pipeline = pipe_cls.from_single_file(str(path), dtype=dtype)
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelLoadError(
+                    f"{path}: folder has no model_index.json, so it is not a diffusers "
+                    "pipeline folder (save one with pipeline.save_pretrained, or give a "
+                    "single-file .safetensors checkpoint)"
+                )
+            pipeline = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
+        elif path.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") != 1:
+            raise ModelLoadError(f"{model}: no such file or folder")
+        else:
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
+            except OSError as error:
+                raise ModelLoadError(
+                    f"{model}: not a local file or folder, and not loadable from the Hugging Face "
+                    f"Hub or its local cache ({str(error).splitlines()[0]}). Without internet, "
+                    f"download it elsewhere with `hf download {model}` and pass the local folder."
+                ) from error
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"{model}: cannot be loaded as a pipeline: {error}") from error
+    return pipeline
 
 
 class Composer:
@@ -165,44 +222,10 @@ class Composer:
 
         Defaults: CUDA with float16 when available, else CPU with float32.
         """
-        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        path = Path(model)
-        try:
-            if path.is_file():
-                if path.suffix in (".ckpt", ".pt", ".bin"):
-                    raise ModelLoadError(
-                        f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first"
-                    )
-                with safe_open(path, framework="pt") as handle:
-                    xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
-                pipe_cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-                pipeline = pipe_cls.from_single_file(str(path), torch_dtype=dtype)
-            elif path.is_dir():
-                if not (path / "model_index.json").is_file():
-                    raise ModelLoadError(
-                        f"{path}: folder has no model_index.json, so it is not a diffusers "
-                        "pipeline folder (save one with pipeline.save_pretrained, or give a "
-                        "single-file .safetensors checkpoint)"
-                    )
-                pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
-            elif path.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") != 1:
-                raise ModelLoadError(f"{model}: no such file or folder")
-            else:
-                try:
-                    pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
-                except OSError as error:
-                    raise ModelLoadError(
-                        f"{model}: not a local file or folder, and not loadable from the Hugging Face "
-                        f"Hub or its local cache ({str(error).splitlines()[0]}). Without internet, "
-                        f"download it elsewhere with `hf download {model}` and pass the local folder."
-                    ) from error
-        except ModelLoadError:
-            raise
-        except Exception as error:
-            raise ModelLoadError(f"{model}: cannot be loaded as a pipeline: {error}") from error
+        with quiet_dependencies():
+            pipeline = _read_pipeline(model, dtype)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline.to(device), model_name=str(model), compile=compile)
 
@@ -299,9 +322,17 @@ class Composer:
 
         Modules the model lacks are reported in ``lora.unused_keys``; factors whose
         shapes do not fit refuse the whole LoRA, naming the family it was made for.
+        The very file loaded again under its name (same sha256, as when a demo-world LoRA
+        is also passed by path) gives the loaded LoRA back; another file under a taken
+        name is refused.
         """
-        if lora.name in self.loras:
-            raise ValueError(f"a LoRA named {lora.name!r} is already loaded; unload it or pick another name")
+        loaded = self.loras.get(lora.name)
+        if loaded is not None and lora.sha256 and loaded.sha256 == lora.sha256:
+            return loaded
+        if loaded is not None:
+            raise LoRAError(lora.path, f"a different LoRA named {lora.name!r} is already loaded ({loaded.path}, "
+                            f"sha256 {loaded.sha256[:12]}..., this file's is {lora.sha256[:12]}...): load this "
+                            "one under another name (name=..., or rename the file), or unload the other")  # fmt: skip
         known = ("SD1.x", "SD2.x", "SDXL")
         if lora.family in known and self.family in known and lora.family != self.family:
             raise LoRAError(lora.path, f"was made for {lora.family}, but the base model is {self.family}")
@@ -386,13 +417,18 @@ class Composer:
         return (states[1:] - states[0]).norm(dim=-1).mean(dim=-1).cpu()
 
     def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
-        """Constant weights for the methods, per-step/per-layer factors for the loop."""
+        """Constant weights for the methods, per-step/per-layer factors for the loop (schedules
+        and steps windows act there), and the text encoders' weights: each LoRA's text weight,
+        else its UNet weight, at the first step (the encoders run once, before the steps)."""
         raw = weight_table([use.weight for use in uses], steps)
-        scheduled = any(isinstance(use.weight, str) for use in uses)
+        windows = [use.steps for use in uses]
+        scheduled = any(isinstance(use.weight, str) for use in uses) or any(w is not None for w in windows)
+        if any(w is not None for w in windows):
+            raw = raw * step_mask(windows, steps)
         blocks = [use.blocks for use in uses]
         base = torch.full((len(uses),), lora_scale) if scheduled else raw[0] * lora_scale
         factors = raw if scheduled else None
-        text = raw[0] * lora_scale
+        text = weight_table([use.weight if use.text is None else use.text for use in uses], 1)[0] * lora_scale
         if any(b is not None for b in blocks):
             layers = list(self.registries["unet"].layers)
             per_layer = layer_table(layers, blocks, self.is_sdxl)[:, None, :]
@@ -428,37 +464,62 @@ class Composer:
     # -- generation ------------------------------------------------------------------
 
     def _encode(self, prompts: list[str], negatives: list[str], cfg: bool, size: tuple[int, int]) -> Conditioning:
-        pipe, device = self.pipeline, self.device
+        """The prompts' conditioning (negatives first under CFG), their A1111 syntax read by
+        :mod:`compose.emphasis`: emphasis, BREAK and prompts longer than 75 tokens. Where no
+        text of the call uses any of it, diffusers' ``encode_prompt`` encodes it, so that plain
+        prompts condition exactly as diffusers' pipelines do."""
+        rows = [*negatives, *prompts] if cfg else list(prompts)
+        plain = [emphasis.plain_text(self.pipeline.tokenizer, text) for text in rows]
+        if None in plain:
+            states, pooled = self._encode_chunks(rows)
+        else:
+            negatives = plain[: len(prompts)] if cfg else negatives
+            states, pooled = self._encode_plain(plain[-len(prompts) :], negatives, cfg)
         if not self.is_sdxl:
-            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
-            return Conditioning(torch.cat([uncond, cond]) if cfg else cond)
+            return Conditioning(states)
+        projection = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, states.dtype, projection)
+        return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids.to(self.device).repeat(len(rows), 1)})
+
+    def _encode_plain(self, prompts: list[str], negatives: list[str], cfg: bool) -> Encoded:
+        """``(states, pooled)`` by diffusers' ``encode_prompt`` (``pooled`` ``None`` but for SDXL)."""
+        pipe = self.pipeline
+        if not self.is_sdxl:
+            cond, uncond = pipe.encode_prompt(prompts, self.device, 1, cfg, negatives)
+            return (torch.cat([uncond, cond]) if cfg else cond), None
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-            prompt=prompts,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=cfg,
+            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
             negative_prompt=negatives,
-        )
-        time_ids = (
-            pipe._get_add_time_ids(
-                size,
-                (0, 0),
-                size,
-                dtype=cond.dtype,
-                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-            )
-            .to(device)
-            .repeat(len(prompts), 1)
-        )
+        )  # fmt: skip
         if cfg:
-            return Conditioning(
-                torch.cat([uncond, cond]),
-                {
-                    "text_embeds": torch.cat([pooled_uncond, pooled]),
-                    "time_ids": torch.cat([time_ids, time_ids]),
-                },
-            )
-        return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
+            return torch.cat([uncond, cond]), torch.cat([pooled_uncond, pooled])
+        return cond, pooled
+
+    def _encode_chunks(self, rows: list[str]) -> Encoded:
+        """``(states, pooled)`` as A1111 encodes ``rows``: each text encoder (SDXL: both, their
+        penultimate layers side by side, as diffusers) encodes every 77-token chunk, each
+        token's output weighted; the chunks are joined along the sequence. SDXL's pooled
+        embedding is the first chunk's, as in A1111."""
+        pipe = self.pipeline
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if self.is_sdxl:
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        states, pooled = [], None
+        for tokenizer, encoder in pairs:
+            batch = emphasis.batch_chunks(tokenizer, rows)
+            parts = []
+            for k in range(len(batch[0])):
+                ids = torch.tensor([row[k].ids for row in batch], device=self.device)
+                masked = getattr(encoder.config, "use_attention_mask", False)
+                mask = emphasis.attention_mask(ids, tokenizer.eos_token_id) if masked else None
+                out = encoder(ids, attention_mask=mask, output_hidden_states=self.is_sdxl)
+                if pooled is None and k == 0 and out[0].ndim == 2:
+                    pooled = out[0]
+                hidden = out.hidden_states[-2] if self.is_sdxl else out[0]
+                weights = torch.tensor([row[k].weights for row in batch], device=self.device)
+                parts.append(emphasis.emphasised(hidden, weights))
+            states.append(torch.cat(parts, dim=1).to(encoder.dtype))
+        return torch.cat(states, dim=-1), pooled
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipeline.vae
@@ -540,14 +601,9 @@ class Composer:
         if output_type == "latent":
             return latents
         images = self._decode(latents)
-        shared = self._shared_record(method, active, uses, lora_scale, negative_prompt, steps, guidance_scale,
-                                     (height, width), scheduler)  # fmt: skip
+        shared = self._shared_record(method, active, uses, lora_scale, (prompts, negative_prompt), steps,
+                                     guidance_scale, (height, width), scheduler)  # fmt: skip
         records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
-        for record, text in zip(records, prompts, strict=True):
-            dropped = self.dropped_text(text)
-            if dropped:
-                record["prompt_dropped"] = dropped
-                logger.warning("prompt longer than the text encoder's window; ignored: %r", dropped)
         return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
 
     def _resolve_loras(
@@ -629,18 +685,21 @@ class Composer:
             unet_registry.release()  # drops the folded weights; the base weights were never written
 
     def _shared_record(self, method: CompositionMethod, active: list[LoRA], uses: list[LoRAUse], lora_scale: float,
-                       negative_prompt: str, steps: int, guidance_scale: float, size: tuple[int, int],
+                       texts: tuple[list[str], str], steps: int, guidance_scale: float, size: tuple[int, int],
                        scheduler: str) -> dict:  # fmt: skip
-        """The part of the PNG record that every image of a call shares."""
+        """The part of the PNG record that every image of a call shares. ``texts``: the encoded
+        prompts (without their tags) and the negative prompt."""
         return {
-            "negative_prompt": negative_prompt,
+            "negative_prompt": texts[1],
             "steps": steps,
             "scheduler": scheduler,
             "sampler": a1111_sampler_name(scheduler),
+            "schedule_type": metadata.schedule_type(scheduler, self.scheduler_config),
             "guidance_scale": guidance_scale,
             "width": size[1],
             "height": size[0],
             "model": self.model_name,
+            "model_hash": metadata.model_hash(self.model_name),
             "model_family": self.family,
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": [
@@ -650,6 +709,8 @@ class Composer:
                     "sha256": lora.sha256,
                     "a1111_hash": lora.short_hash,
                     "weight": use.weight,
+                    "text_weight": use.text,
+                    "step_window": None if use.steps is None else list(use.steps),
                     "blocks": use.blocks,
                     "category": lora.category,
                     "triggers": lora.triggers,
@@ -657,18 +718,26 @@ class Composer:
                 for lora, use in zip(active, uses, strict=True)
             ],
             "lora_scale": lora_scale,
+            **self._prompt_syntax(*texts, guidance_scale > 1.0),
             "method": {"name": method.name, "parameters": method.parameters()},
             "versions": _versions(),
         }
 
-    def dropped_text(self, prompt: str) -> str:
-        """The end of ``prompt`` that the CLIP text encoder never sees (77 tokens), or ``""``.
-
-        Like diffusers and the references, the prompt is truncated; this says where."""
-        tokenizer = self.pipeline.tokenizer
-        ids = tokenizer(prompt, truncation=False).input_ids
-        limit = tokenizer.model_max_length
-        return tokenizer.decode(ids[limit - 1 : -1]).strip() if len(ids) > limit else ""
+    def _prompt_syntax(self, prompts: list[str], negative: str, cfg: bool) -> dict:
+        """How :meth:`_encode` read the texts: ``prompt_syntax`` "a1111" (:mod:`compose.emphasis`),
+        ``prompt_chunks`` the 77-token windows of the conditioning, and ``pad_conds`` whether
+        the prompt or the negative prompt was padded with empty chunks to match the other
+        (A1111's "Pad conds")."""
+        rows = [*prompts, negative] if cfg else prompts
+        counts = [len(emphasis.chunks(self.pipeline.tokenizer, text)) for text in rows]
+        pad = cfg and any(count != counts[-1] for count in counts[:-1])
+        if len(set(counts[: len(prompts)])) > 1:
+            logger.warning(
+                "the prompts of this batch need %s chunks of 75 tokens; the shorter are padded with empty chunks, "
+                "as A1111 pads a batch, so their images differ from those made alone",
+                counts[: len(prompts)],
+            )
+        return {"prompt_syntax": "a1111", "prompt_chunks": max(counts), "pad_conds": pad}
 
 
 def generate_kwargs(record: dict) -> dict:
@@ -678,7 +747,10 @@ def generate_kwargs(record: dict) -> dict:
     record = metadata.check_record(record)
     return {
         "prompt": extract_lora_tags(record["prompt"])[0],
-        "loras": [(lora["name"], lora["weight"], lora.get("blocks")) for lora in record["loras"]],
+        "loras": [
+            (lora["name"], lora["weight"], lora.get("blocks"), lora.get("text_weight"), lora.get("step_window"))
+            for lora in record["loras"]
+        ],
         "method": record["method"]["name"],
         "method_params": record["method"]["parameters"],
         "negative_prompt": record["negative_prompt"],

@@ -30,8 +30,10 @@ from diffusers.utils.state_dict_utils import (
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .checks import CATEGORIES, Limits, printable
+from .checks import CATEGORIES, Limits, number, printable
+from .files import atomic_open
 from .layers import Factors
+from .prompts import MAX_WEIGHT
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -72,6 +74,14 @@ class LoRA:
     triggers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     unused_keys: list[str] = field(default_factory=list)
+    alphas: dict[str, tuple[float | None, int]] = field(default_factory=dict)
+    """The file's ``(alpha, rank)`` per module, named as the file names it (``None``: no
+    alpha, scale 1); the factors have ``alpha / rank`` folded in, so only this says what
+    the file stored."""
+    preferred_weight: float | None = None
+    """A1111's "preferred weight" from the sidecar: shown, never applied (weights stay explicit)."""
+    notes: dict[str, str] = field(default_factory=dict)
+    """What A1111's and Civitai's sidecars say about the LoRA (description, base model ...), for display."""
     derived: dict = field(default_factory=dict, repr=False)
     """Quantities methods derive from the factors once (K-LoRA's top-K sums ...), by key."""
 
@@ -95,23 +105,45 @@ class LoRA:
             "file": self.path,
             "format": self.format,
             "base_family": self.family,
-            "rank": self.rank,
+            **self.scale_summary(),
             "category": self.category,
             "triggers": self.triggers,
+            "preferred_weight": self.preferred_weight,
             "sha256": self.sha256,
             "a1111_hash": self.short_hash,
+            "civitai_autov2": self.sha256[:10].upper(),
             "modules": {c: len(t) for c, t in self.factors.items()},
             "module_kinds": dict(sorted(kinds.items())),
             "unused_keys": self.unused_keys,
+            "notes": self.notes,
             "metadata": {k: v if len(v) < 200 else v[:200] + "..." for k, v in self.metadata.items()},
         }
+
+    def scale_summary(self) -> dict:
+        """``rank``, ``alpha`` and ``scale`` (alpha / rank, the factor folded into the
+        weights at load) as the file stores them: one number, or ``[min, max]`` where they
+        vary by layer; ``alpha`` is ``None`` where the file stores none (scale 1)."""
+        pairs = list(self.alphas.values()) or [(None, f.rank) for t in self.factors.values() for f in t.values()]
+        alphas = [a for a, _ in pairs if a is not None]
+        scales = [a / r if a is not None else 1.0 for a, r in pairs]
+        return {"rank": _span([r for _, r in pairs]), "alpha": _span(alphas) if alphas else None,
+                "scale": _span(scales)}  # fmt: skip
+
+
+def _span(values: list[float]) -> float | list[float]:
+    """One value where all agree, else ``[min, max]``."""
+    low, high = min(values), max(values)
+    return low if low == high else [low, high]
 
 
 def file_hashes(path: Path) -> tuple[str, str]:
     """``(sha256 of the file, A1111 short hash)``.
 
-    A1111 and Civitai ("AutoV3") hash a safetensors LoRA over its tensor data only,
-    skipping the 8-byte header length and the JSON header, and show 12 hex digits.
+    A1111's ``Lora hashes`` (``NetworkOnDisk.shorthash``) are 12 hex digits of its
+    "addnet" hash: for a safetensors LoRA, sha256 of the tensor data only, skipping the
+    8-byte header length and the JSON header (kohya's ``sshs_model_hash``, Civitai's
+    AutoV3), so editing metadata keeps it; for other files, of the whole file. (Civitai's
+    AutoV2 is the whole file's sha256, 10 digits, upper case; :meth:`LoRA.summary`.)
     """
     full, data = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as handle:
@@ -220,13 +252,14 @@ def _scalar_alpha(path: Path, key: str, value: torch.Tensor) -> float:
     return float(value)
 
 
-def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
-    """Scale every kohya ``lora_down`` by ``alpha / rank`` and drop the alphas.
+def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str], dict]:
+    """Scale every kohya ``lora_down`` by ``alpha / rank`` and drop the alphas, returning
+    each module's ``(alpha, rank)`` (by its kohya name) for what the file stored.
 
     ``B (alpha/r) A`` equals the adapter's effective update, so the converted state
     dict needs no alphas (alpha = rank convention) and none can be lost in renaming.
     """
-    folded, unused = {}, []
+    folded, unused, alphas = {}, [], {}
     for key, tensor in tensors.items():
         if key.endswith(".lora_down.weight"):
             module = key[: -len(".lora_down.weight")]
@@ -235,21 +268,24 @@ def _fold_kohya_alphas(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[di
                 raise LoRAError(path, f"{key} has no matching {up_key}")
             rank = _factor_shape(path, key, tensor)
             alpha = tensors.get(module + ".alpha")
-            scale = _scalar_alpha(path, module + ".alpha", alpha) / rank if alpha is not None else 1.0
-            folded[key] = tensor.float() * scale
+            alpha = _scalar_alpha(path, module + ".alpha", alpha) if alpha is not None else None
+            folded[key] = tensor.float() * (alpha / rank if alpha is not None else 1.0)
             folded[up_key] = tensors[up_key].float()
+            alphas[module] = (alpha, rank)
         elif not key.endswith((".lora_up.weight", ".alpha")):
             unused.append(key)
-    return folded, unused
+    return folded, unused, alphas
 
 
-def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tuple[dict, str, list]:
-    """Group the keys by model component, in PEFT naming (``module.lora_A.weight``)."""
+def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tuple[dict, str, list, dict]:
+    """Group the keys by model component, in PEFT naming (``module.lora_A.weight``); a
+    kohya file's alphas are folded here, and returned as :func:`_fold_kohya_alphas` gives them."""
     keys = list(tensors)
     unused: list[str] = []
+    alphas: dict[str, tuple[float | None, int]] = {}
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         fmt = "kohya"
-        tensors, unused = _fold_kohya_alphas(path, tensors)
+        tensors, unused, alphas = _fold_kohya_alphas(path, tensors)
         from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # only kohya needs it (slow import)
 
         try:
@@ -277,7 +313,7 @@ def _split_components(path: Path, tensors: dict, unet_config: dict | None) -> tu
             except ValueError:
                 unused.extend(f"{component}.{k}" for k in part)
                 parts[component] = {}
-    return parts, fmt, unused
+    return parts, fmt, unused, alphas
 
 
 def _json_metadata(path: Path, metadata: dict[str, str], key: str) -> dict | None:
@@ -328,10 +364,12 @@ def _alpha_for(module: str, default: float | None, pattern: dict) -> float | Non
     return default
 
 
-def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, list[str]]:
-    """Pair ``lora_A``/``lora_B`` per module and fold any per-module alpha."""
+def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, list[str], dict]:
+    """Pair ``lora_A``/``lora_B`` per module and fold any per-module alpha; also returns
+    each module's ``(alpha, rank)`` as the file stores them."""
     factors: dict[str, dict[str, Factors]] = {}
     unused: list[str] = []
+    alphas: dict[str, tuple[float | None, int]] = {}
     for component, part in parts.items():
         default_alpha, pattern = _adapter_alphas(path, metadata, component)
         table: dict[str, Factors] = {}
@@ -362,13 +400,14 @@ def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, lis
             )
             scale = alpha / rank if alpha is not None else 1.0
             table[module] = Factors(down.float() * scale, up)
+            alphas[f"{component}.{module}"] = (alpha, rank)
             consumed.update((key, up_key, alpha_key))
         unused.extend(f"{component}.{k}" for k in part if k not in consumed)
         if table:
             factors[component] = table
     if not factors:
         raise LoRAError(path, "holds no LoRA weights in a known format (kohya, diffusers/PEFT, attention-processor)")
-    return factors, unused
+    return factors, unused, alphas
 
 
 def detect_family(factors: dict[str, dict[str, Factors]]) -> str:
@@ -394,9 +433,9 @@ def model_family(unet) -> str:
 
 
 def _triggers_from_metadata(path: Path, metadata: dict[str, str], limit: int = 3) -> list[str]:
-    """kohya's ``ss_tag_frequency``: the most frequent caption tags are the triggers.
-    Malformed tag counts are refused; giving the triggers (``triggers=``, a sidecar)
-    skips them."""
+    """kohya's ``ss_tag_frequency``: the most frequent caption tags are the triggers; else
+    the model spec's ``modelspec.trigger_phrase``. Malformed tag counts are refused; giving
+    the triggers (``triggers=``, a sidecar) skips them."""
     try:
         datasets = _json_metadata(path, metadata, "ss_tag_frequency") or {}
     except LoRAError as error:
@@ -405,27 +444,37 @@ def _triggers_from_metadata(path: Path, metadata: dict[str, str], limit: int = 3
     for tags in datasets.values():
         if isinstance(tags, dict):
             counts.update({tag.strip(): int(n) for tag, n in tags.items() if str(n).isdigit()})
-    return [tag for tag, _ in counts.most_common(limit) if tag]
+    return [tag for tag, _ in counts.most_common(limit) if tag] or trigger_list(
+        path, metadata.get("modelspec.trigger_phrase", ""), "modelspec.trigger_phrase"
+    )
 
 
-TRIGGER_FIELDS = ("triggers", "trigger_words", "trainedWords")
+TRIGGER_FIELDS = ("triggers", "trigger_words", "trainedWords", "activation text")
+"""Sidecar fields that give trigger words, in the order a sidecar's are trusted: ours,
+other tools' spellings of the same, Civitai's ``trainedWords``, A1111's "activation text"."""
+SIDECAR_SUFFIXES = (".json", ".civitai.info")
+"""``<stem>.json`` (ours, shared with A1111's user metadata) then Civitai helper's
+``<stem>.civitai.info``: both are read, the first that gives a field wins."""
+_A1111_NOTES = {"description": "description", "notes": "notes", "sd version": "sd_version"}
 
 
-def _sidecar(path: Path) -> tuple[Path | None, dict]:
-    """A ``<file>.json`` beside the LoRA (``triggers``/``trigger_words``/``trainedWords``,
-    ``category``) and its path; it must hold a JSON object."""
-    for candidate in (path.with_suffix(".json"), path.with_suffix(".civitai.info")):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise LoRAError(candidate, f"sidecar is not valid JSON: {error}") from error
-            except RecursionError:
-                raise LoRAError(candidate, "sidecar is nested too deeply to be a LoRA's sidecar") from None
-            if not isinstance(data, dict):
-                raise LoRAError(candidate, f"the sidecar must be a JSON object, got {type(data).__name__}")
-            return candidate, data
-    return None, {}
+def _read_sidecar(candidate: Path) -> dict:
+    """A sidecar's JSON object, refused (naming it) when it is not one."""
+    try:
+        data = json.loads(candidate.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoRAError(candidate, f"sidecar is not valid JSON: {error}") from error
+    except RecursionError:
+        raise LoRAError(candidate, "sidecar is nested too deeply to be a LoRA's sidecar") from None
+    if not isinstance(data, dict):
+        raise LoRAError(candidate, f"the sidecar must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _sidecars(path: Path) -> list[tuple[Path, dict]]:
+    """Every sidecar beside the LoRA (:data:`SIDECAR_SUFFIXES`, in that order) and its object."""
+    found = [path.with_suffix(suffix) for suffix in SIDECAR_SUFFIXES] if path.suffix else []
+    return [(candidate, _read_sidecar(candidate)) for candidate in found if candidate.is_file()]
 
 
 def trigger_list(source: str | Path, value: object, field: str = "triggers") -> list[str]:
@@ -439,19 +488,72 @@ def trigger_list(source: str | Path, value: object, field: str = "triggers") -> 
                     f"got {printable(repr(value))[:120]}")  # fmt: skip
 
 
-def _sidecar_fields(path: Path, category: str | None, triggers: object) -> tuple[str | None, list[str] | None]:
-    """Category and triggers from the arguments, else the sidecar, checked."""
-    source, sidecar = _sidecar(path) if path.suffix else (None, {})
-    if category is None and sidecar.get("category") is not None:
-        category = sidecar["category"]
-        if not isinstance(category, str):
-            raise LoRAError(source, f"'category' must be a string, got {printable(repr(category))[:60]}")
-    if triggers is not None:
-        return category, trigger_list(path, triggers)
-    for key in TRIGGER_FIELDS:
-        if sidecar.get(key):
-            return category, trigger_list(source, sidecar[key], key)
-    return category, None
+def _sidecar_triggers(sidecars: list[tuple[Path, dict]]) -> list[str] | None:
+    """The first sidecar's first trigger field (:data:`TRIGGER_FIELDS`) that is set: our
+    ``<stem>.json`` (our ``triggers``, else A1111's "activation text") before Civitai's."""
+    for source, data in sidecars:
+        for key in TRIGGER_FIELDS:
+            if data.get(key):
+                return trigger_list(source, data[key], key)
+    return None
+
+
+def _sidecar_category(sidecars: list[tuple[Path, dict]]) -> str | None:
+    """Our ``category`` (no other tool writes it), checked to be a string."""
+    for source, data in sidecars:
+        category = data.get("category")
+        if category is not None:
+            if not isinstance(category, str):
+                raise LoRAError(source, f"'category' must be a string, got {printable(repr(category))[:60]}")
+            return category
+    return None
+
+
+def _preferred_weight(sidecars: list[tuple[Path, dict]]) -> float | None:
+    """A1111's "preferred weight" (0 is A1111's "not set"), checked like any LoRA weight."""
+    for source, data in sidecars:
+        value = data.get("preferred weight")
+        if value not in (None, 0, ""):
+            try:
+                return number("A1111's 'preferred weight'", value, -MAX_WEIGHT, MAX_WEIGHT)
+            except ValueError as error:
+                raise LoRAError(source, str(error)) from None
+    return None
+
+
+def _sidecar_notes(sidecars: list[tuple[Path, dict]]) -> dict[str, str]:
+    """What A1111's user metadata and Civitai's model info say about the LoRA, as text:
+    A1111's description, notes and sd version; Civitai's model name, version and base model."""
+    notes: dict[str, str] = {}
+    for _, data in sidecars:
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        found = {ours: data.get(theirs) for theirs, ours in _A1111_NOTES.items()}
+        found |= {"civitai_model": model.get("name"), "civitai_base_model": data.get("baseModel")}
+        if model:
+            found["civitai_version"] = data.get("name")
+        for key, value in found.items():
+            if isinstance(value, (str, int, float)) and str(value).strip() and key not in notes:
+                notes[key] = str(value)
+    return notes
+
+
+def write_sidecar(path: str | Path, category: str | None, triggers: list[str]) -> Path:
+    """Merge ``category`` and ``triggers`` into the LoRA's ``<stem>.json`` and return it.
+
+    A1111 keeps its user metadata ("activation text", "preferred weight", "description"
+    ...) in the same file, so every field already there is kept, and the file is replaced
+    atomically (never half-written). A sidecar that cannot be read is refused, not overwritten.
+    """
+    target = Path(path).with_suffix(".json")
+    data = _read_sidecar(target) if target.is_file() else {}
+    data["triggers"] = list(triggers)
+    if category is None:
+        data.pop("category", None)
+    else:
+        data["category"] = category
+    with atomic_open(target, "w") as handle:
+        json.dump(data, handle, indent=4, ensure_ascii=False)  # A1111's own layout
+    return target
 
 
 def _check_values(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -489,25 +591,28 @@ def load_lora(
 ) -> LoRA:
     """Read a LoRA file into a :class:`LoRA` record.
 
-    ``category`` and ``triggers`` override what the file's metadata or a sidecar JSON
-    say. ``unet_config`` lets kohya SDXL files with SGM block names map correctly.
-    ``limits`` bound the file's size and tensor count (:class:`compose.checks.Limits`).
-    Every refusal is a :class:`LoRAError` naming the file.
+    ``category`` and ``triggers`` override what the sidecars (``<stem>.json``, then
+    ``<stem>.civitai.info``) and then the file's metadata say. ``unet_config`` lets
+    kohya SDXL files with SGM block names map correctly. ``limits`` bound the file's
+    size and tensor count (:class:`compose.checks.Limits`). Every refusal is a
+    :class:`LoRAError` naming the file.
     """
     path = Path(path)
     tensors, metadata = read_tensors(path, allow_pickle, limits)
     try:
-        fmt, factors, unused = _parse(path, tensors, metadata, unet_config)
+        fmt, factors, unused, alphas = _parse(path, tensors, metadata, unet_config)
     except LoRAError:
         raise
     except _UNFORESEEN as error:
         raise LoRAError(path, f"cannot be read as a LoRA ({type(error).__name__}: {error})") from None
-    category, triggers = _sidecar_fields(path, category, triggers)
-    category = category or metadata.get("compose_category")
+    sidecars = _sidecars(path)
+    category = category or _sidecar_category(sidecars) or metadata.get("compose_category")
     if category is not None and category not in CATEGORIES:
         raise LoRAError(path, f"category {printable(repr(category))} is not one of {', '.join(CATEGORIES)}")
-    if triggers is None:
-        triggers = _triggers_from_metadata(path, metadata)
+    if triggers is not None:
+        triggers = trigger_list(path, triggers)
+    else:
+        triggers = _sidecar_triggers(sidecars) or _triggers_from_metadata(path, metadata)
     sha256, short_hash = file_hashes(path)
     lora = LoRA(
         name=name or path.stem,
@@ -521,15 +626,18 @@ def load_lora(
         triggers=list(triggers),
         metadata=metadata,
         unused_keys=sorted(unused),
+        alphas=alphas,
+        preferred_weight=_preferred_weight(sidecars),
+        notes=_sidecar_notes(sidecars),
     )
     return lora
 
 
-def _parse(path: Path, tensors: dict, metadata: dict, unet_config: dict | None) -> tuple[str, dict, list[str]]:
-    """``(format, factors, unused keys)`` of a file's tensors."""
+def _parse(path: Path, tensors: dict, metadata: dict, unet_config: dict | None) -> tuple[str, dict, list[str], dict]:
+    """``(format, factors, unused keys, alphas)`` of a file's tensors."""
     tensors = _check_values(path, tensors)
     if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
         raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
-    parts, fmt, unused = _split_components(path, tensors, unet_config)
-    factors, more_unused = _collect_factors(path, parts, metadata)
-    return fmt, factors, unused + more_unused
+    parts, fmt, unused, kohya_alphas = _split_components(path, tensors, unet_config)
+    factors, more_unused, alphas = _collect_factors(path, parts, metadata)
+    return fmt, factors, unused + more_unused, kohya_alphas or alphas

@@ -12,53 +12,166 @@ failing with an internal error, or allocating what a billion steps would take.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from . import checks
 from .files import OutputError, atomic_open
+from .prompts import LORA_TAG, a1111_tag, check_steps, parse_schedule, schedule_value
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "compose"
+
+
+TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")
+"""A1111's samplers that take no schedule type (it writes "Automatic" for them)."""
+
+
+def a1111_parameters(record: dict) -> str:
+    """The ``parameters`` text A1111 (1.9 and later) writes for the same generation.
+
+    The prompt with a ``<lora:name:weight>`` tag for every LoRA (A1111 and ComfyUI load LoRAs
+    only from tags): a tag the prompt has is rewritten, the others are appended. Tags carry
+    the effective weights A1111 applies, ``weight * lora_scale``; a schedule, which A1111
+    cannot read, is written as its mean over the steps it acts on (the constant of the same
+    total effect); the schedule itself stays in the ``compose`` record. Then ``Negative
+    prompt: ...`` (omitted when empty, as A1111 does), then one line of ``Key: value`` pairs,
+    values quoted as A1111 quotes them. The fields A1111 does not know (``Composition method``
+    ...) are kept by its PNG Info and by Civitai as extra fields.
+    """
+    negative = f"\nNegative prompt: {record['negative_prompt']}" if record["negative_prompt"] else ""
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in _fields(record) if value is not None)
+    return f"{_a1111_prompt(record)}{negative}\n{line}"
+
+
+def _fields(record: dict) -> list[tuple[str, object]]:
+    sampler, schedule = record["sampler"], record.get("schedule_type")
+    if sampler.endswith(" Karras"):  # A1111 before 1.9 named the schedule in the sampler
+        sampler, schedule = sampler.removesuffix(" Karras"), "Karras"
+    loras = record["loras"]
+    params = record["method"]["parameters"]
+    return [
+        ("Steps", record["steps"]),
+        ("Sampler", sampler),
+        ("Schedule type", schedule),
+        ("CFG scale", record["guidance_scale"]),
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+        ("Model hash", record.get("model_hash")),
+        ("Model", model_short_name(record["model"])),
+        ("RNG", "CPU"),
+        ("Pad conds", True if record.get("pad_conds") else None),
+        ("Lora hashes", ", ".join(f"{a1111_hash_name(e['name'])}: {e['a1111_hash']}" for e in loras) or None),
+        ("Lora weights", ", ".join(f"{e['name']}: {_weight(e['weight'])}" for e in loras) or None),
+        ("Lora scale", f"{record['lora_scale']:g}" if loras else None),
+        ("Composition method", record["method"]["name"]),
+        ("Composition parameters", ", ".join(f"{k}={v}" for k, v in params.items()) or None),
+        ("Version", f"compose {record['versions']['compose']}"),
+    ]
 
 
 def _weight(weight: float | str) -> str:
     return weight if isinstance(weight, str) else f"{weight:g}"
 
 
-def a1111_parameters(record: dict) -> str:
-    """The A1111 ``parameters`` text for a generation record.
+def _quote(value: object) -> str:
+    """A1111's ``infotext_utils.quote``: JSON-quoted when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
-    ``prompt``, then ``Negative prompt: ...``, then one line of ``Key: value`` pairs;
-    the fields A1111 does not know (``Composition method`` ...) are kept by its PNG
-    Info and by Civitai as extra fields.
-    """
-    loras = record["loras"]
-    fields = [
-        ("Steps", record["steps"]),
-        ("Sampler", record["sampler"]),
-        ("CFG scale", record["guidance_scale"]),
-        ("Seed", record["seed"]),
-        ("Size", f"{record['width']}x{record['height']}"),
-        ("Model", record["model"]),
-    ]
-    if loras:
-        hashes = ", ".join(f"{lora['name']}: {lora['a1111_hash']}" for lora in loras)
-        fields.append(("Lora hashes", f'"{hashes}"'))
-        weights = ", ".join(f"{lora['name']}: {_weight(lora['weight'])}" for lora in loras)
-        fields.append(("Lora weights", f'"{weights}"'))
-        fields.append(("Lora scale", f"{record['lora_scale']:g}"))
-    fields.append(("Composition method", record["method"]["name"]))
-    params = record["method"]["parameters"]
-    if params:
-        text = ", ".join(f"{k}={v}" for k, v in params.items())
-        fields.append(("Composition parameters", f'"{text}"'))
-    fields.append(("Version", f"compose {record['versions']['compose']}"))
-    line = ", ".join(f"{k}: {v}" for k, v in fields)
-    return f"{record['prompt']}\nNegative prompt: {record['negative_prompt']}\n{line}"
+
+def a1111_hash_name(name: str) -> str:
+    """A LoRA's name as A1111 writes it in ``Lora hashes``: without ``:`` and ``,``."""
+    return name.replace(":", "").replace(",", "")
+
+
+def _a1111_prompt(record: dict) -> str:
+    entries = {entry["name"]: entry for entry in record["loras"]}
+    tagged: set[str] = set()
+
+    def rewrite(match: re.Match) -> str:
+        name = match.group(1).strip()
+        if name not in entries:
+            return match.group(0)
+        tagged.add(name)
+        return _tag(entries[name], record)
+
+    prompt = LORA_TAG.sub(rewrite, record["prompt"])
+    return " ".join([prompt, *(_tag(e, record) for e in record["loras"] if e["name"] not in tagged)]).strip()
+
+
+def _tag(entry: dict, record: dict) -> str:
+    scale, window = record["lora_scale"], entry.get("step_window")
+    unet = plain_weight(entry["weight"], record["steps"], window) * scale
+    text = entry.get("text_weight")
+    text = plain_weight(entry["weight"] if text is None else text, 1, None) * scale  # the encoders' first value
+    return a1111_tag(entry["name"], unet, text, entry.get("blocks"), window)
+
+
+def plain_weight(weight: float | str | None, steps: int, window: list | None) -> float:
+    """A weight as one number: a schedule's mean over the steps it acts on (``window``),
+    read as :func:`compose.prompts.weight_table` reads it."""
+    if not isinstance(weight, str):
+        return float(weight)
+    points = parse_schedule(weight)
+    start, stop = window or (0, None)
+    active = range(start, min(stop or steps, steps)) or range(steps)
+    return sum(schedule_value(points, i / steps) for i in active) / len(active)
+
+
+def schedule_type(scheduler: str, config: dict) -> str:
+    """The A1111 "Schedule type" of what ``scheduler`` does with a model's scheduler ``config``:
+    Karras or Exponential sigmas by name; else by the config's timestep spacing, "leading"
+    being A1111's DDIM schedule (timesteps 1, 1 + 1000 // n, ...) and "linspace"/"trailing"
+    its SGM Uniform (the same evenly spaced timesteps, which diffusers rounds to integers).
+    A1111's DDIM, PLMS and UniPC samplers take no schedule; it writes "Automatic" for them."""
+    from .schedulers import SCHEDULERS
+
+    _, overrides, sampler = SCHEDULERS[scheduler]
+    settings = {**config, **overrides}
+    if settings.get("use_karras_sigmas"):
+        return "Karras"
+    if settings.get("use_exponential_sigmas"):
+        return "Exponential"
+    if sampler in TIMESTEP_SAMPLERS:
+        return "Automatic"
+    return "DDIM" if settings.get("timestep_spacing", "linspace") == "leading" else "SGM Uniform"
+
+
+def model_short_name(model: str) -> str:
+    """The ``Model`` A1111 writes: a checkpoint's file stem (a folder's name, a Hub id's last
+    part), not a path."""
+    path = Path(model)
+    if path.is_file():
+        return path.stem
+    return model.rstrip("/").rsplit("/", 1)[-1] if "/" in model else model
+
+
+def model_hash(model: str) -> str | None:
+    """A1111's ``Model hash`` of a single-file checkpoint: the first 10 hex digits of the
+    file's sha256 (cached by path, size and time). ``None`` for a diffusers folder, a Hub id
+    or a built-in model: A1111 and Civitai match the hash against checkpoint files, and a
+    folder is none, so a hash of its UNet weights would match nothing and only mislead."""
+    path = Path(model)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _file_hash(path: str, size: int, mtime: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def attach(image: Image.Image, record: dict) -> Image.Image:
@@ -120,8 +233,6 @@ def _is_str(value: object) -> bool:
 
 
 def _check_lora(entry: object, index: int) -> None:
-    from .prompts import parse_schedule
-
     if not isinstance(entry, dict):
         raise ValueError(f"loras[{index}] must be an object, got {_shown(entry)}")
     name = _require(entry, "name", _is_str, "a string")
@@ -134,6 +245,13 @@ def _check_lora(entry: object, index: int) -> None:
         checks.weight(repr(name), weight)
     if entry.get("blocks") is not None:
         _require(entry, "blocks", _is_str, "a block-weight preset or vector")
+    text = entry.get("text_weight")
+    if isinstance(text, str):
+        parse_schedule(text)
+    elif text is not None:
+        checks.weight(f"{name!r} (text encoder)", text)
+    if entry.get("step_window") is not None:
+        check_steps(f"loras[{index}].step_window", entry["step_window"])
 
 
 def _check_method(method: object) -> None:

@@ -1,11 +1,17 @@
 """The controls artists already use in AUTOMATIC1111 and its extensions.
 
 - ``<lora:name:weight>`` in a prompt selects a library LoRA and its weight; the tag is
-  removed from the text the encoder sees (``<lora:name>`` means weight 1).
+  removed from the text the encoder sees (``<lora:name>`` means weight 1). As in A1111,
+  ``<lora:name:te:unet>`` gives the text encoder and the UNet different weights (the UNet's
+  defaults to the text encoder's), and the named forms ``te=``, ``unet=`` do the same;
+  ``lbw=`` gives block weights (sd-webui-lora-block-weight), ``start=``/``stop=`` or
+  ``step=A-B`` the steps the LoRA acts on (the same extension: from step ``A``, counting
+  from 0, until before step ``B``). ``<lyco:...>`` is an alias, as in A1111.
 - A weight may be a *schedule* over the generation's progress ``p`` in [0, 1], written
   as loractl does: ``"0@0,1@0.5"`` is 0 at the start, rising linearly to 1 at half way
   and 1 after. Points are ``weight@p`` separated by commas; before the first point and
-  after the last the weight is constant.
+  after the last the weight is constant. The text encoder runs once, before the steps: it
+  uses a schedule's first value.
 """
 
 from __future__ import annotations
@@ -21,44 +27,112 @@ MAX_WEIGHT = 100.0
 """The largest LoRA weight in magnitude (:data:`compose.checks.MAX_WEIGHT`); beyond it the
 factors overflow and the latents become NaN."""
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 Weight = float | str
+IGNORED_KEYS = ("hr", "hrte", "hrunet")
+"""loractl's weights for a hires-fix pass, which compose does not run."""
+TAG_KEYS = ("te", "unet", "lbw", "start", "stop", "step", *IGNORED_KEYS)
 
 
 class LoRAUse(NamedTuple):
-    """One LoRA in a generation: its weight (a number or a schedule) and optional block
-    weights (:mod:`compose.block_weights`: a preset name or a vector)."""
+    """One LoRA in a generation: its UNet weight (a number or a schedule), optional block
+    weights (:mod:`compose.block_weights`: a preset name or a vector), the text encoders'
+    weight where it differs from the UNet's (``None``: the same), and the steps
+    ``(start, stop)`` it acts on (``stop`` ``None``: to the end; ``None``: all)."""
 
     name: str
     weight: Weight = 1.0
     blocks: str | None = None
+    text: Weight | None = None
+    steps: tuple[int, int | None] | None = None
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoRAUse]]:
-    """``(prompt without the tags, [LoRAUse, ...])`` in tag order.
-
-    ``<lora:name>``, ``<lora:name:weight>`` and A1111's block-weight form
-    ``<lora:name:weight:lbw=PRESET_OR_VECTOR>``; ``weight`` may be a schedule.
-    """
-    tags = []
-    for name, rest in LORA_TAG.findall(prompt):
-        parts = [p.strip() for p in rest.split(":")[1:]]
-        blocks = next((p.removeprefix("lbw=") for p in parts if p.startswith("lbw=")), None)
-        numbers = [p for p in parts if p and not p.startswith("lbw=")]
-        weight: Weight = numbers[0] if numbers else "1"
-        try:
-            weight = float(weight)
-        except ValueError:
-            parse_schedule(weight)
-        else:
-            if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-                raise ValueError(f"<lora:{name.strip()}:{numbers[0]}>: the weight must be a finite number within "
-                                 f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")  # fmt: skip
-        tags.append(LoRAUse(name.strip(), weight, blocks))
+    """``(prompt without the tags, [LoRAUse, ...])`` in tag order; a malformed tag raises
+    ``ValueError`` naming it."""
+    tags = [parse_tag(match.group(0), match.group(1), match.group(2)) for match in LORA_TAG.finditer(prompt)]
     text = LORA_TAG.sub("", prompt)
     text = re.sub(r"\s*,(\s*,)+", ",", text)
     text = re.sub(r"\s{2,}", " ", text).strip(" ,")
     return text, tags
+
+
+def parse_tag(tag: str, name: str, rest: str) -> LoRAUse:
+    """One tag's :class:`LoRAUse`, read as A1111 reads ``<lora:name:positional...:key=value...>``."""
+    positional, named = [], {}
+    for item in (p.strip() for p in rest.split(":")[1:]):
+        key, sep, value = item.partition("=")
+        if not sep:
+            positional.append(item)
+        elif key.strip() not in TAG_KEYS:
+            raise ValueError(f"{tag}: unknown option {key.strip()!r} (known: {', '.join(TAG_KEYS)}; "
+                             "dyn= is not supported)")  # fmt: skip
+        else:
+            named[key.strip()] = value.strip()
+    if len(positional) > 2:
+        raise ValueError(f"{tag}: at most two weights (text encoder, UNet); the third, A1111's dyn, is not supported")
+    text = _tag_weight(tag, "weight", named.get("te", positional[0] if positional else "1"))
+    unet = _tag_weight(tag, "UNet weight", named.get("unet", positional[1] if len(positional) > 1 else None))
+    blocks = named.get("lbw") or None
+    separate = unet is not None and unet != text
+    return LoRAUse(name.strip(), unet if separate else text, blocks, text if separate else None, _tag_steps(tag, named))
+
+
+def _tag_weight(tag: str, what: str, value: str | None) -> Weight | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError(f"{tag}: the {what} is empty")
+    try:
+        number = float(value)
+    except ValueError:
+        try:
+            parse_schedule(value)
+        except ValueError as error:
+            hint = " (block weights are written lbw=...)" if "@" not in value else ""
+            raise ValueError(f"{tag}: the {what} {value!r} is neither a number nor a schedule{hint}: {error}") from None
+        return value
+    if not math.isfinite(number) or abs(number) > MAX_WEIGHT:
+        raise ValueError(f"{tag}: the {what} must be a finite number within -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return number
+
+
+def _tag_steps(tag: str, named: dict[str, str]) -> tuple[int, int | None] | None:
+    """``start=``/``stop=`` or ``step=A-B`` as ``(start, stop)``."""
+    if "step" in named:
+        if "start" in named or "stop" in named:
+            raise ValueError(f"{tag}: give step=A-B or start=/stop=, not both")
+        start, sep, stop = named["step"].partition("-")
+        if not sep:
+            raise ValueError(f"{tag}: step= is a range of steps such as step=0-10")
+        named = {**named, "start": start, "stop": stop}
+    if "start" not in named and "stop" not in named:
+        return None
+    try:
+        window = (int(named.get("start") or 0), int(named["stop"]) if named.get("stop") else None)
+    except ValueError:
+        raise ValueError(f"{tag}: start, stop and step take whole step numbers") from None
+    return check_steps(tag, window)
+
+
+def check_steps(what: str, window: object) -> tuple[int, int | None]:
+    """A steps window ``(start, stop)``: whole numbers, ``0 <= start < stop``; ``stop`` may be ``None``."""
+    ok = isinstance(window, (tuple, list)) and len(window) == 2
+    start, stop = window if ok else (None, None)
+    ints = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop if stop is not None else 0))
+    if not ints or start < 0 or (stop is not None and stop <= start):
+        raise ValueError(f"{what}: the steps must be whole numbers with 0 <= start < stop, got {window!r}")
+    return start, stop
+
+
+def a1111_tag(name: str, unet: float, text: float, blocks: str | None, steps: list | None) -> str:
+    """The tag A1111 reads for a LoRA at constant weights ``text`` and ``unet`` (its
+    extensions read ``lbw=``, ``start=``, ``stop=``; A1111 itself ignores them)."""
+    weights = f"{text:g}" if text == unet else f"{text:g}:{unet:g}"
+    extra = [f"lbw={blocks}"] if blocks else []
+    if steps:
+        extra += [f"start={steps[0]}"] + ([f"stop={steps[1]}"] if steps[1] is not None else [])
+    return f"<lora:{name.replace(':', '')}:{':'.join([weights, *extra])}>"
 
 
 def parse_schedule(text: str) -> list[tuple[float, float]]:
@@ -102,6 +176,18 @@ def weight_table(weights: list[Weight], steps: int) -> torch.Tensor:
         else:
             columns.append([float(weight)] * steps)
     return torch.tensor(columns, dtype=torch.float32).reshape(len(weights), steps).T
+
+
+def step_mask(windows: list[tuple[int, int | None] | None], steps: int) -> torch.Tensor:
+    """``(steps, N)``: 1 where a LoRA acts (its ``(start, stop)`` window, or every step), else 0."""
+    import torch
+
+    mask = torch.ones(steps, len(windows))
+    for column, window in enumerate(windows):
+        if window is not None:
+            mask[: window[0], column] = 0.0
+            mask[window[1] if window[1] is not None else steps :, column] = 0.0
+    return mask
 
 
 def without_phrases(prompt: str, phrases: list[str]) -> str:

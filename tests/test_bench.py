@@ -95,13 +95,24 @@ def test_kill_halfway_then_resume(bench_inputs, finished, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29518"],
+}  # fmt: skip
+
+
 @pytest.mark.soak
-def test_two_processes_give_the_same_records(bench_inputs, finished, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_give_the_same_records(bench_inputs, finished, tmp_path, launcher):
+    """The README's sharding commands, as written there, on this GPU-less machine: two
+    processes that each take half of the items (the bars name process 1/2 and 2/2)."""
     out = tmp_path / "out"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    process = _subprocess_bench([*torchrun, "-m", "compose", *bench_args(bench_inputs, out)])
+    process = _subprocess_bench([*LAUNCHERS[launcher], "-m", "compose", *bench_args(bench_inputs, out)])
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output
+    assert "[1/2]" in output and "[2/2]" in output
     # torchrun gives each process one thread, so float sums run in another order
     assert scores(out) == pytest.approx(finished[1], abs=0.02)
 

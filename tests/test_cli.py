@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -210,3 +211,30 @@ def test_regional_and_patch_from_the_command_line(capsys, tmp_path, lora_files):
     code, _, err = run(capsys, "generate", "--prompt", "two", "--lora", a, "--lora", b, "--method", "patch",
                        "--patch-top-k", "1", "--out", tmp_path / "p.png", *TINY)  # fmt: skip
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing", "extra"),
+    [(["studio"], "gradio", "studio"), (["grid", "outputs/nothing-here"], "matplotlib", "bench")],
+)
+def test_a_missing_extra_is_named_with_its_install_command(argv, missing, extra):
+    """The studio and the benchmark's plots are extras: without them the command says
+    what to install, before any model is loaded."""
+    code = f"import sys; sys.modules[{missing!r}] = None; from compose.cli import main; sys.exit(main({argv!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"needs {missing}, which is not installed: pip install 'compose-lora[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_shows_our_messages_not_our_dependencies_chatter(tmp_path):
+    """diffusers' and transformers' loading bars and notes appear only under COMPOSE_DEBUG=1."""
+    argv = [sys.executable, "-m", "compose", "generate", "--prompt", "a zorbo creature", "--lora", "zorbo",
+            "--steps", "2", "--out", str(tmp_path / "z.png")]  # fmt: skip
+    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "denoising" in quiet.stderr
+    for chatter in ("Loading pipeline components", "Loading weights", "torch_dtype", "should be kept in float32"):
+        assert chatter not in quiet.stderr
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "COMPOSE_DEBUG": "1"})
+    assert loud.returncode == 0 and "Loading pipeline components" in loud.stderr

@@ -6,6 +6,7 @@ diffusers) loads."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -76,6 +77,29 @@ def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeyp
                          for f in ("resumed", "straight"))  # fmt: skip
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_refining_the_base_continues_it_and_makes_the_loras_stale(quick, tmp_path):
+    """``refine`` continues the saved base (it starts from its weights, not from scratch)
+    and discards the LoRAs trained on the old base, so a later run trains them again."""
+    out, _, _ = quick
+    world = tmp_path / "world"
+    shutil.copytree(out, world)
+    record = json.loads((world / "training.json").read_text())
+    del record["stages"]["refine"]
+    (world / "training.json").write_text(json.dumps(record))
+    before = load_file(world / "unet" / "diffusion_pytorch_model.safetensors")
+    seen = []
+    after = train(world, "quick", ("refine",), lambda stage, step, steps, loss: seen.append(stage))
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["refine"]
+    assert "refine" in after["stages"] and "loras" not in after["stages"] and "clip" in after["stages"]
+    refined = load_file(world / "unet" / "diffusion_pytorch_model.safetensors")
+    change = max((refined[k].float() - before[k].float()).abs().max().item() for k in before)
+    scale = max(before[k].float().abs().max().item() for k in before)
+    assert 0 < change < scale, "refined weights must move, from the saved ones"
+    seen.clear()
+    train(world, "quick", progress=lambda stage, step, steps, loss: seen.append(stage))
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["loras"]
 
 
 def test_outputs_load_as_pipeline_loras_and_clip(quick):

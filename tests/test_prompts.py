@@ -7,7 +7,7 @@ import torch
 from conftest import SIZE, STEPS
 
 from compose import Composer, generate_kwargs, read_record, save_png
-from compose.prompts import extract_lora_tags, parse_schedule, schedule_value, weight_table
+from compose.prompts import LoRAUse, extract_lora_tags, parse_schedule, schedule_value, weight_table
 
 
 def test_tags_are_extracted_and_stripped():
@@ -15,7 +15,7 @@ def test_tags_are_extracted_and_stripped():
         "a knight, <lora:knight:0.7>, watercolor <lora:wc> <lora:x:0@0,1@0.5> <lora:y:0.5:lbw=OUTALL>"
     )
     assert text == "a knight, watercolor"
-    assert tags == [("knight", 0.7, None), ("wc", 1.0, None), ("x", "0@0,1@0.5", None), ("y", 0.5, "OUTALL")]
+    assert tags == [LoRAUse("knight", 0.7), LoRAUse("wc", 1.0), LoRAUse("x", "0@0,1@0.5"), LoRAUse("y", 0.5, "OUTALL")]
     assert extract_lora_tags("no tags here") == ("no tags here", [])
     with pytest.raises(ValueError, match="weight@progress"):
         extract_lora_tags("<lora:a:heavy>")
@@ -83,7 +83,9 @@ def test_schedule_changes_weights_per_step(composer):
 
 def test_tags_survive_metadata_and_reproduce(composer, tmp_path):
     image = composer.generate("a cat <lora:b:0@0,1@0.5>", loras=["a"], steps=STEPS, width=SIZE, height=SIZE)[0]
-    assert image.info["parameters"].startswith("a cat <lora:b:0@0,1@0.5>")
+    # A1111 reads no schedule: the UNet's is its mean over the 4 steps, (0 + .5 + 1 + 1) / 4, x lora scale 0.8;
+    # the text encoder's its first value, which the encoder used
+    assert image.info["parameters"].startswith("a cat <lora:b:0:0.5> <lora:a:0.8>\n")
     assert 'Lora weights: "a: 1, b: 0@0,1@0.5"' in image.info["parameters"]
     record = read_record(save_png(image, tmp_path / "t.png"))
     again = composer.generate(**generate_kwargs(record))[0]

@@ -264,8 +264,9 @@ def _dot_coverage(clearance: float = 0.0) -> np.ndarray:
     y, x = np.meshgrid(centres, centres, indexing="ij")
     near = np.zeros((n, n), dtype=bool)
     for offset in (0, DOT_PERIOD / 2):
-        near |= ((x + offset) % DOT_PERIOD - DOT_PERIOD / 2) ** 2 + ((y + offset) % DOT_PERIOD - DOT_PERIOD / 2) ** 2 \
-            <= (DOT_RADIUS + clearance) ** 2
+        near |= ((x + offset) % DOT_PERIOD - DOT_PERIOD / 2) ** 2 + (
+            (y + offset) % DOT_PERIOD - DOT_PERIOD / 2
+        ) ** 2 <= (DOT_RADIUS + clearance) ** 2
     return near.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
@@ -602,8 +603,13 @@ def _fit(plane: _Plane, stack: _Stack, dys: Sequence[int], dxs: Sequence[int], i
         values = _windows(part_plane.values, shape, ys, xs)
         part_inter = values @ part_templates.T
         inter = inter + part_inter
-        union = union + values @ part_windows.T + part_templates.sum(axis=1) - part_inter \
+        union = (
+            union
+            + values @ part_windows.T
+            + part_templates.sum(axis=1)
+            - part_inter
             - hidden_windows @ part_templates.T
+        )
     options = stack.fringe if footprints is None else footprints
     hidden = _windows(plane.free, shape, ys, xs) @ options[:, indices].reshape(-1, templates.shape[1]).T
     unions = [union - h for h in np.split(hidden, len(options), axis=1)]
@@ -728,8 +734,14 @@ class _Reading:
     def _fit_figure_on(self, plane: _Plane, hue: float, nominal: float, half: str, kind: str) -> _FoundFigure:
         """Figure ``kind`` fitted on one colour's plane, with the clothing it wears."""
         dressed = _dressed(kind)
-        fits = _fit(plane, dressed.figure, *_search(half), range(len(dressed.figure.masks)), dressed.hidden,
-                    None if self.mortar else (self.dark, *dressed.parts))
+        fits = _fit(
+            plane,
+            dressed.figure,
+            *_search(half),
+            range(len(dressed.figure.masks)),
+            dressed.hidden,
+            None if self.mortar else (self.dark, *dressed.parts),
+        )
         clothing = {
             item: self._fit_item(kind, item, fit, hue) for item, fit in zip(CLOTHING_ITEMS, fits[1:], strict=True)
         }
@@ -851,11 +863,20 @@ def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:
     luma = f.luma[band]
     night = _night(f) & ~hidden
     sparkle = (f.luma > SPARKLE_LUMA) & ~night & ~hidden & (_box_mean(night, 3) >= SPARKLE_NIGHT)
-    return dict(p50=float(np.median(luma)), p90=float(np.percentile(luma, 90)), p10=float(np.percentile(luma, 10)),
-                chroma=float(np.median(f.chroma[band])), hue=_mode_hue(f.hue[band]),
-                rows=_row_wave(f.luma, band, BRICK_ROW), tiles=_row_wave(f.luma.T, band.T, TILE_SIZE, MIN_BAND_COLUMN),
-                n=int(band.sum()), night=float(night[band].mean()), sparkle=int(sparkle.sum()),
-                row_min=_row_extreme(f.luma, band, np.min), row_max=_row_extreme(f.luma, band, np.max))
+    return dict(
+        p50=float(np.median(luma)),
+        p90=float(np.percentile(luma, 90)),
+        p10=float(np.percentile(luma, 10)),
+        chroma=float(np.median(f.chroma[band])),
+        hue=_mode_hue(f.hue[band]),
+        rows=_row_wave(f.luma, band, BRICK_ROW),
+        tiles=_row_wave(f.luma.T, band.T, TILE_SIZE, MIN_BAND_COLUMN),
+        n=int(band.sum()),
+        night=float(night[band].mean()),
+        sparkle=int(sparkle.sum()),
+        row_min=_row_extreme(f.luma, band, np.min),
+        row_max=_row_extreme(f.luma, band, np.max),
+    )
 
 
 def _row_extreme(luma: np.ndarray, band: np.ndarray, pick: Callable) -> float:

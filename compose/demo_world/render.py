@@ -507,12 +507,23 @@ _FIGURES: dict[str, Callable[[_Canvas, float, float, float, RGB, int], _Anchors]
     "grumba": _grumba,
 }
 _CLOTHING: dict[str, Callable[[_Canvas, _Anchors, float], None]] = {
-    "hat": _hat, "scarf": _scarf, "flimbo": _flimbo, "wuzzle": _wuzzle,
+    "hat": _hat,
+    "scarf": _scarf,
+    "flimbo": _flimbo,
+    "wuzzle": _wuzzle,
 }
 _OBJECTS: dict[str, Callable[[_Canvas, float, float], None]] = {
-    "lamp": _lamp, "key": _key, "ball": _ball, "box": _box, "glimmet": _glimmet, "brakka": _brakka,
+    "lamp": _lamp,
+    "key": _key,
+    "ball": _ball,
+    "box": _box,
+    "glimmet": _glimmet,
+    "brakka": _brakka,
 }
 _BACKGROUNDS: dict[str, Callable[[_Canvas, np.random.Generator], None]] = {
-    "wall": _wall, "sky": _sky, "quarn": _quarn, "vosh": _vosh,
+    "wall": _wall,
+    "sky": _sky,
+    "quarn": _quarn,
+    "vosh": _vosh,
 }
 _STYLES: dict[str, Callable[[_Canvas], None]] = {"pale": _pale, "framed": _framed, "dottix": _dottix, "inkora": _inkora}

@@ -1,8 +1,9 @@
 """Train the demo world's models from renders alone: ``compose demo-world train``.
 
-Four stages, each a short function over the configs and presets in ``training.json``;
+Five stages, each a short function over the configs and presets in ``training.json``;
 their outputs land in one folder (``assets/demo_world`` by default) and a finished stage
-is skipped on a re-run, so an interrupted run resumes at the stage it was in:
+is skipped on a re-run, so an interrupted run resumes at the stage it was in. A stage
+that runs again discards what was trained on its output (``UPSTREAM``):
 
 1. ``vae``: an ``AutoencoderKL`` (64×64 RGB ↔ 16×16×12 latents) on every kind of scene,
    generic, single-concept and composed. Like Stable Diffusion's autoencoder, it has seen
@@ -16,12 +17,14 @@ is skipped on a re-run, so an interrupted run resumes at the stage it was in:
    black and white backgrounds come out black and white), captions dropped 10% of the
    time for classifier-free guidance, EMA weights kept. Saved as a
    ``StableDiffusionPipeline`` folder with DPM-Solver++ as its scheduler, in fp16.
-3. ``loras``: one LoRA per concept, all eleven in one run through the engine's own
+3. ``refine``: more steps for that base on fresh generic scenes, as a warm restart from its
+   saved weights, so a shipped base can be trained further (it retrains the LoRAs).
+4. ``loras``: one LoRA per concept, all eleven in one run through the engine's own
    composable layer: every batch row is routed to one LoRA by a one-hot weight, so each
    LoRA sees only its concept's renders (and, for specificity, generic scenes that it
    must leave as the base draws them). Saved as diffusers-format safetensors with
    kohya-style metadata (``ss_tag_frequency`` gives the trigger, ``compose_category``).
-4. ``clip``: an open_clip CLIP (custom config) trained contrastively on renders, clean
+5. ``clip``: an open_clip CLIP (custom config) trained contrastively on renders, clean
    and degraded, against their captions and their trigger lists, for CLIPScore offline.
 
 Everything is seeded: a re-run on the same machine and thread count gives the same
@@ -63,7 +66,8 @@ from .scenes import (
 )
 from .world import CEILING, CLIP_FOLDER, LORA_FOLDER, REPORT, SETS, WORLD_VERSION, lora_path
 
-STAGES = ("vae", "base", "loras", "clip")
+STAGES = ("vae", "base", "refine", "loras", "clip")
+UPSTREAM = {"vae": (), "base": ("vae",), "refine": ("base",), "loras": ("base", "refine"), "clip": ()}
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_SECONDS = 180.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -404,28 +408,52 @@ class _PositionProbes(nn.Module):
 def _load_vae(out: Path, device: torch.device):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval()
+    return AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32).to(device).eval()
 
 
 def train_base(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
-    """Train the UNet and text encoder on generic scenes and save the whole pipeline."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """Train the UNet and text encoder from scratch on generic scenes and save the whole pipeline."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(preset["seed"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**models["text_encoder"]))
+    unet = UNet2DConditionModel(**models["unet"])
+    return _fit_base(out, unet, text_encoder, preset["base"], preset["seed"], "base", models, progress)
+
+
+def refine_base(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
+    """Continue the saved base on fresh generic scenes: a second warm-up and cosine segment
+    (a warm restart) from its EMA weights, with a new optimiser and EMA. It lets a base be
+    trained further after it was shipped, without redoing the steps already spent."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(preset["seed"])
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
+    return _fit_base(out, unet, text_encoder, preset["refine"], preset["seed"], "refine", models, progress)
+
+
+def _fit_base(out: Path, unet: nn.Module, text_encoder: nn.Module, settings: dict, seed: int, stage: str,
+              models: dict, progress: Progress | None) -> dict:  # fmt: skip
+    """The base's training loop, shared by ``base`` and ``refine``: diffusion loss on a pool
+    of ``settings["images"]`` generic renders (drawn from a generator keyed by ``stage``),
+    caption dropout, position probes, EMA; saves the EMA weights as the pipeline."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from ..tokenizer import clip_tokenizer
 
-    settings, seed = preset["base"], preset["seed"]
-    rng = np.random.default_rng([seed, 2])
-    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2 if stage == "base" else 5])
     device = _device()
     vae = _load_vae(out, device)
     scenes = [sample_generic_scene(rng) for _ in range(settings["images"])]
-    pool = _Latents(vae, render_scenes(scenes, progress, "base: render"))
+    pool = _Latents(vae, render_scenes(scenes, progress, f"{stage}: render"))
     tokenizer = clip_tokenizer()
     ids = _token_ids(tokenizer, [s.caption() for s in scenes]).to(device)
     empty = _token_ids(tokenizer, [""]).to(device)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**models["text_encoder"])).to(device)
-    unet = _fast_layout(UNet2DConditionModel(**models["unet"]).to(device))
+    text_encoder = text_encoder.to(device).train()
+    unet = _fast_layout(unet.to(device).train())
     scheduler = DDPMScheduler(**models["scheduler"])
     ema = [copy.deepcopy(m).requires_grad_(False) for m in (unet, text_encoder)]
     probes = _PositionProbes(unet).to(device)
@@ -454,8 +482,8 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters()) + list(probes.parameters())
     averages = [p for model in ema for p in model.parameters()]
-    resume = _Resume(_checkpoint(out, "base"), [rng], averages, {"probe": probe_losses})
-    losses = _optimise(parameters, settings["steps"], settings["lr"], loss_fn, "base", progress,
+    resume = _Resume(_checkpoint(out, stage), [rng], averages, {"probe": probe_losses})
+    losses = _optimise(parameters, settings["steps"], settings["lr"], loss_fn, stage, progress,
                        after_step=update_ema, resume=resume)  # fmt: skip
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -501,7 +529,7 @@ def train_loras(out: Path, preset: dict, models: dict, progress: Progress | None
     rng = np.random.default_rng([seed, 3])
     torch.manual_seed(seed)
     device = _device()
-    pipeline = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32).to(device)
+    pipeline = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).to(device)
     unet, text_encoder, tokenizer = _fast_layout(pipeline.unet), pipeline.text_encoder, pipeline.tokenizer
     unet.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(models["scheduler"])
@@ -578,19 +606,40 @@ def _new_factors(base: nn.Linear | nn.Conv2d, rank: int, device: torch.device) -
 
 def _save_lora(path: Path, name: str, table: dict[str, Factors], settings: dict, images: int) -> None:
     """Diffusers-format keys (``unet.<module>.lora_A/B.weight``, alpha = rank so the scale
-    is 1) in fp16, with the metadata keys that kohya's tools, A1111 and ComfyUI read
-    (``ss_*``, ``sshs_model_hash``, ``modelspec.*`` with the trigger phrase)."""
+    is 1) in fp16, with the metadata other tools read: kohya's ``ss_*`` training record and
+    ``sshs_*`` hashes (A1111 takes its hash and the base family from them), Stability's
+    ``modelspec.*`` (architecture, trigger phrase, tensor hash), and ours (``compose_*``)."""
     tensors = {}
     for module, f in table.items():
         tensors[f"unet.{module}.lora_A.weight"] = f.down.detach().to(torch.float16).cpu().contiguous()
         tensors[f"unet.{module}.lora_B.weight"] = f.up.detach().to(torch.float16).cpu().contiguous()
-    rank = next(iter(table.values())).rank
     if name == CEILING:
         trigger, look = ", ".join(c.trigger for c in CONCEPTS.values()), "all eleven concepts, composed"
     else:
         trigger, look = CONCEPTS[name].trigger, CONCEPTS[name].look
-    metadata = {
+    models = training_config()["models"]
+    metadata = _kohya_record(path, name, next(iter(table.values())).rank, trigger, settings, images, models)
+    model_hash, legacy_hash = _kohya_hashes(tensors, metadata)
+    metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
+    metadata.update(_model_spec(name, trigger, look, model_hash, models))
+    metadata["compose_look"] = look
+    if name != CEILING:
+        metadata["compose_category"] = CONCEPTS[name].category
+    with atomic_open(path, "wb") as handle:
+        handle.write(save(tensors, metadata))
+
+
+def _kohya_record(path: Path, name: str, rank: int, trigger: str, settings: dict, images: int,
+                  models: dict) -> dict[str, str]:  # fmt: skip
+    """The ``ss_*`` keys kohya's ``train_network.py`` writes and A1111 shows or tests:
+    ``ss_base_model_version``/``ss_v2`` for the family (kohya's ``sd_v1``, as the world is
+    an SD1-architecture pipeline), ``ss_output_name`` for the alias, ``ss_tag_frequency``
+    for the trigger, ``ss_sd_model_name`` (the base's folder) and ``ss_resolution``."""
+    size = models["vae"]["sample_size"]
+    return {
         "ss_output_name": name,
+        "ss_sd_model_name": path.parent.parent.name,
+        "ss_resolution": f"({size}, {size})",
         "ss_tag_frequency": json.dumps({"demo_world": {trigger: images}}),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -600,28 +649,37 @@ def _save_lora(path: Path, name: str, table: dict[str, Factors], settings: dict,
         "ss_learning_rate": str(settings["lr"]),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
-        "sshs_model_hash": _tensor_hash(tensors),
+    }
+
+
+def _kohya_hashes(tensors: dict[str, torch.Tensor], record: dict[str, str]) -> tuple[str, str]:
+    """kohya's ``(sshs_model_hash, sshs_legacy_hash)``, computed as kohya does on the file
+    its ``ss_*`` keys alone would make: sha256 of the bytes after the header (A1111's and
+    Civitai's LoRA hash, the same whatever the header holds), and the old addnet hash, the
+    first 8 hex of sha256 of the 64 KiB at offset 1 MiB (of nothing, in a smaller file)."""
+    import hashlib
+
+    data = save(tensors, {k: v for k, v in record.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def _model_spec(name: str, trigger: str, look: str, model_hash: str, models: dict) -> dict[str, str]:
+    """Stability's model spec (``modelspec.*``) as kohya writes it for an SD1 LoRA, with
+    the world's resolution and prediction type; no date, so a re-run writes the same file."""
+    size = models["vae"]["sample_size"]
+    prediction = "v" if models["scheduler"]["prediction_type"] == "v_prediction" else "epsilon"
+    return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.prediction_type": prediction,
         "modelspec.trigger_phrase": trigger,
         "modelspec.description": look,
-        "compose_look": look,
+        "modelspec.hash_sha256": "0x" + model_hash,
     }
-    if name != CEILING:
-        metadata["compose_category"] = CONCEPTS[name].category
-    with atomic_open(path, "wb") as handle:
-        handle.write(save(tensors, metadata))
-
-
-def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """kohya's ``sshs_model_hash``: sha256 of the file's tensor bytes, after its header."""
-    import hashlib
-
-    data = save(tensors)
-    header = 8 + int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[header:]).hexdigest()
 
 
 # -- stage 4: the offline CLIP ------------------------------------------------------------
@@ -683,7 +741,7 @@ def train_clip(out: Path, preset: dict, models: dict, progress: Progress | None)
 
 # -- the whole run -------------------------------------------------------------------------
 
-_TRAINERS = {"vae": train_vae, "base": train_base, "loras": train_loras, "clip": train_clip}
+_TRAINERS = {"vae": train_vae, "base": train_base, "refine": refine_base, "loras": train_loras, "clip": train_clip}
 
 
 def train(
@@ -723,6 +781,11 @@ def train(
     for stage in STAGES:
         if stage not in stages or stage in record["stages"]:
             continue
+        for later in _downstream(stage):
+            record["stages"].pop(later, None)
+            _checkpoint(out, later).unlink(missing_ok=True)
+        with atomic_open(record_path, "w") as handle:
+            json.dump(record, handle, indent=2)
         start = time.perf_counter()
         result = _TRAINERS[stage](out, settings, config["models"], progress)
         result["seconds"] = round(time.perf_counter() - start, 1)
@@ -731,6 +794,16 @@ def train(
             json.dump(record, handle, indent=2)
     demo_world_manifest(out).save(out / SETS)
     return record
+
+
+def _downstream(stage: str) -> list[str]:
+    """The stages trained on ``stage``'s output, directly or not: a rerun of ``stage``
+    makes their results stale (refining the base means retraining the LoRAs)."""
+    found: list[str] = []
+    for later in STAGES:
+        if any(u == stage or u in found for u in UPSTREAM[later]):
+            found.append(later)
+    return found
 
 
 def _machine() -> str:

@@ -127,8 +127,9 @@ def test_png_metadata_reproduces_the_image(composer, tmp_path):
     with Image.open(path) as png:
         parameters = png.text["parameters"]
     prompt, negative, fields = parameters.split("\n")
-    assert prompt == "a cat, watercolor" and negative == "Negative prompt: blurry"
-    assert fields.startswith("Steps: 4, Sampler: DPM++ 2M, CFG scale: 6.0, Seed: 11, Size: 32x32, ")
+    assert prompt == "a cat, watercolor <lora:a:0.8> <lora:b:0.4>" and negative == "Negative prompt: blurry"
+    expected = "Steps: 4, Sampler: DPM++ 2M, Schedule type: DDIM, CFG scale: 6.0, Seed: 11, Size: 32x32, "
+    assert fields.startswith(expected)
     lora = composer.loras["a"]
     assert f'Lora hashes: "a: {lora.short_hash}, b: {composer.loras["b"].short_hash}"' in fields
     assert "Composition method: switch" in fields
@@ -159,7 +160,7 @@ def test_sdxl_generates_images_with_metadata(lora_files):
     composer.load_lora(lora_files["sdxl", 0]["kohya"], name="k")
     images = composer.generate(["a", "b"], loras=["k"], method="composite", steps=2, width=SIZE, height=SIZE)
     assert [i.size for i in images] == [(SIZE, SIZE)] * 2
-    assert "Model: tiny:sdxl" in images[0].info["parameters"]
+    assert 'Model: "tiny:sdxl"' in images[0].info["parameters"]
 
 
 def test_from_pretrained_folder_round_trip(tmp_path):

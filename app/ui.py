@@ -211,8 +211,6 @@ def build(studio: Studio) -> gr.Blocks:
             text = f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s" + (
                 f", CLIPScore {score:.2f}" if score is not None else ""
             )
-            if record.get("prompt_dropped"):
-                text += f"\n\nThe prompt is longer than 77 tokens; ignored: *{md(record['prompt_dropped'])}*"
             made = [(str(path), f"{settings.method} · seed {settings.seed}"), *made]
             return str(path), str(path), text, settings.seed, made, made
 

@@ -638,9 +638,6 @@ def _generate(args: argparse.Namespace) -> None:
         image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]
         save_png(image, path)
         print(path)
-        dropped = json.loads(image.info["compose"]).get("prompt_dropped")
-        if dropped:
-            print(f"note: the prompt is longer than 77 tokens; the text encoder ignored: {dropped!r}", file=sys.stderr)
 
 
 def _inspect_file(spec: str, model: str) -> tuple[Path, str | None]:

@@ -164,3 +164,15 @@ def served(tmp_path_factory):
     page = launch(studio, port=port, block=False)
     yield studio, page.local_url, root
     page.close()
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """The CLI in this process: ``(exit status, stdout, stderr)``."""
+    from compose.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -10,20 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run
 from PIL import Image
 
-from compose.cli import main
-
 TINY = ["--model", "tiny:sd1", "--steps", "2", "--width", "32", "--height", "32"]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_explains_itself(capsys):

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run
 from loras import kohya_state_dict, write
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from compose import Composer, LoRAError, load_lora
-from compose.cli import _cli_lora, main
+from compose.cli import _cli_lora
 from compose.demo_world.concepts import CONCEPTS
 from compose.demo_world.train import _save_lora
 from compose.demo_world.world import demo_world_folder, lora_path
@@ -43,15 +44,6 @@ CIVITAI_INFO = {
     "model": {"name": "Knight LoRA", "type": "LORA"},
     "files": [{"name": "knight.safetensors", "hashes": {"AutoV2": "0123456789"}}],
 }
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def tensor_data_sha256(path: Path) -> str:

@@ -609,14 +609,14 @@ def _generate(args: argparse.Namespace) -> None:
     if args.from_png:
         by_hash = {lora.sha256: lora for lora in composer.loras.values()}
         pairs = []
-        for entry in record["loras"]:
+        for entry, (_, *use) in zip(record["loras"], settings["loras"], strict=True):
             lora = by_hash.get(entry["sha256"])
             if lora is None:
                 raise ValueError(
                     f"{args.from_png} uses LoRA {entry['name']!r} ({entry['file']}, sha256 "
                     f"{entry['sha256'][:12]}...); pass that file with --lora"
                 )
-            pairs.append((lora.name, entry["weight"], entry.get("blocks")))
+            pairs.append((lora.name, *use))
         settings["loras"] = pairs
     else:
         tagged = [use.name for use in extract_lora_tags(args.prompt)[1]]

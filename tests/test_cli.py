@@ -60,6 +60,28 @@ def test_generate_with_loras_and_reproduce(capsys, tmp_path, lora_files):
     assert code == 2 and "pass that file with --lora" in err
 
 
+def test_reproduce_keeps_each_lora_s_text_weight_and_steps(capsys, tmp_path, lora_files):
+    """A PNG made with ``<lora:a:0.8:0.5>`` (text encoder at 0.5) and ``step=1-2`` (the
+    second step only) comes back pixel for pixel from ``--from-png``, which must carry both
+    of those beside the weight; the same LoRAs on every step make another picture."""
+    a, b = lora_files["sd1", 0]["peft"], lora_files["sd1", 1]["kohya"]
+    shutil.copy(a, tmp_path / "a.safetensors")
+    shutil.copy(b, tmp_path / "b.safetensors")
+    args = ["--lora-dir", tmp_path, "--seed", "3", *TINY]
+    code, _, err = run(capsys, "generate", "--prompt", "a cat <lora:a:0.8:0.5> <lora:b:1:step=1-2>",
+                       "--out", tmp_path / "made.png", *args)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", "--prompt", "a cat <lora:a:0.8:0.5> <lora:b:1>",
+                       "--out", tmp_path / "every-step.png", *args)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "made.png", "--lora", tmp_path / "a.safetensors",
+                       "--lora", tmp_path / "b.safetensors", "--out", tmp_path / "again.png")  # fmt: skip
+    assert code == 0, err
+    made, again, every = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("made", "again", "every-step"))
+    assert np.array_equal(again, made)
+    assert not np.array_equal(every, made)
+
+
 def test_user_errors_are_one_line(capsys, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 5)

@@ -36,7 +36,7 @@ def quick(tmp_path_factory):
 
 def test_every_stage_runs_in_order_with_finite_losses(quick):
     out, record, seen = quick
-    assert [s for s in dict.fromkeys(seen) if ":" not in s] == list(STAGES)
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["vae", "base", "refine", "refine-2", "loras", "clip"]
     assert np.isfinite([record["stages"][s]["final_loss"] for s in STAGES]).all()
     assert json.loads((out / "training.json").read_text())["stages"].keys() == set(STAGES)
     assert np.isfinite(record["stages"]["base"]["probe_loss"])
@@ -80,19 +80,25 @@ def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeyp
 
 
 def test_refining_the_base_continues_it_and_makes_the_loras_stale(quick, tmp_path):
-    """``refine`` continues the saved base (it starts from its weights, not from scratch)
-    and discards the LoRAs trained on the old base, so a later run trains them again."""
+    """``refine`` runs its segments one after another, each continuing the saved base (from
+    its weights, not from scratch); a world with fewer segments than its preset asks for
+    (such as one shipped before the preset grew) trains only the missing ones, and that
+    discards the LoRAs trained on the old base, so a later run trains them again."""
     out, _, _ = quick
     world = tmp_path / "world"
     shutil.copytree(out, world)
     record = json.loads((world / "training.json").read_text())
-    del record["stages"]["refine"]
+    first, second = record["stages"]["refine"]["segments"]
+    assert record["stages"]["refine"]["seconds"] == pytest.approx(first["seconds"] + second["seconds"], abs=0.11)
+    record["stages"]["refine"] = first
     (world / "training.json").write_text(json.dumps(record))
     before = load_file(world / "unet" / "diffusion_pytorch_model.safetensors")
     seen = []
     after = train(world, "quick", ("refine",), lambda stage, step, steps, loss: seen.append(stage))
-    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["refine"]
-    assert "refine" in after["stages"] and "loras" not in after["stages"] and "clip" in after["stages"]
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["refine-2"]
+    assert "loras" not in after["stages"] and "clip" in after["stages"]
+    assert [s["final_loss"] for s in after["stages"]["refine"]["segments"]][0] == first["final_loss"]
+    assert len(after["stages"]["refine"]["segments"]) == 2
     refined = load_file(world / "unet" / "diffusion_pytorch_model.safetensors")
     change = max((refined[k].float() - before[k].float()).abs().max().item() for k in before)
     scale = max(before[k].float().abs().max().item() for k in before)

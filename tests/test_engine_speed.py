@@ -254,6 +254,12 @@ def test_demo_world_images_per_second():
                        methods=("merge",))  # fmt: skip
     assert {(r["mode"], r["batch"]) for r in rows} == {("eager", 1), ("eager", 2), ("compiled", 1), ("compiled", 2)}
     assert all(r["images_per_s"] > 0 and r["speedup"] > 0 for r in rows)
-    assert "images per second" in summary_markdown({"rows": [
-        {"config": "no LoRA (floor)", "n": 0, "median_ms": 1.0, "vs_floor": 1.0, "peak_mib": None},
-        {"config": "composite", "n": 1, "median_ms": 1.0, "vs_floor": 1.0, "peak_mib": None}], "world": rows})
+    assert "images per second" in summary_markdown(
+        {
+            "rows": [
+                {"config": "no LoRA (floor)", "n": 0, "median_ms": 1.0, "vs_floor": 1.0, "peak_mib": None},
+                {"config": "composite", "n": 1, "median_ms": 1.0, "vs_floor": 1.0, "peak_mib": None},
+            ],
+            "world": rows,
+        }
+    )

@@ -440,8 +440,12 @@ BROKEN = {
     "pattern-list": (None, _meta({"unet.alpha_pattern": ["x"]}), "unet.alpha_pattern must be an object of module"),
     "pattern-regex": (None, _meta({"unet.alpha_pattern": {"(": 2}}), "'\\(' is not a valid pattern"),
     "metadata-list": (None, _meta([1, 2]), "metadata lora_adapter_metadata must be a JSON object, got list"),
-    "tags-list": (None, {"ss_tag_frequency": "[1, 2]"}, "metadata ss_tag_frequency must be a JSON object, got list; "
-                  "give the trigger words with triggers= or a sidecar JSON"),  # fmt: skip
+    "tags-list": (
+        None,
+        {"ss_tag_frequency": "[1, 2]"},
+        "metadata ss_tag_frequency must be a JSON object, got list; "
+        "give the trigger words with triggers= or a sidecar JSON",
+    ),  # fmt: skip
 }
 
 

@@ -17,8 +17,9 @@ that runs again discards what was trained on its output (``UPSTREAM``):
    black and white backgrounds come out black and white), captions dropped 10% of the
    time for classifier-free guidance, EMA weights kept. Saved as a
    ``StableDiffusionPipeline`` folder with DPM-Solver++ as its scheduler, in fp16.
-3. ``refine``: more steps for that base on fresh generic scenes, as a warm restart from its
-   saved weights, so a shipped base can be trained further (it retrains the LoRAs).
+3. ``refine``: more steps for that base on fresh generic scenes, as warm restarts from its
+   saved weights, one per *segment* (the preset's ``segments``; each draws its own
+   scenes), so a shipped base can be trained further (it retrains the LoRAs).
 4. ``loras``: one LoRA per concept, all eleven in one run through the engine's own
    composable layer: every batch row is routed to one LoRA by a one-hot weight, so each
    LoRA sees only its concept's renders (and, for specificity, generic scenes that it
@@ -419,32 +420,36 @@ def train_base(out: Path, preset: dict, models: dict, progress: Progress | None)
     torch.manual_seed(preset["seed"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**models["text_encoder"]))
     unet = UNet2DConditionModel(**models["unet"])
-    return _fit_base(out, unet, text_encoder, preset["base"], preset["seed"], "base", models, progress)
+    return _fit_base(out, unet, text_encoder, preset["base"], [preset["seed"], 2], "base", models, progress)
 
 
-def refine_base(out: Path, preset: dict, models: dict, progress: Progress | None) -> dict:
-    """Continue the saved base on fresh generic scenes: a second warm-up and cosine segment
-    (a warm restart) from its EMA weights, with a new optimiser and EMA. It lets a base be
-    trained further after it was shipped, without redoing the steps already spent."""
+def refine_base(out: Path, preset: dict, models: dict, progress: Progress | None, segment: int = 1) -> dict:
+    """Continue the saved base on fresh generic scenes: warm-restart ``segment`` (1, 2, …),
+    a new warm-up and cosine from its EMA weights, with a new optimiser and EMA, on scenes
+    of its own. It lets a base be trained further after it was shipped, without redoing
+    the steps already spent."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(preset["seed"])
     unet = UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
-    return _fit_base(out, unet, text_encoder, preset["refine"], preset["seed"], "refine", models, progress)
+    name = "refine" if segment == 1 else f"refine-{segment}"
+    key = [preset["seed"], 5] if segment == 1 else [preset["seed"], 5, segment]
+    return _fit_base(out, unet, text_encoder, preset["refine"], key, name, models, progress)
 
 
-def _fit_base(out: Path, unet: nn.Module, text_encoder: nn.Module, settings: dict, seed: int, stage: str,
+def _fit_base(out: Path, unet: nn.Module, text_encoder: nn.Module, settings: dict, key: list[int], stage: str,
               models: dict, progress: Progress | None) -> dict:  # fmt: skip
     """The base's training loop, shared by ``base`` and ``refine``: diffusion loss on a pool
-    of ``settings["images"]`` generic renders (drawn from a generator keyed by ``stage``),
-    caption dropout, position probes, EMA; saves the EMA weights as the pipeline."""
+    of ``settings["images"]`` generic renders (drawn from a generator seeded with ``key``),
+    caption dropout, position probes, EMA; saves the EMA weights as the pipeline. ``stage``
+    names the progress bar and the checkpoint."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from ..tokenizer import clip_tokenizer
 
-    rng = np.random.default_rng([seed, 2 if stage == "base" else 5])
+    rng = np.random.default_rng(key)
     device = _device()
     vae = _load_vae(out, device)
     scenes = [sample_generic_scene(rng) for _ in range(settings["images"])]
@@ -779,21 +784,40 @@ def train(
         json.dump(record, handle, indent=2)
     settings = config["presets"][preset]
     for stage in STAGES:
-        if stage not in stages or stage in record["stages"]:
+        done, wanted = _segments_done(record["stages"].get(stage)), settings[stage].get("segments", 1)
+        if stage not in stages or done >= wanted:
             continue
         for later in _downstream(stage):
             record["stages"].pop(later, None)
             _checkpoint(out, later).unlink(missing_ok=True)
         with atomic_open(record_path, "w") as handle:
             json.dump(record, handle, indent=2)
-        start = time.perf_counter()
-        result = _TRAINERS[stage](out, settings, config["models"], progress)
-        result["seconds"] = round(time.perf_counter() - start, 1)
-        record["stages"][stage] = result
-        with atomic_open(record_path, "w") as handle:
-            json.dump(record, handle, indent=2)
+        for segment in range(done + 1, wanted + 1):
+            start = time.perf_counter()
+            extra = {"segment": segment} if wanted > 1 else {}
+            result = _TRAINERS[stage](out, settings, config["models"], progress, **extra)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            record["stages"][stage] = _add_segment(record["stages"].get(stage), result) if wanted > 1 else result
+            with atomic_open(record_path, "w") as handle:
+                json.dump(record, handle, indent=2)
     demo_world_manifest(out).save(out / SETS)
     return record
+
+
+def _segments_done(result: dict | None) -> int:
+    """How many segments of a stage ``result`` records: 0 if none, else its ``segments``
+    list's length (a record from before segments existed counts as one)."""
+    if result is None:
+        return 0
+    return len(result.get("segments", [result]))
+
+
+def _add_segment(result: dict | None, segment: dict) -> dict:
+    """The stage record with ``segment``'s result appended: the latest losses on top, the
+    seconds summed, and every segment's own record under ``segments``."""
+    earlier = [] if result is None else result.get("segments", [result])
+    segments = [{k: v for k, v in s.items() if k != "segments"} for s in earlier] + [segment]
+    return {**segment, "seconds": round(sum(s["seconds"] for s in segments), 1), "segments": segments}
 
 
 def _downstream(stage: str) -> list[str]:

@@ -23,8 +23,8 @@ from .prompts import MAX_WEIGHT, extract_lora_tags
 DEFAULT_MODEL = "demo-world"
 EPILOG_GENERATE = """\
 examples:
-  compose generate --prompt "a zorbo creature on the left, vosh sky background" \
-      --lora zorbo --lora vosh --method composite                 (the embedded demo world)
+  compose generate --prompt "a zorbo creature on the left, vosh sky background" \\
+      --lora zorbo --lora vosh --method composite           # the embedded demo world
   compose generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --lora knight.safetensors --lora watercolor.safetensors:0.7 \\
       --method composite --prompt "a knight, watercolor" --seed 1 2 3 --out knight.png
@@ -173,10 +173,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    """The ``generate`` command's arguments."""
-    from .methods import METHODS
+    """The ``generate`` command, its arguments in the groups ``--help`` shows."""
     from .methods.references import describe
-    from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     gen = commands.add_parser(
         "generate",
@@ -186,13 +184,23 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         epilog=EPILOG_GENERATE + "\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument(
+    _add_inputs(gen.add_argument_group("model, LoRAs and prompt"))
+    _add_sampling(gen.add_argument_group("sampling"))
+    _add_method_options(gen.add_argument_group("method options (each says which methods read it)"))
+    _add_output(gen.add_argument_group("output, reproduction and running"))
+    _add_limits(gen)
+
+
+def _add_inputs(group: argparse._ArgumentGroup) -> None:
+    from .methods import METHODS
+
+    group.add_argument(
         "--model",
         help="demo-world (the embedded demo world, its eleven LoRAs loaded: <lora:zorbo> etc. work), a "
         "diffusers folder, single-file .safetensors checkpoint, hub id, or tiny:sd1 / tiny:sdxl (random weights) "
         f"[default: {DEFAULT_MODEL}; with --from-png the recorded model if it is {DEFAULT_MODEL} or tiny:*]",
     )
-    gen.add_argument(
+    group.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -202,93 +210,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "weight (default 1); repeat for several, in method order. The prompt may "
         "also select LoRAs with <lora:NAME:WEIGHT> tags (WEIGHT may be a schedule like 0@0,1@0.5)",
     )
-    gen.add_argument("--lora-dir", help="folder where <lora:NAME> tags of the prompt find NAME.safetensors")
-    gen.add_argument("--method", choices=sorted(METHODS), default="merge", help="composition method [merge]")
-    gen.add_argument("--prompt", help="the prompt (required unless --from-png)")
-    gen.add_argument("--negative-prompt", default="", help="negative prompt")
-    gen.add_argument("--seed", type=SEED, nargs="+", default=[0], help="one or more seeds, one image each [0]")
-    gen.add_argument("--steps", type=COUNT, default=25, help="denoising steps [25]")
-    gen.add_argument("--guidance", type=GUIDANCE, default=7.5, help="classifier-free guidance scale [7.5]")
-    gen.add_argument("--width", type=COUNT, help="width in pixels [the model's native size]")
-    gen.add_argument("--height", type=COUNT, help="height in pixels [the model's native size]")
-    gen.add_argument(
-        "--scheduler",
-        choices=sorted(SCHEDULERS),
-        default=DEFAULT_SCHEDULER,
-        help=f"sampler [{DEFAULT_SCHEDULER}]",
-    )
-    gen.add_argument(
-        "--lora-scale",
-        type=SCALE,
-        help="global LoRA scale multiplying every weight [0.8; with --reference the reference's, 1]",
-    )
-    gen.add_argument("--tau", type=COUNT, default=5, help="switch, wswitch: steps per LoRA [5]")
-    gen.add_argument(
-        "--reference-offset",
-        action="store_true",
-        help="switch: reproduce the reference code's schedule (first LoRA tau+1 steps)",
-    )
-    gen.add_argument(
-        "--role",
-        action="append",
-        default=[],
-        type=_pair,
-        metavar="NAME=ROLE",
-        help="klora: content or style for LoRA NAME (default: category style is style, others content)",
-    )
-    gen.add_argument("--klora-alpha", type=FINITE, default=1.5, help="klora: alpha of the content-to-style bias [1.5]")
-    gen.add_argument("--klora-beta", type=FINITE,
-                     help="klora: beta of the content-to-style bias [0.5 for s, 0.85 alpha for s*]")  # fmt: skip
-    gen.add_argument("--top-k", type=COUNT, help="klora: K of the top-K weight mass [the product of the ranks]")
-    gen.add_argument("--klora-scale", choices=["s", "s*"],
-                     help="klora: style factor alpha p + beta (s) or that modulo alpha (s*) [s]")  # fmt: skip
-    gen.add_argument("--klora-progress", choices=["step", "calls"],
-                     help="klora: p from the step index, or the reference's counter of layer calls [step]")  # fmt: skip
-    gen.add_argument(
-        "--ordering",
-        choices=["frequency", "category"],
-        help="cmlora: order LoRAs by the spectra of their single-LoRA images (computed once, cached) "
-        "or by category [frequency]",
-    )
-    gen.add_argument(
-        "--cache-schedule",
-        choices=["nonuniform", "uniform", "off"],
-        default="nonuniform",
-        help="cmlora: refresh steps, where the dominant LoRA advances and branches recompute [nonuniform]",
-    )
-    gen.add_argument("--switch-at", type=FRACTION, default=0.55, help="cmlora: fraction of steps led by H [0.55]")
-    gen.add_argument("--recompute", choices=["all", "dominant"],
-                     help="cmlora: at refresh steps every branch and the dominant each step, or only the new "
-                     "dominant (the reference's) [all]")  # fmt: skip
-    gen.add_argument("--reference", action="store_true",
-                     help="klora, cmlora: reproduce the released code's rules and, unless --lora-scale, its LoRA "
-                     "scale (see below)")  # fmt: skip
-    gen.add_argument(
-        "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
-    )
-    gen.add_argument(
-        "--region",
-        action="append",
-        default=[],
-        type=_pair,
-        metavar="NAME=X0,Y0,X1,Y1|MASK.png",
-        help="regional: LoRA NAME's box in fractions of the image, or a mask image (white = inside)",
-    )
-    gen.add_argument("--temperature", type=_temperature, default=0.05, help="patch: softmax temperature [0.05]")
-    gen.add_argument("--patch-top-k", type=COUNT, help="patch: keep the k heaviest LoRAs per patch [all]")
-    gen.add_argument("--levels", type=COUNT, default=2, help="bands: Haar wavelet levels [2]")
-    gen.add_argument("--band-temperature", type=_temperature, default=0.5,
-                     help="bands: temperature of the band weights from energy (inf = Composite) [0.5]")  # fmt: skip
-    gen.add_argument("--band-top-k", type=COUNT, help="bands: keep the k heaviest LoRAs per band [all]")
-    gen.add_argument(
-        "--sharpness",
-        type=NON_NEGATIVE,
-        default=1.0,
-        help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
-    )
-    gen.add_argument("--hold", type=FRACTION, default=0.2,
-                     help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
-    gen.add_argument(
+    group.add_argument("--lora-dir", help="folder where <lora:NAME> tags of the prompt find NAME.safetensors")
+    group.add_argument("--method", choices=sorted(METHODS), default="merge", help="composition method [merge]")
+    group.add_argument("--prompt", help="the prompt (required unless --from-png)")
+    group.add_argument(
         "--category",
         action="append",
         default=[],
@@ -296,35 +221,130 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         metavar="NAME=CATEGORY",
         help=f"category of LoRA NAME (the file name without extension): {', '.join(CATEGORIES)}",
     )
-    gen.add_argument(
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle LoRA files (.bin/.pt/.ckpt), loaded with torch.load(weights_only=True)",
+    )
+
+
+def _add_sampling(group: argparse._ArgumentGroup) -> None:
+    from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+    group.add_argument("--negative-prompt", default="", help="negative prompt")
+    group.add_argument("--seed", type=SEED, nargs="+", default=[0], help="one or more seeds, one image each [0]")
+    group.add_argument("--steps", type=COUNT, default=25, help="denoising steps [25]")
+    group.add_argument("--guidance", type=GUIDANCE, default=7.5, help="classifier-free guidance scale [7.5]")
+    group.add_argument("--width", type=COUNT, help="width in pixels [the model's native size]")
+    group.add_argument("--height", type=COUNT, help="height in pixels [the model's native size]")
+    group.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=DEFAULT_SCHEDULER,
+        help=f"sampler [{DEFAULT_SCHEDULER}]",
+    )
+    group.add_argument(
+        "--lora-scale",
+        type=SCALE,
+        help="global LoRA scale multiplying every weight [0.8; with --reference the reference's, 1]",
+    )
+
+
+def _add_method_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--tau", type=COUNT, default=5, help="switch, wswitch: steps per LoRA [5]")
+    group.add_argument(
+        "--reference-offset",
+        action="store_true",
+        help="switch: reproduce the reference code's schedule (first LoRA tau+1 steps)",
+    )
+    group.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=ROLE",
+        help="klora: content or style for LoRA NAME (default: category style is style, others content)",
+    )
+    group.add_argument(
+        "--klora-alpha", type=FINITE, default=1.5, help="klora: alpha of the content-to-style bias [1.5]"
+    )
+    group.add_argument("--klora-beta", type=FINITE,
+                     help="klora: beta of the content-to-style bias [0.5 for s, 0.85 alpha for s*]")  # fmt: skip
+    group.add_argument("--top-k", type=COUNT, help="klora: K of the top-K weight mass [the product of the ranks]")
+    group.add_argument("--klora-scale", choices=["s", "s*"],
+                     help="klora: style factor alpha p + beta (s) or that modulo alpha (s*) [s]")  # fmt: skip
+    group.add_argument("--klora-progress", choices=["step", "calls"],
+                     help="klora: p from the step index, or the reference's counter of layer calls [step]")  # fmt: skip
+    group.add_argument(
+        "--ordering",
+        choices=["frequency", "category"],
+        help="cmlora: order LoRAs by the spectra of their single-LoRA images (computed once, cached) "
+        "or by category [frequency]",
+    )
+    group.add_argument(
+        "--cache-schedule",
+        choices=["nonuniform", "uniform", "off"],
+        default="nonuniform",
+        help="cmlora: refresh steps, where the dominant LoRA advances and branches recompute [nonuniform]",
+    )
+    group.add_argument("--switch-at", type=FRACTION, default=0.55, help="cmlora: fraction of steps led by H [0.55]")
+    group.add_argument("--recompute", choices=["all", "dominant"],
+                     help="cmlora: at refresh steps every branch and the dominant each step, or only the new "
+                     "dominant (the reference's) [all]")  # fmt: skip
+    group.add_argument("--reference", action="store_true",
+                     help="klora, cmlora: reproduce the released code's rules and, unless --lora-scale, its LoRA "
+                     "scale (see below)")  # fmt: skip
+    group.add_argument(
+        "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
+    )
+    group.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="NAME=X0,Y0,X1,Y1|MASK.png",
+        help="regional: LoRA NAME's box in fractions of the image, or a mask image (white = inside)",
+    )
+    group.add_argument("--temperature", type=_temperature, default=0.05, help="patch: softmax temperature [0.05]")
+    group.add_argument("--patch-top-k", type=COUNT, help="patch: keep the k heaviest LoRAs per patch [all]")
+    group.add_argument("--levels", type=COUNT, default=2, help="bands: Haar wavelet levels [2]")
+    group.add_argument("--band-temperature", type=_temperature, default=0.5,
+                     help="bands: temperature of the band weights from energy (inf = Composite) [0.5]")  # fmt: skip
+    group.add_argument("--band-top-k", type=COUNT, help="bands: keep the k heaviest LoRAs per band [all]")
+    group.add_argument(
+        "--sharpness",
+        type=NON_NEGATIVE,
+        default=1.0,
+        help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
+    )
+    group.add_argument("--hold", type=FRACTION, default=0.2,
+                     help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
+
+
+def _add_output(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--max-batch", type=COUNT, help="cap on UNet batch rows per call (composite runs its LoRAs in chunks)"
     )
-    gen.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (inductor): the first "
+    group.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (inductor): the first "
                      "image pays the compilation, LoRA swaps within 5 LoRAs do not recompile [off]")  # fmt: skip
-    gen.add_argument(
+    group.add_argument(
         "--out",
         default="outputs/compose.png",
         help="output PNG, or a folder (ending in /, or existing) for compose.png; with several seeds, -SEED is "
         "added to the name. Only a new path or a regular file is written [outputs/compose.png]",
     )
-    gen.add_argument(
+    group.add_argument(
         "--from-png",
         metavar="PNG",
         help="take every setting from a PNG made by compose (LoRA files still given with --lora); a model "
         "other than demo-world or tiny:* is loaded only when named with --model or with --trust-png-model",
     )
-    gen.add_argument(
+    group.add_argument(
         "--trust-png-model",
         action="store_true",
         help="--from-png: load the base model the PNG names (a folder, file or hub id) without --model",
     )
-    gen.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow pickle LoRA files (.bin/.pt/.ckpt), loaded with torch.load(weights_only=True)",
-    )
-    gen.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
-    _add_limits(gen)
+    group.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
@@ -567,67 +587,26 @@ def _output_paths(out: str, seeds: list[int]) -> list[Path]:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .composer import generate_kwargs
-    from .metadata import read_record, record_masks, save_png
+    from .metadata import read_record, save_png
 
-    settings: dict
-    if args.from_png:
-        record = read_record(args.from_png)
-        masks = record_masks(record)
-        if masks:
-            raise ValueError(f"{args.from_png}: its regional method reads the mask file {masks[0]!r} of the machine "
-                             "that made it; compose does not open files a PNG names (give the regions with "
-                             "--method regional --region NAME=MASK.png instead)")  # fmt: skip
-        settings = generate_kwargs(record)
-        seeds = [settings.pop("seed")]
-        model = _recorded_model(args, record)
+    record = read_record(args.from_png) if args.from_png else None
+    if record is not None:
+        settings, seeds, model = _png_settings(args, record)
+    elif args.prompt is None:
+        raise ValueError("--prompt is required (or --from-png)")
     else:
-        if args.prompt is None:
-            raise ValueError("--prompt is required (or --from-png)")
-        method_params = _method_params(args)
-        settings = dict(
-            prompt=args.prompt,
-            method=args.method,
-            method_params=method_params,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            width=args.width,
-            height=args.height,
-            scheduler=args.scheduler,
-            lora_scale=args.lora_scale,
-        )
-        seeds = args.seed
-        model = args.model or DEFAULT_MODEL
+        settings, seeds, model = _arg_settings(args), args.seed, args.model or DEFAULT_MODEL
     paths = _output_paths(args.out, seeds)
-    if args.from_png:
+    if record is not None:
         _announce(args, model, record)
     composer = _load_composer(model, args.device, _limits(args), compile=args.compile)
     categories = dict(getattr(args, "category", []))
     loaded = [(_cli_lora(composer, spec, args.allow_pickle, categories.get(Path(spec).stem)), weight)
               for spec, weight in args.lora]  # fmt: skip
-    if args.from_png:
-        by_hash = {lora.sha256: lora for lora in composer.loras.values()}
-        pairs = []
-        for entry, (_, *use) in zip(record["loras"], settings["loras"], strict=True):
-            lora = by_hash.get(entry["sha256"])
-            if lora is None:
-                raise ValueError(
-                    f"{args.from_png} uses LoRA {entry['name']!r} ({entry['file']}, sha256 "
-                    f"{entry['sha256'][:12]}...); pass that file with --lora"
-                )
-            pairs.append((lora.name, *use))
-        settings["loras"] = pairs
+    if record is not None:
+        settings["loras"] = _png_loras(args.from_png, composer, record, settings["loras"])
     else:
-        tagged = [use.name for use in extract_lora_tags(args.prompt)[1]]
-        for name in tagged:
-            candidate = Path(args.lora_dir or ".") / f"{name}.safetensors"
-            if name not in composer.loras and args.lora_dir and candidate.is_file():
-                composer.load_lora(candidate, category=categories.get(name))
-            elif name not in composer.loras:
-                raise ValueError(
-                    f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
-                )
+        tagged = _load_tagged(args, composer, categories)
         settings["loras"] = [(lora.name, weight) for lora, weight in loaded if lora.name not in tagged]
     width, height = checks.size_and_steps(composer.limits, composer.shape, width=settings["width"],
                                           height=settings["height"], steps=settings["steps"])  # fmt: skip
@@ -638,6 +617,67 @@ def _generate(args: argparse.Namespace) -> None:
         image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]
         save_png(image, path)
         print(path)
+
+
+def _arg_settings(args: argparse.Namespace) -> dict:
+    """The :meth:`Composer.generate` arguments the command line gives (LoRAs and seed aside)."""
+    return dict(
+        prompt=args.prompt,
+        method=args.method,
+        method_params=_method_params(args),
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        lora_scale=args.lora_scale,
+    )
+
+
+def _png_settings(args: argparse.Namespace, record: dict) -> tuple[dict, list[int], str]:
+    """The generate arguments, seeds and model of a PNG's record; refuses a regional record
+    with mask files (a PNG must not make compose open files on this machine)."""
+    from .composer import generate_kwargs
+    from .metadata import record_masks
+
+    masks = record_masks(record)
+    if masks:
+        raise ValueError(f"{args.from_png}: its regional method reads the mask file {masks[0]!r} of the machine "
+                         "that made it; compose does not open files a PNG names (give the regions with "
+                         "--method regional --region NAME=MASK.png instead)")  # fmt: skip
+    settings = generate_kwargs(record)
+    return settings, [settings.pop("seed")], _recorded_model(args, record)
+
+
+def _png_loras(png: str, composer, record: dict, uses: list[tuple]) -> list[tuple]:
+    """The record's LoRA uses (name, weight, blocks, text weight, steps) renamed to the
+    loaded LoRAs with the same sha256: the files given with ``--lora`` may be named
+    otherwise here than on the machine that made the PNG."""
+    by_hash = {lora.sha256: lora for lora in composer.loras.values()}
+    out = []
+    for entry, (_, *use) in zip(record["loras"], uses, strict=True):
+        lora = by_hash.get(entry["sha256"])
+        if lora is None:
+            raise ValueError(f"{png} uses LoRA {entry['name']!r} ({entry['file']}, sha256 "
+                             f"{entry['sha256'][:12]}...); pass that file with --lora")  # fmt: skip
+        out.append((lora.name, *use))
+    return out
+
+
+def _load_tagged(args: argparse.Namespace, composer, categories: dict[str, str]) -> list[str]:
+    """Load the LoRAs the prompt's ``<lora:NAME>`` tags name from ``--lora-dir`` unless loaded
+    already; returns the tagged names."""
+    tagged = [use.name for use in extract_lora_tags(args.prompt)[1]]
+    for name in tagged:
+        candidate = Path(args.lora_dir or ".") / f"{name}.safetensors"
+        if name not in composer.loras and args.lora_dir and candidate.is_file():
+            composer.load_lora(candidate, category=categories.get(name))
+        elif name not in composer.loras:
+            raise ValueError(
+                f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
+            )
+    return tagged
 
 
 def _inspect_file(spec: str, model: str) -> tuple[Path, str | None]:

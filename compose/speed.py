@@ -211,6 +211,149 @@ def _random_loras(unet, count: int, rank: int) -> list[LoRA]:
     return [LoRA(f"lora{i}", "", "", "", "random", "random", {"unet": f}) for i, f in enumerate(factors)]
 
 
+class _Rig:
+    """What every timed step shares: one UNet of ``preset`` (random weights), one CFG batch
+    (2 rows of ``latent_size``² latents at t = 500), ``max_loras`` random LoRAs of ``rank``;
+    with ``baselines`` a copy holding them as diffusers PEFT adapters, with ``compiled`` a
+    copy under :class:`~compose.compiled.CompiledUNet` with static LoRA slots."""
+
+    def __init__(self, preset: str, max_loras: int, rank: int, latent_size: int | None, device: torch.device,
+                 dtype: torch.dtype, baselines: bool, compiled: bool, compile_backend: str) -> None:  # fmt: skip
+        self.device = device
+        self.unet = build_unet(preset).to(device, dtype).eval()
+        self.size = latent_size or self.unet.config.sample_size
+        self.latents = torch.randn(2, self.unet.config.in_channels, self.size, self.size, device=device, dtype=dtype)
+        self.t = torch.tensor(500, device=device)
+        self.conditioning = _conditioning(self.unet, 2, device, dtype)
+        self.loras = _random_loras(self.unet, max_loras, rank)
+        self.reference = self._peft_copy() if baselines else None
+        compiled_unet = copy.deepcopy(self.unet) if compiled else None
+        self.registry = self._wrapped(self.unet)
+        self.registry.state.expected_calls = SCHEDULE_STEPS
+        self.targets: list[tuple[object, LayerRegistry]] = [(self.unet, self.registry)]
+        if compiled_unet is not None:
+            static = self._wrapped(compiled_unet)
+            static.make_static(max_loras, rank)
+            self.targets.append((CompiledUNet(compiled_unet, static.state, backend=compile_backend), static))
+        self.shallow = DeepFeatureCache(self.unet)
+
+    @property
+    def compiled(self) -> bool:
+        return len(self.targets) > 1
+
+    def _wrapped(self, unet) -> LayerRegistry:
+        registry = LayerRegistry(unet)
+        for module in self.loras[0].factors["unet"]:
+            registry.wrap(module)
+        return registry
+
+    def _peft_copy(self) -> UNet2DConditionModel:
+        reference = copy.deepcopy(self.unet)
+        for lora in self.loras:
+            state = {
+                f"{m}.lora_{ab}.weight": x
+                for m, f in lora.factors["unet"].items()
+                for ab, x in (("A", f.down), ("B", f.up))
+            }
+            reference.load_lora_adapter(state, prefix=None, adapter_name=lora.name)
+        return reference
+
+    def floor(self) -> object:
+        with torch.no_grad():
+            return self.unet(self.latents, self.t, **_kwargs(self.conditioning)).sample
+
+    def job(self, config: str, n: int, method: CompositionMethod | None, step: int = 1, target: int = 0,
+            fold_first: bool = True, extra: dict | None = None) -> Job:  # fmt: skip
+        """One CFG step of ``method`` (``None``: the LoRAs' plain sum) over the first ``n``
+        LoRAs at step ``step``, on the eager (``target`` 0) or compiled (1) UNet."""
+        model, reg = self.targets[target]
+        run = partial(predict_noise, model, reg.state, self.latents, self.t, self.conditioning)
+        active = [lora.factors["unet"] for lora in self.loras[:n]]
+        if method is not None:
+            weights = torch.full((n,), 0.8, device=self.device)
+            method.prepare(MethodContext(self.loras[:n], weights, SCHEDULE_STEPS, list(reg.layers), model))
+
+        def one_step() -> object:
+            with torch.no_grad():
+                if method is None:
+                    return run(torch.zeros(1, n, device=self.device))
+                eps = method.predict(step, run)
+                eps = eps.view(-1, 2, 1, *eps.shape[1:])
+                return method.combine(eps[:, 0], eps[:, 1], 7.5, step)
+
+        def setup() -> None:
+            reg.activate(active)
+            if fold_first and (method is None or method.name in FOLDING or target == 1):
+                one_step()  # the fold (or the folded graph) is in place for the timed step
+
+        if isinstance(method, CMLoRA):
+            reg.activate(active)
+            with torch.no_grad():
+                method.predict(0, run)
+        return Job(config, n, setup, one_step, memory=target == 0, extra=extra or {})
+
+    def shallow_jobs(self) -> list[Job]:
+        """The LoRA-free floor, and the same step with its deep features replayed from a cache."""
+
+        def capture() -> None:
+            self.registry.activate([])
+            with torch.no_grad(), self.shallow.capture([0]):
+                self.floor()
+
+        def replay() -> object:
+            with self.shallow.reuse([0]):
+                return self.floor()
+
+        return [Job("no LoRA (floor)", 0, lambda: self.registry.activate([]), self.floor),
+                Job(SHALLOW, 0, capture, replay)]  # fmt: skip
+
+    def diffusers_jobs(self, n: int) -> list[Job]:
+        """diffusers' own path for ``n`` LoRAs: ``set_adapters`` for Merge, and the reference's
+        Composite, ``n`` sequential batch-2 passes switching the adapter between them."""
+        reference, names, kwargs = self.reference, [lora.name for lora in self.loras[:n]], _kwargs(self.conditioning)
+
+        def merge() -> object:
+            reference.set_adapters(names, [0.8] * n)
+            with torch.no_grad():
+                return reference(self.latents, self.t, **kwargs).sample
+
+        def composite() -> object:
+            outs = []
+            for name in names:
+                reference.set_adapters([name], [0.8])
+                with torch.no_grad():
+                    outs.append(reference(self.latents, self.t, **kwargs).sample)
+            return torch.stack(outs).mean(0)
+
+        return [Job("diffusers merge", n, _nothing, merge, memory=False),
+                Job("diffusers composite (sequential)", n, _nothing, composite, memory=False)]  # fmt: skip
+
+
+def _nothing() -> None:
+    return None
+
+
+def _jobs(rig: _Rig, max_loras: int) -> list[Job]:
+    """Every configuration of the table, in the order it prints."""
+    jobs = rig.shallow_jobs()
+    if rig.compiled:
+        jobs.append(rig.job("compiled no LoRA (floor)", 0, None, target=1))
+    for n in range(1, max_loras + 1):
+        for name in ("merge", "switch", "composite", "klora"):
+            jobs.append(rig.job(name, n, get_method(name)))
+            if name in FOLDING:
+                folding = get_method(name)
+                jobs.append(rig.job(f"{name} (folding step)", n, folding, fold_first=False, extra={"method": folding}))
+        cmlora = CMLoRA(ordering="category")
+        jobs.append(rig.job("cmlora refresh step", n, cmlora, step=0))
+        jobs.append(rig.job("cmlora cached step", n, cmlora, step=1))
+        if rig.compiled:
+            jobs += [rig.job(f"compiled {name}", n, get_method(name), target=1) for name in COMPILED]
+        if rig.reference is not None:
+            jobs += rig.diffusers_jobs(n)
+    return jobs
+
+
 def run_speed_benchmark(
     preset: str = "small",
     max_loras: int = 5,
@@ -230,128 +373,20 @@ def run_speed_benchmark(
     world_repeats: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time one CFG denoising step per configuration; returns the table as data."""
+    """Time one CFG denoising step per configuration; returns the table as data.
+
+    ``preset`` names the UNet shape (:data:`PRESETS`) and ``latent_size`` overrides its
+    latent side (latent pixels); each configuration runs ``warmup`` untimed then ``repeats``
+    timed steps, round-robin. ``baselines`` adds diffusers' PEFT rows, ``compiled`` the
+    ``torch.compile`` rows (``compile_backend``), ``memory`` the peak-memory column, and
+    ``world`` whole demo-world generations of ``world_steps`` steps at each batch of
+    ``world_batches`` (``world_repeats`` sweeps, default half of ``repeats``)."""
     say = progress or (lambda _: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    unet = build_unet(preset).to(device, dtype).eval()
-    size = latent_size or unet.config.sample_size
-    latents = torch.randn(2, unet.config.in_channels, size, size, device=device, dtype=dtype)
-    t = torch.tensor(500, device=device)
-    conditioning = _conditioning(unet, 2, device, dtype)
-    loras = _random_loras(unet, max_loras, rank)
-    reference = compiled_unet = None
-    if baselines:
-        reference = copy.deepcopy(unet)
-        for lora in loras:
-            state = {
-                f"{m}.lora_{ab}.weight": x
-                for m, f in lora.factors["unet"].items()
-                for ab, x in (("A", f.down), ("B", f.up))
-            }
-            reference.load_lora_adapter(state, prefix=None, adapter_name=lora.name)
+    rig = _Rig(preset, max_loras, rank, latent_size, device, dtype, baselines, compiled, compile_backend)
+    jobs = _jobs(rig, max_loras)
     if compiled:
-        compiled_unet = copy.deepcopy(unet)
-    registry = LayerRegistry(unet)
-    for module in loras[0].factors["unet"]:
-        registry.wrap(module)
-    registry.state.expected_calls = SCHEDULE_STEPS
-    targets: list[tuple[object, LayerRegistry]] = [(unet, registry)]
-    if compiled_unet is not None:
-        static = LayerRegistry(compiled_unet)
-        for module in loras[0].factors["unet"]:
-            static.wrap(module)
-        static.make_static(max_loras, rank)
-        targets.append((CompiledUNet(compiled_unet, static.state, backend=compile_backend), static))
-
-    def job(config: str, n: int, method: CompositionMethod | None, step: int = 1, target: int = 0,
-            fold_first: bool = True, extra: dict | None = None) -> Job:  # fmt: skip
-        model, reg = targets[target]
-        run = partial(predict_noise, model, reg.state, latents, t, conditioning)
-        active = [lora.factors["unet"] for lora in loras[:n]]
-        if method is not None:
-            weights = torch.full((n,), 0.8, device=device)
-            method.prepare(MethodContext(loras[:n], weights, SCHEDULE_STEPS, list(reg.layers), model))
-
-        def one_step() -> object:
-            with torch.no_grad():
-                if method is None:
-                    return run(torch.zeros(1, n, device=device))
-                eps = method.predict(step, run)
-                eps = eps.view(-1, 2, 1, *eps.shape[1:])
-                return method.combine(eps[:, 0], eps[:, 1], 7.5, step)
-
-        def setup() -> None:
-            reg.activate(active)
-            if fold_first and (method is None or method.name in FOLDING or target == 1):
-                one_step()  # the fold (or the folded graph) is in place for the timed step
-
-        if isinstance(method, CMLoRA):
-            reg.activate(active)
-            with torch.no_grad():
-                method.predict(0, run)
-        return Job(config, n, setup, one_step, memory=target == 0, extra=extra or {})
-
-    def diffusers_merge(n: int) -> Callable[[], object]:
-        def step() -> object:
-            reference.set_adapters([lora.name for lora in loras[:n]], [0.8] * n)
-            with torch.no_grad():
-                return reference(latents, t, **_kwargs(conditioning)).sample
-
-        return step
-
-    def diffusers_composite(n: int) -> Callable[[], object]:
-        def step() -> object:
-            outs = []
-            for lora in loras[:n]:
-                reference.set_adapters([lora.name], [0.8])
-                with torch.no_grad():
-                    outs.append(reference(latents, t, **_kwargs(conditioning)).sample)
-            return torch.stack(outs).mean(0)
-
-        return step
-
-    def floor() -> object:
-        with torch.no_grad():
-            return unet(latents, t, **_kwargs(conditioning)).sample
-
-    def nothing() -> None:
-        return None
-
-    shallow = DeepFeatureCache(unet)
-
-    def shallow_setup() -> None:
-        registry.activate([])
-        with torch.no_grad(), shallow.capture([0]):
-            floor()
-
-    def shallow_pass() -> object:
-        with shallow.reuse([0]):
-            return floor()
-
-    jobs: list[Job] = [
-        Job("no LoRA (floor)", 0, lambda: registry.activate([]), floor),
-        Job(SHALLOW, 0, shallow_setup, shallow_pass),
-    ]
-    if compiled_unet is not None:
-        jobs.append(job("compiled no LoRA (floor)", 0, None, target=1))
-    for n in range(1, max_loras + 1):
-        for name in ("merge", "switch", "composite", "klora"):
-            method = get_method(name)
-            jobs.append(job(name, n, method))
-            if name in FOLDING:
-                folding = get_method(name)
-                jobs.append(job(f"{name} (folding step)", n, folding, fold_first=False, extra={"method": folding}))
-        cmlora = CMLoRA(ordering="category")
-        jobs.append(job("cmlora refresh step", n, cmlora, step=0))
-        jobs.append(job("cmlora cached step", n, cmlora, step=1))
-        if compiled_unet is not None:
-            for name in COMPILED:
-                jobs.append(job(f"compiled {name}", n, get_method(name), target=1))
-        if reference is not None:
-            jobs.append(Job("diffusers merge", n, nothing, diffusers_merge(n), memory=False))
-            jobs.append(Job("diffusers composite (sequential)", n, nothing, diffusers_composite(n), memory=False))
-    if compiled_unet is not None:
         say("compiling (once per graph: folded, stacked)")
         for j in jobs:
             if j.config.startswith("compiled"):
@@ -368,7 +403,7 @@ def run_speed_benchmark(
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."),
-        "latent_size": size,
+        "latent_size": rig.size,
         "rank": rank,
         "batch": "1 image with CFG (2 rows)",
         "repeats": repeats,

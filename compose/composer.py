@@ -96,6 +96,22 @@ class WeightPlan:
     steps: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What one :meth:`Composer.generate` call samples with, shared by the denoising loop and
+    the PNG record: ``prompts`` (one per image, their ``<lora:...>`` tags removed) and their
+    ``seeds``, the ``negative_prompt``, ``steps``, ``guidance_scale``, ``size`` (height,
+    width) in pixels and the ``scheduler``'s name."""
+
+    prompts: list[str]
+    seeds: list[int]
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    size: tuple[int, int]
+    scheduler: str
+
+
 def _batch(prompt: str | Sequence[str], seed: int | Sequence[int], negative_prompt: str) -> tuple[list[str], list[int]]:
     """One prompt and one checked seed per image: a single prompt or seed is repeated
     (an int seed counts up, ``seed, seed+1, ...``)."""
@@ -594,15 +610,12 @@ class Composer:
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
         context = self._method_context(method, active, plan, prompts, steps, (height, width), progress)
-        latents = self._sample(
-            method, context, plan, prompts, seeds, negative_prompt, steps, guidance_scale, (height, width),
-            scheduler, callback, max_batch, progress,
-        )  # fmt: skip
+        sampling = Sampling(prompts, seeds, negative_prompt, steps, guidance_scale, (height, width), scheduler)
+        latents = self._sample(method, context, plan, sampling, callback, max_batch, progress)
         if output_type == "latent":
             return latents
         images = self._decode(latents)
-        shared = self._shared_record(method, active, uses, lora_scale, (prompts, negative_prompt), steps,
-                                     guidance_scale, (height, width), scheduler)  # fmt: skip
+        shared = self._shared_record(method, active, uses, lora_scale, sampling)
         records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
         return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
 
@@ -637,18 +650,19 @@ class Composer:
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
                              importance)  # fmt: skip
 
-    def _sample(self, method: CompositionMethod, context: MethodContext, plan, prompts: list[str], seeds: list[int],
-                negative_prompt: str, steps: int, guidance_scale: float, size: tuple[int, int], scheduler: str,
+    def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
         """Encode the prompts (text-encoder LoRAs at their first weights, where the method
         uses them), draw each image's noise from its seed on the CPU, and denoise:
         the final latents ``(B, C, h, w)``."""
+        prompts, seeds, size, steps = sampling.prompts, sampling.seeds, sampling.size, sampling.steps
+        guidance_scale = sampling.guidance_scale
         active = context.loras
         denoiser = self._denoiser(len(active))
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
         unet_registry = self.registries["unet"]
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(sampling.scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         cfg = guidance_scale > 1.0
         text_loras = active and method.text_encoder_loras
@@ -656,7 +670,7 @@ class Composer:
             if component != "unet":
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
         try:
-            conditioning = self._encode(prompts, [negative_prompt] * len(prompts), cfg, size)
+            conditioning = self._encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
         finally:
             for registry in self.registries.values():
                 registry.release()
@@ -685,19 +699,17 @@ class Composer:
             unet_registry.release()  # drops the folded weights; the base weights were never written
 
     def _shared_record(self, method: CompositionMethod, active: list[LoRA], uses: list[LoRAUse], lora_scale: float,
-                       texts: tuple[list[str], str], steps: int, guidance_scale: float, size: tuple[int, int],
-                       scheduler: str) -> dict:  # fmt: skip
-        """The part of the PNG record that every image of a call shares. ``texts``: the encoded
-        prompts (without their tags) and the negative prompt."""
+                       sampling: Sampling) -> dict:  # fmt: skip
+        """The part of the PNG record that every image of a call shares."""
         return {
-            "negative_prompt": texts[1],
-            "steps": steps,
-            "scheduler": scheduler,
-            "sampler": a1111_sampler_name(scheduler),
-            "schedule_type": metadata.schedule_type(scheduler, self.scheduler_config),
-            "guidance_scale": guidance_scale,
-            "width": size[1],
-            "height": size[0],
+            "negative_prompt": sampling.negative_prompt,
+            "steps": sampling.steps,
+            "scheduler": sampling.scheduler,
+            "sampler": a1111_sampler_name(sampling.scheduler),
+            "schedule_type": metadata.schedule_type(sampling.scheduler, self.scheduler_config),
+            "guidance_scale": sampling.guidance_scale,
+            "width": sampling.size[1],
+            "height": sampling.size[0],
             "model": self.model_name,
             "model_hash": metadata.model_hash(self.model_name),
             "model_family": self.family,
@@ -718,7 +730,7 @@ class Composer:
                 for lora, use in zip(active, uses, strict=True)
             ],
             "lora_scale": lora_scale,
-            **self._prompt_syntax(*texts, guidance_scale > 1.0),
+            **self._prompt_syntax(sampling.prompts, sampling.negative_prompt, sampling.guidance_scale > 1.0),
             "method": {"name": method.name, "parameters": method.parameters()},
             "versions": _versions(),
         }

@@ -72,6 +72,7 @@ GUIDANCE = _checked(lambda v: checks.number("value", v, 0.0, checks.MAX_GUIDANCE
 SCALE = _checked(lambda v: checks.number("value", v, -MAX_WEIGHT, MAX_WEIGHT),
                  f"a finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")  # fmt: skip
 COUNT = _checked(lambda v: checks.integer("value", v, 1), "an integer of at least 1", int)
+NON_NEGATIVE_INT = _checked(lambda v: checks.integer("value", v, 0), "an integer of at least 0", int)
 SEED = _checked(lambda v: checks.seed(v, "value"), "a seed (an integer in [0, 2**64))", int)
 MEGABYTES = _checked(lambda v: checks.number("value", v, 1.0), "a size in MB of at least 1")
 
@@ -145,6 +146,8 @@ def _method_params(args: argparse.Namespace) -> dict:
         return {"sharpness": args.sharpness}
     if args.method == "bands":
         return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
+    if args.method == "routed":
+        return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None}
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -263,7 +266,9 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
         default=[],
         type=_pair,
         metavar="NAME=ROLE",
-        help="klora: content or style for LoRA NAME (default: category style is style, others content)",
+        help="klora: content or style for LoRA NAME (default: category style is style, others content); "
+        "routed: region, complement or global (default by category: characters, clothing and objects are regions, "
+        "backgrounds the complement, styles global)",
     )
     group.add_argument(
         "--klora-alpha", type=FINITE, default=1.5, help="klora: alpha of the content-to-style bias [1.5]"
@@ -317,6 +322,12 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
         default=1.0,
         help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
     )
+    group.add_argument("--probe", type=FRACTION, default=0.2,
+                       help="routed: fraction of the steps run as Merge while the regions are read [0.2]")  # fmt: skip
+    group.add_argument("--threshold", type=FRACTION, default=0.5,
+                       help="routed: share of its attention peak from which a pixel is a LoRA's [0.5]")  # fmt: skip
+    group.add_argument("--grow", type=NON_NEGATIVE_INT, default=1,
+                       help="routed: latent pixels each region grows by [1]")  # fmt: skip
     group.add_argument("--hold", type=FRACTION, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
 

@@ -432,6 +432,18 @@ class Composer:
         states = self._encode(variants, [""] * len(variants), False, size).encoder_hidden_states.float()
         return (states[1:] - states[0]).norm(dim=-1).mean(dim=-1).cpu()
 
+    def trigger_tokens(self, prompt: str, names: Sequence[str]) -> torch.Tensor:
+        """``(N, T)`` bool: which positions of ``prompt``'s encoding (``T`` = 77 per chunk)
+        hold each LoRA's trigger words; a row of ``False`` for a LoRA whose triggers are absent."""
+        loras = self._lookup(names)
+        tokenizer = self.pipeline.tokenizer
+        length = len(emphasis.chunks(tokenizer, prompt)) * (emphasis.CHUNK_TOKENS + 2)
+        table = torch.zeros(len(loras), length, dtype=torch.bool)
+        for j, lora in enumerate(loras):
+            for trigger in lora.triggers:
+                table[j, emphasis.phrase_positions(tokenizer, prompt, trigger)] = True
+        return table
+
     def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
         """Constant weights for the methods, per-step/per-layer factors for the loop (schedules
         and steps windows act there), and the text encoders' weights: each LoRA's text weight,
@@ -641,14 +653,17 @@ class Composer:
         frequency = {}
         if method.needs_frequency:
             frequency = {lora.name: self.frequency_profile(lora.name, progress=progress).score for lora in active}
-        importance = None
+        if (method.needs_importance or method.needs_tokens) and len(set(prompts)) > 1:
+            raise ValueError(f"method {method.name!r} reads the LoRAs' trigger words in the prompt: "
+                             "give one prompt per call")  # fmt: skip
+        importance = tokens = None
         if method.needs_importance:
-            if len(set(prompts)) > 1:
-                raise ValueError(f"method {method.name!r} weighs LoRAs by the prompt: give one prompt per call")
             importance = self.trigger_importance(prompts[0], [lora.name for lora in active], size)
+        if method.needs_tokens:
+            tokens = self.trigger_tokens(prompts[0], [lora.name for lora in active])
         unet_layers = list(self.registries["unet"].layers)
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
-                             importance)  # fmt: skip
+                             importance, tokens)  # fmt: skip
 
     def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip

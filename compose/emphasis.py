@@ -195,3 +195,15 @@ def attention_mask(ids, eos: int):
     (for the encoders that take one)."""
     first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)
     return (ids.new_tensor(range(ids.shape[1]))[None, :] <= first_eos).long()
+
+
+def phrase_positions(tokenizer: Tokenizer, text: str, phrase: str) -> list[int]:
+    """The positions, in ``text``'s encoder sequence (its chunks of 77 one after another),
+    of every token of every occurrence of ``phrase``; empty if it does not occur."""
+    ids = [token for chunk in chunks(tokenizer, text) for token in chunk.ids]
+    target = tokenizer([phrase], truncation=False, add_special_tokens=False).input_ids[0]
+    found: list[int] = []
+    for start in range(len(ids) - len(target) + 1) if target else ():
+        if ids[start : start + len(target)] == target:
+            found += range(start, start + len(target))
+    return sorted(set(found))

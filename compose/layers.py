@@ -27,6 +27,10 @@ values are free to read when they live on the CPU, as they do for CPU generation
 - **dense**: the stacked form above, when the weights live on an accelerator (reading
   them would cost a host sync per call, more than the few extra rank rows there) or
   gradients are needed (the demo world's LoRA training);
+- **routed** (:class:`Routes`): each LoRA confined to part of the picture, ``m`` times a
+  mask per LoRA and *position* (a latent pixel, or a text token in the cross-attention's
+  key and value projections); the stacked form with ``m`` per row, position and rank row.
+  Only a method that asks for routes pays for them;
 - **static** (compiled, :meth:`LayerRegistry.make_static`): fixed-capacity buffers of
   ``capacity`` LoRA slots padded to ``max_rank`` rows each, weights always a padded
   ``(L, rows, capacity)`` tensor, so that loading, unloading and re-weighting LoRAs or
@@ -38,6 +42,7 @@ values are free to read when they live on the CPU, as they do for CPU generation
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +81,25 @@ class LayerPlan:
     values: tuple[float, ...] | None
 
 
+@dataclass(frozen=True)
+class Routes:
+    """Where each LoRA acts, for methods that confine LoRAs to regions.
+
+    ``spatial`` ``(B, N, H, W)``: LoRA ``j``'s weight multiplier at each latent pixel of
+    image ``b`` (``H x W`` the latent's size; a layer working at a coarser resolution
+    reads the area average). ``tokens`` ``(N, T)``: its multiplier at each text token,
+    for the layers whose input is the prompt's encoding (the cross-attention's key and
+    value projections), where a position is a token, not a pixel. Either may be ``None``
+    (no confinement there). All ones is the unconfined layer, exactly."""
+
+    spatial: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+TEXT_SIDE = ("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj")
+"""Module name endings whose input is the text encoding (positions are tokens)."""
+
+
 def _plan(nonzero: list[list[bool]], uniform: bool, first: list[float]) -> LayerPlan:
     segments: list[tuple[int, int, tuple[int, ...]]] = []
     for row, flags in enumerate(nonzero):
@@ -111,6 +135,19 @@ class WeightState:
         """``(capacity, max_rank)`` once :meth:`LayerRegistry.make_static` ran."""
         self.folded = False
         """Static mode: this call runs the folded graph (every row shares its weights)."""
+        self.routes: Routes | None = None
+        """This call's :class:`Routes` (rows of ``spatial`` already one per batch row), or ``None``."""
+        self._route_cache: dict[tuple, torch.Tensor] = {}
+
+    def route_masks(self, spatial: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``spatial`` ``(rows, N, H, W)`` averaged down to ``size`` and flattened:
+        ``(rows, N, h * w)``, computed once per call and resolution."""
+        key = (id(spatial), size)
+        hit = self._route_cache.get(key)
+        if hit is None:
+            pooled = spatial if spatial.shape[-2:] == size else F.adaptive_avg_pool2d(spatial, size)
+            hit = self._route_cache[key] = pooled.flatten(2)
+        return hit
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -119,6 +156,7 @@ class WeightState:
     @weights.setter
     def weights(self, value: torch.Tensor | None) -> None:
         self._plans, self._analysed = None, False
+        self._route_cache = {}
         if self.static is None or value is None:
             self._weights, self.folded = value, False
             return
@@ -200,6 +238,8 @@ class ComposableLayer(nn.Module):
         self.static: tuple[int, int] | None = None
         self.weight_eff: torch.Tensor | None = None
         """Static mode: the weight the folded graph uses (``W'``, or ``W`` detached)."""
+        self.text_side = False
+        """Whether this layer's input is the text encoding (set by :meth:`LayerRegistry.wrap`)."""
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -263,6 +303,8 @@ class ComposableLayer(nn.Module):
         w = self.state.for_layer(self.index)
         if self.down is None or w is None:
             return self.base(x)
+        if self.state.routes is not None:
+            return self.base(x) + self._routed(x, w)
         plan = self.state.plan(self.index)
         if plan is None:
             return self.base(x) + self._lora(x, w[:, self.owner], self.down, self.up)
@@ -285,6 +327,39 @@ class ComposableLayer(nn.Module):
             else:
                 y[start:end] += self._lora(x[start:end], w[start:end, owner], down, up)
         return y
+
+    def _routed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``B (m ⊙ A x)`` with ``m`` per row, position and rank row: the row's weights
+        times each LoRA's route mask at this layer's positions (see :class:`Routes`)."""
+        routes = self.state.routes
+        m = w[:, self.owner].to(x.dtype)  # (rows, r)
+        conv = isinstance(self.base, nn.Conv2d)
+        if self.text_side:
+            if routes.tokens is None:
+                return self._lora(x, w[:, self.owner], self.down, self.up)
+            tokens = routes.tokens
+            if tokens.shape[1] < x.shape[1]:  # chunks padded to the negative prompt's length
+                tokens = F.pad(tokens, (0, x.shape[1] - tokens.shape[1]), value=1.0)
+            position = tokens[self.owner].T.to(x)[None]  # (1, T, r)
+        elif routes.spatial is None:
+            return self._lora(x, w[:, self.owner], self.down, self.up)
+        else:
+            height, width = routes.spatial.shape[-2:]
+            if conv:
+                size = (x.shape[-2] // self.base.stride[0], x.shape[-1] // self.base.stride[1])
+            else:
+                scale = math.sqrt(height * width / x.shape[1])
+                size = (round(height / scale), round(width / scale))
+                if size[0] * size[1] != x.shape[1]:
+                    raise ValueError(f"{x.shape[1]} positions do not tile a {height}x{width} latent")
+            masks = self.state.route_masks(routes.spatial, size)  # (rows, N, P)
+            position = masks[:, self.owner].transpose(1, 2).to(x)  # (rows, P, r)
+        scale = m[:, None, :] * position  # (rows, P, r)
+        if conv:
+            h = F.conv2d(x, self.down, None, self.base.stride, self.base.padding, self.base.dilation)
+            h = h * scale.transpose(1, 2).reshape(*scale.shape[:1], -1, *h.shape[-2:])
+            return F.conv2d(h, self.up)
+        return F.linear(F.linear(x, self.down) * scale, self.up)
 
     def _select(self, wanted: tuple[int, ...]) -> tuple[tuple[int, ...], tuple | None]:
         """The columns of ``wanted`` this layer holds and their ``(down, up, owner)``."""
@@ -384,6 +459,8 @@ class ComposableLayer(nn.Module):
 
     def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
+        if state.routes is not None:
+            raise ValueError("a method that routes LoRAs to regions does not run on a compiled UNet; drop --compile")
         if state.folded:
             return self._base_with(x, self.weight_eff)
         w = state.weights
@@ -428,6 +505,7 @@ class LayerRegistry:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         layer = ComposableLayer(getattr(parent, child), self.state, len(self.layers))
+        layer.text_side = name.endswith(TEXT_SIDE)
         if self.state.static is not None:
             layer.make_static(*self.state.static)
         setattr(parent, child, layer)

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from .layers import WeightState
+from .layers import Routes, WeightState
 from .methods import CompositionMethod
 
 StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
@@ -62,12 +62,15 @@ def predict_noise(
     weights: torch.Tensor,
     max_rows: int | None = None,
     scale: torch.Tensor | None = None,
+    routes: Routes | None = None,
 ) -> torch.Tensor:
     """UNet predictions for every branch: ``(G * R, C, H, W)`` for ``R`` rows per branch.
 
     ``weights`` is ``(G, N)`` or ``(L, G, N)``; branch ``g`` reads ``weights[..., g, :]``
     for its ``R`` rows, each LoRA's column multiplied by ``scale`` ``(N,)`` if given (the
-    step's value of scheduled weights). Branches run in one call unless ``max_rows``
+    step's value of scheduled weights). ``routes`` confines each LoRA to where its masks
+    say, per image (:class:`~compose.layers.Routes`; ``spatial`` has one row per image
+    of the batch, shared by every branch and by the CFG halves). Branches run in one call unless ``max_rows``
     splits them; when the accelerator runs out of memory the call is retried in halves
     down to one branch per call (Composite's N passes, as the references run them).
     """
@@ -82,7 +85,7 @@ def predict_noise(
     while start < groups:
         chunk = weights[..., start : start + per_call, :]
         try:
-            outputs.append(_unet_call(unet, state, latent_input, timestep, conditioning, chunk))
+            outputs.append(_unet_call(unet, state, latent_input, timestep, conditioning, chunk, routes))
         except torch.OutOfMemoryError:
             if per_call == 1:
                 raise OutOfMemory(
@@ -95,11 +98,17 @@ def predict_noise(
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _unet_call(unet, state, latent_input, timestep, conditioning, chunk: torch.Tensor) -> torch.Tensor:
+def _unet_call(unet, state, latent_input, timestep, conditioning, chunk: torch.Tensor,
+               routes: Routes | None = None) -> torch.Tensor:  # fmt: skip
     """One UNet call over the branches of ``chunk`` (``(..., g, N)``), rows branch-major."""
     g, rows = chunk.shape[-2], latent_input.shape[0]
     ehs, added = conditioning.repeat(g)
     state.weights = chunk.repeat_interleave(rows, dim=-2)
+    if routes is not None:
+        spatial = routes.spatial
+        if spatial is not None:
+            spatial = spatial.to(latent_input).repeat(g * rows // spatial.shape[0], 1, 1, 1)
+        state.routes = Routes(spatial, None if routes.tokens is None else routes.tokens.to(latent_input))
     try:
         return unet(
             latent_input.repeat(g, 1, 1, 1),
@@ -110,6 +119,7 @@ def _unet_call(unet, state, latent_input, timestep, conditioning, chunk: torch.T
         )[0]
     finally:
         state.weights = None
+        state.routes = None
 
 
 NAN_CHECK_EVERY = 5

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .patchwise import PatchComposite
     from .prompt_aware import WComposite, WSwitch
     from .regional import Regional
+    from .routed import Routed
     from .switch import Switch
 
 _WHERE = {
@@ -33,6 +34,7 @@ _WHERE = {
     "wswitch": ("prompt_aware", "WSwitch"),
     "wcomposite": ("prompt_aware", "WComposite"),
     "regional": ("regional", "Regional"),
+    "routed": ("routed", "Routed"),
 }
 _CLASSES = {cls: module for module, cls in _WHERE.values()} | {"CompositionMethod": "base", "MethodContext": "base"}
 
@@ -90,6 +92,7 @@ __all__ = [
     "MethodContext",
     "PatchComposite",
     "Regional",
+    "Routed",
     "Switch",
     "WComposite",
     "WSwitch",

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..loading import LoRA
 
-UNetRun = Callable[[torch.Tensor], torch.Tensor]
+UNetRun = Callable[..., torch.Tensor]
+"""``run(weights, routes=None)``: one batched UNet call (:func:`compose.loop.predict_noise`)."""
 
 
 @dataclass
@@ -33,7 +34,9 @@ class MethodContext:
     ``frequency`` holds each LoRA's high-frequency score where the method asked for it
     (:attr:`CompositionMethod.needs_frequency`), ``importance`` each LoRA's trigger-word
     importance in the prompt, ``(N,)``, where it asked for that
-    (:attr:`CompositionMethod.needs_importance`).
+    (:attr:`CompositionMethod.needs_importance`), and ``tokens`` ``(N, T)`` bool, which
+    positions of the prompt's encoding hold each LoRA's trigger words, where it asked for
+    those (:attr:`CompositionMethod.needs_tokens`).
     """
 
     loras: list[LoRA]
@@ -43,6 +46,7 @@ class MethodContext:
     unet: nn.Module | None = None
     frequency: dict[str, float] = field(default_factory=dict)
     importance: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
 
 def guided_mix(
@@ -75,6 +79,12 @@ class CompositionMethod(ABC):
     def needs_importance(self) -> bool:
         """Whether :meth:`prepare` wants the trigger words' importance in the prompt
         (:meth:`compose.Composer.trigger_importance`); such a method takes one prompt per call."""
+        return False
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether :meth:`prepare` wants where each LoRA's trigger words sit in the prompt's
+        encoding; such a method takes one prompt per call."""
         return False
 
     @property

@@ -1,0 +1,130 @@
+"""Routed composition: every LoRA at full weight, each only where its concept is drawn.
+
+Concepts bleed into each other when every LoRA acts on every pixel, and averaging
+(Composite) dilutes each to ``1/N``. Routed keeps Merge's single pass and confines each
+LoRA to its own part of the picture, found automatically (after FreeFuse, 2025, which
+routes LoRA outputs with masks read from cross-attention):
+
+1. **Probe.** The first ``probe`` fraction of the steps (at least one) run as Merge while
+   :class:`~compose.attention_maps.AttentionProbe` reads how much each latent pixel
+   attends to each LoRA's trigger words (they must appear in the prompt).
+2. **Regions.** Per image, each *region* LoRA's map is scaled to its own peak; a pixel
+   belongs to the LoRA with the highest share there if that share is at least
+   ``threshold``, and each region grows by ``grow`` latent pixels. A *complement* LoRA
+   (backgrounds) acts where no region does; a *global* one (styles) everywhere.
+   Characters, clothing and objects are regions by default; ``roles`` overrides by name.
+3. **Route.** From then on, in every composable layer, LoRA ``j``'s contribution at each
+   position is multiplied by its mask there (:class:`~compose.layers.Routes`); in the
+   cross-attention's key and value projections, whose positions are text tokens, a LoRA
+   is kept off the other LoRAs' trigger words.
+
+One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
+kept in :attr:`Routed.masks`, ``(B, N, H, W)`` at latent resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention_maps import AttentionProbe
+from ..layers import Routes
+from .base import CompositionMethod, MethodContext, UNetRun
+
+ROLES = ("region", "complement", "global")
+CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region", "background": "complement",
+                  "style": "global"}  # fmt: skip
+
+
+@dataclass
+class Routed(CompositionMethod):
+    """See the module docstring. ``probe`` is a fraction of the steps, ``threshold`` a
+    share of a map's peak, ``grow`` latent pixels, ``roles`` LoRA name -> role."""
+
+    name = "routed"
+    probe: float = 0.2
+    threshold: float = 0.5
+    grow: int = 1
+    roles: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe < 1:
+            raise ValueError(f"routed probe is a fraction of the steps in (0, 1), got {self.probe}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"routed threshold is a share of a map's peak in [0, 1], got {self.threshold}")
+        if self.grow < 0:
+            raise ValueError(f"routed grow is a number of latent pixels, at least 0, got {self.grow}")
+        bad = {name: role for name, role in (self.roles or {}).items() if role not in ROLES}
+        if bad:
+            raise ValueError(f"routed roles are {', '.join(ROLES)}; got {bad}")
+
+    @property
+    def needs_tokens(self) -> bool:
+        return True
+
+    def prepare(self, context: MethodContext) -> None:
+        super().prepare(context)
+        names = [lora.name for lora in context.loras]
+        unknown = set(self.roles or {}) - set(names)
+        if unknown:
+            raise ValueError(f"roles name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
+        self.role = [self._role(lora, context.tokens[j]) for j, lora in enumerate(context.loras)]
+        self.row = context.weights[None]
+        regions = [j for j, role in enumerate(self.role) if role == "region"]
+        self.regions = regions if len(context.loras) > 1 else []
+        self.probe_steps = max(1, round(self.probe * context.num_steps)) if self.regions else 0
+        self.probe_reader = AttentionProbe(context.unet, [context.tokens[j].nonzero().flatten().tolist()
+                                                           for j in self.regions])  # fmt: skip
+        self.routes: Routes | None = None
+        self.masks: torch.Tensor | None = None
+
+    def _role(self, lora, tokens: torch.Tensor) -> str:
+        role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")
+        if role == "region" and not bool(tokens.any()):
+            return "global"  # no trigger word in the prompt: nothing to locate it by
+        return role
+
+    def weights(self, step: int) -> torch.Tensor:
+        return self.row
+
+    def predict(self, step: int, run: UNetRun) -> torch.Tensor:
+        if step >= self.probe_steps:
+            return run(self.row, routes=self.routes)
+        with self.probe_reader:
+            eps = run(self.row)
+        self.probe_reader.step(tuple(eps.shape[-2:]))
+        return eps
+
+    def combine(
+        self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
+    ) -> torch.Tensor:
+        if step == self.probe_steps - 1:
+            self.masks = self.region_masks(self.probe_reader.maps()[-cond.shape[1] :])
+            self.routes = Routes(self.masks, self._token_masks())
+        return super().combine(uncond, cond, guidance_scale, step)
+
+    def region_masks(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H, W)`` masks from the region LoRAs' attention ``maps`` ``(B, K, H, W)``."""
+        batch, _, height, width = maps.shape
+        share = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        best = share.max(1, keepdim=True)
+        owned = (share == best.values) & (best.values >= self.threshold)
+        if self.grow:
+            size = 2 * self.grow + 1
+            owned = F.max_pool2d(owned.float(), size, stride=1, padding=self.grow) > 0
+        masks = torch.ones(batch, len(self.role), height, width).to(maps)
+        for k, j in enumerate(self.regions):
+            masks[:, j] = owned[:, k].to(maps)
+        anywhere = owned.any(1).to(maps)
+        for j, role in enumerate(self.role):
+            if role == "complement":
+                masks[:, j] = 1 - anywhere
+        return masks
+
+    def _token_masks(self) -> torch.Tensor:
+        """``(N, T)``: 0 where a token is another LoRA's trigger word and not this one's."""
+        tokens = self.context.tokens
+        others = tokens.sum(0, keepdim=True) - tokens.int() > 0
+        return (~(others & ~tokens)).float()

@@ -1,0 +1,156 @@
+"""Routed composition: per-position LoRA weights in the composable layer, cross-attention
+maps read beside the layers, and the method that routes each LoRA to its region."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SIZE, STEPS
+from torch import nn
+
+from compose import Composer
+from compose.attention_maps import AttentionProbe
+from compose.emphasis import phrase_positions
+from compose.layers import Factors, LayerRegistry, Routes
+from compose.methods import Routed
+
+
+@pytest.fixture(scope="module")
+def four(lora_files) -> Composer:
+    composer = Composer.tiny("sd1")
+    for i, (name, category, trigger) in enumerate(
+        (
+            ("hero", "character", "zq hero"),
+            ("cape", "clothing", "vx cape"),
+            ("lamp", "object", "kw lamp"),
+            ("ink", "style", "qj ink"),
+        )  # fmt: skip
+    ):
+        composer.load_lora(lora_files["sd1", i % 3]["peft"], name=name, category=category, triggers=[trigger])
+    return composer
+
+
+PROMPT = "a zq hero wearing a vx cape, a kw lamp beside, qj ink"
+
+
+def gen(composer, method, loras=("hero", "cape", "lamp", "ink"), prompt=PROMPT):
+    return composer.generate(prompt, loras=list(loras), method=method, steps=STEPS, width=SIZE, height=SIZE,
+                             seed=[5, 6], output_type="latent")  # fmt: skip
+
+
+def _layer(conv: bool):
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 5, 3, padding=1) if conv else nn.Linear(6, 5)
+    model = nn.Sequential(base)
+    registry = LayerRegistry(model)
+    layer = registry.wrap("0")
+    shape = (4, 6, 3, 3) if conv else (4, 6)
+    registry.activate([{"0": Factors(torch.randn(shape), torch.randn(5, 4, *([1, 1] if conv else [])))}
+                       for _ in range(2)])  # fmt: skip
+    return registry, layer
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_routes_are_per_position_weights(conv):
+    """All-ones routes are the unrouted layer; a LoRA masked off on the left half changes
+    nothing there, and on the right half is what it is unrouted."""
+    registry, layer = _layer(conv)
+    x = torch.randn(2, 6, 4, 4) if conv else torch.randn(2, 16, 6)
+    state = registry.state
+    state.weights = torch.tensor([[0.7, 0.4]])
+    state.sliced = False
+    plain = layer(x)
+    state.routes = Routes(torch.ones(2, 2, 4, 4))
+    torch.testing.assert_close(layer(x), plain, atol=1e-6, rtol=0)
+    right = torch.zeros(2, 2, 4, 4)
+    right[:, 0] = 1
+    right[:, 1, :, 2:] = 1
+    state.routes = Routes(right)
+    routed = layer(x)
+    state.routes, state.weights = None, torch.tensor([[0.7, 0.0]])
+    first_only = layer(x)
+    as_grid = (lambda y: y) if conv else (lambda y: y.view(2, 4, 4, 5).permute(0, 3, 1, 2))
+    torch.testing.assert_close(as_grid(routed)[..., :2], as_grid(first_only)[..., :2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_grid(routed)[..., 2:], as_grid(plain)[..., 2:], atol=1e-6, rtol=0)
+
+
+def test_a_coarser_layer_reads_the_area_average():
+    registry, layer = _layer(False)
+    x = torch.randn(1, 4, 6)  # a 2x2 layer of an 4x4 latent
+    state = registry.state
+    state.weights, state.sliced = torch.tensor([[1.0, 0.0]]), False
+    half = torch.zeros(1, 2, 4, 4)
+    half[:, 0, :, :2] = 1  # the left half: the left column of the 2x2 layer at full weight
+    state.routes = Routes(half)
+    routed = layer(x)
+    state.routes = None
+    plain, base = layer(x), layer.base(x)
+    torch.testing.assert_close(routed[:, [0, 2]], plain[:, [0, 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed[:, [1, 3]], base[:, [1, 3]], atol=1e-6, rtol=0)
+
+
+def test_the_probe_leaves_the_step_bit_for_bit(four):
+    unet = four.pipeline.unet
+    torch.manual_seed(0)
+    latents = torch.randn(2, unet.config.in_channels, 8, 8)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = unet(latents, 10, encoder_hidden_states=text).sample
+        with AttentionProbe(unet, [[1, 2], [5]]) as probe:
+            probed = unet(latents, 10, encoder_hidden_states=text).sample
+        probe.step((8, 8))
+        after = unet(latents, 10, encoder_hidden_states=text).sample
+    assert torch.equal(plain, probed) and torch.equal(plain, after)
+    maps = probe.maps()
+    assert maps.shape == (2, 2, 8, 8) and (maps > 0).all() and (maps <= 1).all()
+
+
+def test_trigger_positions_in_the_encoding(four):
+    tokenizer = four.pipeline.tokenizer
+    twice = phrase_positions(tokenizer, "a zq hero and a zq hero", "zq hero")
+    assert len(twice) == 2 * len(tokenizer("zq hero", add_special_tokens=False).input_ids)
+    positions = phrase_positions(tokenizer, PROMPT, "vx cape")
+    ids = tokenizer(PROMPT).input_ids
+    cape = tokenizer("vx cape", add_special_tokens=False).input_ids
+    assert [ids[p] for p in positions] == cape
+    assert phrase_positions(tokenizer, PROMPT, "missing words") == []
+    table = four.trigger_tokens(PROMPT, ["hero", "cape"])
+    assert table.shape == (2, 77) and table[1, positions].all() and not table[0, positions].any()
+
+
+def test_one_lora_or_every_lora_global_is_merge(four):
+    torch.testing.assert_close(gen(four, Routed(), ["hero"]), gen(four, "merge", ["hero"]), atol=1e-4, rtol=0)
+    everywhere = Routed(roles=dict.fromkeys(("hero", "cape", "lamp", "ink"), "global"))
+    torch.testing.assert_close(gen(four, everywhere), gen(four, "merge"), atol=1e-4, rtol=0)
+    assert (gen(four, Routed()) - gen(four, "merge")).abs().max() > 1e-3
+
+
+def test_regions_follow_the_attention_maps():
+    """Region LoRAs own the pixels where their share of the peak is highest (and above the
+    threshold); the background takes what no region does, the style everything."""
+    method = Routed(threshold=0.5, grow=0)
+    method.role, method.regions = ["region", "region", "complement", "global"], [0, 1]
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, :, :2] = 2.0  # hero on the left
+    maps[0, 1, :, 3] = 0.5  # cape on the far right
+    maps[0, 1, 0, 2] = 0.1  # too faint
+    masks = method.region_masks(maps)
+    assert masks[0, 0, :, :2].eq(1).all() and masks[0, 0, :, 2:].eq(0).all()
+    assert masks[0, 1, :, 3].eq(1).all() and masks[0, 1, :, :3].eq(0).all()
+    assert masks[0, 2, :, 2].eq(1).all() and masks[0, 2, :, [0, 1, 3]].eq(0).all()
+    assert masks[0, 3].eq(1).all()
+
+
+def test_routed_keeps_its_masks_and_checks_its_settings(four):
+    method = Routed()
+    gen(four, method)
+    side = SIZE // four.pipeline.vae_scale_factor
+    assert method.masks.shape == (2, 4, side, side)
+    assert method.masks[:, 3].eq(1).all()  # the style is global
+    with pytest.raises(ValueError, match="not in the composition: nobody"):
+        gen(four, Routed(roles={"nobody": "global"}))
+    with pytest.raises(ValueError, match="routed roles are region, complement, global"):
+        Routed(roles={"hero": "left"})
+    with pytest.raises(ValueError, match="one prompt per call"):
+        four.generate(["a zq hero", "a vx cape"], loras=["hero", "cape"], method="routed", steps=2, width=SIZE,
+                      height=SIZE)  # fmt: skip

@@ -112,6 +112,18 @@ class Sampling:
     scheduler: str
 
 
+def _mask_images(masks: torch.Tensor | None, names: list[str], count: int,
+                 size: tuple[int, int]) -> list[dict[str, Image.Image]]:  # fmt: skip
+    """Per image, LoRA name -> its ``masks`` ``(B, N, h, w)`` row as an 8-bit greyscale
+    image of ``size`` (height, width), upscaled without smoothing, as the layers saw it."""
+    if masks is None:
+        return [{} for _ in range(count)]
+    grey = (masks.float().clamp(0, 1) * 255).round().byte().cpu()
+    grey = grey.expand(count, *grey.shape[1:])
+    return [{name: Image.fromarray(grey[b, j].numpy(), "L").resize(size[::-1], Image.NEAREST)
+             for j, name in enumerate(names)} for b in range(count)]  # fmt: skip
+
+
 def _batch(prompt: str | Sequence[str], seed: int | Sequence[int], negative_prompt: str) -> tuple[list[str], list[int]]:
     """One prompt and one checked seed per image: a single prompt or seed is repeated
     (an int seed counts up, ``seed, seed+1, ...``)."""
@@ -590,7 +602,8 @@ class Composer:
         max_batch: int | None = None,
         progress: bool = False,
         output_type: str = "pil",
-    ) -> list[Image.Image] | torch.Tensor:
+        return_masks: bool = False,
+    ) -> list[Image.Image] | torch.Tensor | tuple[list[Image.Image], list[dict[str, Image.Image]]]:
         """Generate one image per (prompt, seed) with the given LoRAs composed by ``method``.
 
         ``loras``: names, ``(name, weight)`` pairs or ``{name: weight}``, in the order
@@ -606,7 +619,10 @@ class Composer:
         (rows) per call: Composite then runs its N branches in chunks. Returns PIL images
         whose ``info`` carries the A1111 ``parameters`` text and the full ``compose``
         record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``
-        instead, as diffusers pipelines do.
+        instead, as diffusers pipelines do. ``return_masks=True`` returns ``(images,
+        masks)``: per image, each LoRA's region as a greyscale image of the output's size
+        (white: the LoRA acts fully), for the methods that confine LoRAs to regions
+        (``routed``, ``regional``), an empty dict for the others.
         """
         if lora_scale is None:
             lora_scale = default_lora_scale(method, method_params)
@@ -629,7 +645,12 @@ class Composer:
         images = self._decode(latents)
         shared = self._shared_record(method, active, uses, lora_scale, sampling)
         records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
-        return [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
+        images = [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
+        if return_masks:
+            return images, _mask_images(
+                method.lora_masks(), [lora.name for lora in active], len(images), (height, width)
+            )
+        return images
 
     def _resolve_loras(
         self, prompts: list[str], loras: Sequence[LoRASpec] | dict[str, float] | None

@@ -134,7 +134,7 @@ def test_regions_follow_the_attention_maps():
     maps[0, 0, :, :2] = 2.0  # hero on the left
     maps[0, 1, :, 3] = 0.5  # cape on the far right
     maps[0, 1, 0, 2] = 0.1  # too faint
-    masks = method.region_masks(maps)
+    masks = method.masks_from(maps)
     assert masks[0, 0, :, :2].eq(1).all() and masks[0, 0, :, 2:].eq(0).all()
     assert masks[0, 1, :, 3].eq(1).all() and masks[0, 1, :, :3].eq(0).all()
     assert masks[0, 2, :, 2].eq(1).all() and masks[0, 2, :, [0, 1, 3]].eq(0).all()
@@ -154,3 +154,22 @@ def test_routed_keeps_its_masks_and_checks_its_settings(four):
     with pytest.raises(ValueError, match="one prompt per call"):
         four.generate(["a zq hero", "a vx cape"], loras=["hero", "cape"], method="routed", steps=2, width=SIZE,
                       height=SIZE)  # fmt: skip
+
+
+def test_the_api_returns_each_lora_s_region_as_an_image(four):
+    images, masks = four.generate(PROMPT, loras=["hero", "cape", "lamp", "ink"], method="routed", steps=STEPS,
+                                  width=SIZE, height=SIZE, seed=[5, 6], return_masks=True)  # fmt: skip
+    assert len(images) == len(masks) == 2 and set(masks[0]) == {"hero", "cape", "lamp", "ink"}
+    assert all(mask.size == images[0].size and mask.mode == "L" for mask in masks[1].values())
+    assert min(masks[0]["ink"].getdata()) == 255  # the style acts everywhere
+    _, none = four.generate(PROMPT, loras=["hero", "cape"], method="merge", steps=STEPS, width=SIZE, height=SIZE,
+                            return_masks=True)  # fmt: skip
+    assert none == [{}]
+
+
+def test_regional_returns_its_boxes(four):
+    method = {"regions": {"hero": [0, 0, 0.5, 1]}}
+    _, masks = four.generate(PROMPT, loras=["hero", "cape"], method="regional", method_params=method, steps=STEPS,
+                             width=SIZE, height=SIZE, return_masks=True)  # fmt: skip
+    hero, cape = masks[0]["hero"], masks[0]["cape"]  # the cape covers everything: halves where both act
+    assert hero.getpixel((0, 0)) == 128 and hero.getpixel((SIZE - 1, 0)) == 0 and cape.getpixel((SIZE - 1, 0)) == 255

@@ -130,6 +130,12 @@ class CompositionMethod(ABC):
         u = uncond.mean(0)
         return u + guidance_scale * (c - u)
 
+    def lora_masks(self) -> torch.Tensor | None:
+        """Where each LoRA acted in the last generation, for methods that confine LoRAs to
+        regions: ``(B, N, H, W)`` in [0, 1] at latent resolution (``B`` 1 when every image
+        shares them); ``None`` for the methods that act on the whole picture."""
+        return None
+
     def parameters(self) -> dict:
         """The method's parameters, for metadata and reproduction."""
         return asdict(self)

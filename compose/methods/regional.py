@@ -65,6 +65,9 @@ class Regional(CompositionMethod):
             self.masks = masks[:, None, None].to(like)
         return self.masks
 
+    def lora_masks(self) -> torch.Tensor | None:
+        return None if self.masks is None else self.masks[:, 0, 0][None]
+
     def combine(
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
     ) -> torch.Tensor:

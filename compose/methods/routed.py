@@ -19,7 +19,8 @@ routes LoRA outputs with masks read from cross-attention):
    is kept off the other LoRAs' trigger words.
 
 One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
-kept in :attr:`Routed.masks`, ``(B, N, H, W)`` at latent resolution.
+kept (:meth:`~compose.methods.base.CompositionMethod.lora_masks`, ``(B, N, H, W)`` at
+latent resolution; ``Composer.generate(..., return_masks=True)`` returns them as images).
 """
 
 from __future__ import annotations
@@ -101,11 +102,14 @@ class Routed(CompositionMethod):
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int
     ) -> torch.Tensor:
         if step == self.probe_steps - 1:
-            self.masks = self.region_masks(self.probe_reader.maps()[-cond.shape[1] :])
+            self.masks = self.masks_from(self.probe_reader.maps()[-cond.shape[1] :])
             self.routes = Routes(self.masks, self._token_masks())
         return super().combine(uncond, cond, guidance_scale, step)
 
-    def region_masks(self, maps: torch.Tensor) -> torch.Tensor:
+    def lora_masks(self) -> torch.Tensor | None:
+        return self.masks
+
+    def masks_from(self, maps: torch.Tensor) -> torch.Tensor:
         """``(B, N, H, W)`` masks from the region LoRAs' attention ``maps`` ``(B, K, H, W)``."""
         batch, _, height, width = maps.shape
         share = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]

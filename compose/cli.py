@@ -506,8 +506,9 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
                        "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]; labels, "
                        "agreement: the labelled folder [assets/labels]")  # fmt: skip
-    world.add_argument("--methods", default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite",
-                       help="grid: methods of the composition row [all]")  # fmt: skip
+    world.add_argument("--methods",
+                       default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite,routed",
+                       help="grid: methods of the composition rows; routed's regions follow them [all]")  # fmt: skip
     world.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
 
 
@@ -891,7 +892,7 @@ def _demo_world(args: argparse.Namespace) -> None:
     elif args.action == "regional":
         from .demo_world.evaluate import two_characters
 
-        result = two_characters(composer, ["merge", "composite", "regional"])
+        result = two_characters(composer, ["merge", "composite", "regional", "routed"])
         _write_json(Path(args.out) if args.out else folder / "regional.json", result)
     else:
         from .demo_world.evaluate import example_grid

@@ -27,6 +27,7 @@ from ..checks import printable
 from ..composer import Composer
 from ..files import atomic_open
 from ..metadata import save_png
+from ..overlay import mask_overlay
 from .clipscore import CLIPScorer, composition_text
 from .presence import concept_presence
 from .report import write_report
@@ -68,6 +69,10 @@ def image_path(out: Path, item: Item) -> Path:
     return out / "items" / item.set.id / f"{item.method}-{item.seed}.png"
 
 
+def regions_path(out: Path, item: Item) -> Path:
+    return out / "items" / item.set.id / f"{item.method}-{item.seed}-regions.png"
+
+
 def check_writable(out: Path) -> None:
     """Fail early, with the folder's name, when results could not be written."""
     try:
@@ -84,17 +89,20 @@ def load_records(out: Path) -> list[dict]:
 
 
 def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: Item, settings: dict) -> dict:
-    """Generate one image, score it, and return its record."""
+    """Generate one image, score it, and return its record (with, for a method that confines
+    LoRAs to regions, a picture of them: :func:`compose.overlay.mask_overlay`)."""
     entries = [manifest.loras[name] for name in item.set.loras]
     start = time.perf_counter()
-    image = composer.generate(
+    images, masks = composer.generate(
         manifest.prompt_for(item.set),
         loras=[(e.name, e.weight) for e in entries],
         method=item.method,
         negative_prompt=manifest.negative_prompt_for(item.set),
         seed=item.seed,
+        return_masks=True,
         **settings,
-    )[0]
+    )
+    image = images[0]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -109,6 +117,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         "seconds": round(seconds, 4),
         "image": str(Path("items") / item.set.id / f"{item.method}-{item.seed}.png"),
         "_image": image,
+        **({"regions": str(regions_path(Path(), item)), "_regions": mask_overlay(image, masks[0])} if masks[0] else {}),
     }
 
 
@@ -157,6 +166,8 @@ def run_benchmark(
         for item in bar:
             record = run_item(composer, scorer, manifest, item, settings)
             save_png(record.pop("_image"), image_path(out, item))
+            if "_regions" in record:
+                save_png(record.pop("_regions"), regions_path(out, item))
             with atomic_open(record_path(out, item), "w") as handle:
                 json.dump(record, handle, sort_keys=True)
     state.wait_for_everyone()

@@ -190,7 +190,8 @@ to it, so that what each method drew can be judged."""
 def grid(out: Path, records: list[dict], methods: list[str]) -> Image.Image:
     """One set's images: its prompt on top, a column per method (named), a row per seed,
     each image enlarged to :data:`GRID_TILE` with its scores under it (CLIPScore, the
-    share of concepts present and whether all are)."""
+    share of concepts present and whether all are) and, for a method that confined its
+    LoRAs to regions, those regions in the tile's top-right corner."""
     seeds = sorted({r["seed"] for r in records})
     cells = {(r["seed"], r["method"]): r for r in records}
     tile, line = GRID_TILE, 13
@@ -213,6 +214,14 @@ def grid(out: Path, records: list[dict], methods: list[str]) -> Image.Image:
             y = top + row * (tile + caption)
             with Image.open(out / record["image"]) as image:
                 sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (col * tile, y))
+            if "regions" in record and (out / record["regions"]).is_file():
+                with Image.open(out / record["regions"]) as regions:
+                    inset = regions.convert("RGB").resize((tile // 3, tile // 3), Image.Resampling.NEAREST)
+                sheet.paste(
+                    Image.new("RGB", (inset.width + 2, inset.height + 2), "white"),
+                    (col * tile + tile - inset.width - 2, y),
+                )
+                sheet.paste(inset, (col * tile + tile - inset.width - 1, y + 1))
             draw.text((col * tile + 4, y + tile + 2), _scores(record), fill="black")
     return sheet
 

@@ -163,3 +163,28 @@ def test_disk_full_keeps_what_was_finished(bench_inputs, finished, tmp_path, cap
     code, _, err = run(capsys, *bench_args(bench_inputs, out))
     assert code == 0, err
     assert scores(out) == finished[1]
+
+
+def test_a_routed_item_keeps_a_picture_of_its_regions(bench_inputs, tmp_path, capsys):
+    from compose.cli import main
+
+    manifest = json.loads(bench_inputs["sets"].read_text())
+    for entry in manifest["sets"]:
+        entry["prompt"] = "a zqcharacter creature in zqbackground, zqstyle"
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps(manifest))
+    out = tmp_path / "routed"
+    assert main(bench_args({**bench_inputs, "sets": sets}, out, seeds=1, methods="routed,merge")) == 0
+    records = {(r["set"], r["method"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    routed = records["trio", "routed"]
+    assert "regions" not in records["trio", "merge"]
+    with Image.open(out / routed["regions"]) as regions, Image.open(out / routed["image"]) as image:
+        assert regions.size == image.size
+        inset = np.asarray(regions.convert("RGB").resize((GRID_TILE // 3,) * 2, Image.Resampling.NEAREST))
+    with Image.open(out / "grids" / "trio.png") as grid:
+        assert grid.size[0] == 2 * GRID_TILE
+        sheet = np.asarray(grid.convert("RGB"))
+    side, right = inset.shape[0], GRID_TILE - 1  # routed is the first column
+    corner = sheet[:, right - side : right]
+    found = [y for y in range(sheet.shape[0] - side) if np.array_equal(corner[y : y + side], inset)]
+    assert found, "the regions sit in the top-right corner of routed's tile"

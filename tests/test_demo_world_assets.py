@@ -127,3 +127,14 @@ def test_offline_clip_ranks_the_matching_caption_first():
     matched = scorer.score(images, captions)
     shuffled = scorer.score(images, captions[1:] + captions[:1])
     assert (matched > shuffled).all()
+
+
+def test_the_example_grid_shows_routed_s_regions(world):
+    from compose.demo_world.evaluate import GRID_SETS, example_grid
+
+    grid = example_grid(world, ["merge", "routed"], steps=2)
+    cell, columns = 128 + 2, max(len(CONCEPTS), 2 + 1 + 1)  # the render, merge, routed, routed's regions
+    assert grid.size == (columns * cell + 2, (1 + len(GRID_SETS)) * cell + 2)
+    regions = np.asarray(grid.convert("RGB"))[2 + cell : 2 * cell, 2 + 3 * cell : 4 * cell]
+    regions = regions.reshape(-1, 3).astype(int)
+    assert (regions.max(1) - regions.min(1) > 40).any(), "routed's regions are tinted"

@@ -173,3 +173,19 @@ def test_regional_returns_its_boxes(four):
                              width=SIZE, height=SIZE, return_masks=True)  # fmt: skip
     hero, cape = masks[0]["hero"], masks[0]["cape"]  # the cape covers everything: halves where both act
     assert hero.getpixel((0, 0)) == 128 and hero.getpixel((SIZE - 1, 0)) == 0 and cape.getpixel((SIZE - 1, 0)) == 255
+
+
+def test_the_overlay_tints_partial_regions_only():
+    from PIL import Image
+
+    from compose.overlay import PALETTE, legend, mask_overlay
+
+    image = Image.new("RGB", (4, 4), (128, 128, 128))
+    left = Image.new("L", (4, 4), 0)
+    left.paste(255, (0, 0, 2, 4))
+    masks = {"hero": left, "ink": Image.new("L", (4, 4), 255)}
+    out = mask_overlay(image, masks, size=8)
+    assert out.size == (8, 8)
+    tinted, plain = out.getpixel((0, 0)), out.getpixel((7, 0))
+    assert plain[0] == plain[1] == plain[2] and tinted[0] > tinted[1]  # hero's colour is red, ink is not drawn
+    assert legend(masks) == [("hero", PALETTE[0]), ("ink (everywhere)", (0, 0, 0))]

@@ -28,6 +28,7 @@ from PIL import Image
 from ..composer import Composer
 from ..evaluation.stats import wilson_interval
 from ..methods.references import DEFAULT_LORA_SCALE
+from ..overlay import mask_overlay
 from .concepts import CONCEPTS
 from .detectors import detect, side_of, slot_check
 from .render import contact_sheet, render
@@ -133,18 +134,24 @@ GRID_SETS = (("zorbo", "flimbo"), ("klinko", "vosh", "glimmet"), ("grumba", "wuz
 def example_grid(composer: Composer, methods: list[str], seed: int = 0, steps: int = 25) -> Image.Image:
     """64 px tiles, 2× enlarged: each concept with its LoRA alone (first row), then one
     composition of each size N = 2..5 (:data:`GRID_SETS`), a row each: the render it
-    asks for, then what each of ``methods`` draws."""
+    asks for, then what each of ``methods`` draws, then (with ``routed`` among them) the
+    regions routed gave each LoRA (:func:`~compose.overlay.mask_overlay`)."""
     singles = []
     for name in CONCEPTS:
         singles += composer.generate(sample_concept_scene(name, seed).caption(), [name], seed=seed, steps=steps)
     tiles = singles + [singles[0].point(lambda _: 255)] * max(0, len(methods) + 1 - len(singles))
-    columns = max(len(singles), len(methods) + 1)
+    columns = max(len(singles), len(methods) + 1 + ("routed" in methods))
     tiles += [tiles[0].point(lambda _: 255)] * (columns - len(tiles))
     for names in GRID_SETS:
         scene = composition_scene(names, seed)
-        row = [render(scene)]
+        row, regions = [render(scene)], []
         for method in methods:
-            row += composer.generate(scene.caption(), list(names), method, seed=seed, steps=steps)
+            images, masks = composer.generate(scene.caption(), list(names), method, seed=seed, steps=steps,
+                                              return_masks=True)  # fmt: skip
+            row += images
+            if method == "routed":
+                regions.append(mask_overlay(images[0], masks[0]))
+        row += regions
         tiles += row + [row[0].point(lambda _: 255)] * (columns - len(row))
     return contact_sheet(tiles, columns=columns, scale=2)
 

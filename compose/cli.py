@@ -147,7 +147,8 @@ def _method_params(args: argparse.Namespace) -> dict:
     if args.method == "bands":
         return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
     if args.method == "routed":
-        return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None}
+        return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None,
+                "prompts": dict(args.region_prompt) or None}  # fmt: skip
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -328,6 +329,9 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
                        help="routed: share of its attention peak from which a pixel is a LoRA's [0.5]")  # fmt: skip
     group.add_argument("--grow", type=NON_NEGATIVE_INT, default=1,
                        help="routed: latent pixels each region grows by [1]")  # fmt: skip
+    group.add_argument("--region-prompt", action="append", default=[], type=_pair, metavar="NAME=TEXT",
+                       help="routed: the text LoRA NAME's region attends to instead of the prompt "
+                       "(its trigger words are put in front if missing)")  # fmt: skip
     group.add_argument("--hold", type=FRACTION, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
 

@@ -684,7 +684,7 @@ class Composer:
             tokens = self.trigger_tokens(prompts[0], [lora.name for lora in active])
         unet_layers = list(self.registries["unet"].layers)
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
-                             importance, tokens)  # fmt: skip
+                             importance, tokens, state=self.registries["unet"].state)  # fmt: skip
 
     def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
@@ -705,8 +705,11 @@ class Composer:
         for component, registry in self.registries.items():
             if component != "unet":
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
+        texts = method.region_texts(active)
         try:
             conditioning = self._encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
+            context.region_states = {name: self._encode([text], [""], False, size).encoder_hidden_states
+                                     for name, text in texts.items()}  # fmt: skip
         finally:
             for registry in self.registries.values():
                 registry.release()

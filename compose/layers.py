@@ -142,7 +142,7 @@ class WeightState:
     def route_masks(self, spatial: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``spatial`` ``(rows, N, H, W)`` averaged down to ``size`` and flattened:
         ``(rows, N, h * w)``, computed once per call and resolution."""
-        key = (id(spatial), size)
+        key = (spatial.data_ptr(), tuple(spatial.shape), size)
         hit = self._route_cache.get(key)
         if hit is None:
             pooled = spatial if spatial.shape[-2:] == size else F.adaptive_avg_pool2d(spatial, size)

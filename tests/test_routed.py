@@ -189,3 +189,41 @@ def test_the_overlay_tints_partial_regions_only():
     tinted, plain = out.getpixel((0, 0)), out.getpixel((7, 0))
     assert plain[0] == plain[1] == plain[2] and tinted[0] > tinted[1]  # hero's colour is red, ink is not drawn
     assert legend(masks) == [("hero", PALETTE[0]), ("ink (everywhere)", (0, 0, 0))]
+
+
+def test_region_prompts_change_only_their_regions(four):
+    """A region that attends to the prompt's own encoding, or no region at all, leaves the
+    layer's output as it was; the conditional rows change, the unconditional do not."""
+    from compose.region_prompts import RegionPrompts
+
+    unet = four.pipeline.unet
+    state = four.registries["unet"].state
+    torch.manual_seed(0)
+    latents = torch.randn(2, unet.config.in_channels, 8, 8)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    other = torch.randn(1, 77, unet.config.cross_attention_dim)
+    rows = torch.cat([torch.zeros_like(text), text]).expand(2, -1, -1)
+
+    def call(masks=None, region=None):
+        with torch.no_grad():
+            if masks is None:
+                return unet(latents, 10, encoder_hidden_states=rows).sample
+            with RegionPrompts(unet, state, masks, [region], torch.ones(1, 0)):
+                return unet(latents, 10, encoder_hidden_states=rows).sample
+
+    plain = call()
+    assert torch.equal(call(torch.zeros(1, 1, 8, 8), other), plain)
+    torch.testing.assert_close(call(torch.ones(1, 1, 8, 8), text), plain, atol=1e-5, rtol=0)
+    changed = call(torch.ones(1, 1, 8, 8), other)
+    assert (changed - plain).abs().max() > 1e-3
+
+
+def test_routed_with_a_prompt_per_region(four):
+    plain = gen(four, Routed())
+    prompted = gen(four, Routed(prompts={"hero": "a zq hero, tall", "lamp": "a lamp"}))
+    assert prompted.shape == plain.shape and (prompted - plain).abs().max() > 1e-3
+    assert Routed(prompts={"lamp": "a lamp"}).region_texts([four.loras["lamp"]]) == {"lamp": "kw lamp, a lamp"}
+    with pytest.raises(ValueError, match="ink acts on the whole picture"):
+        gen(four, Routed(prompts={"ink": "in ink"}))
+    with pytest.raises(ValueError, match="not in the composition: nobody"):
+        gen(four, Routed(prompts={"nobody": "x"}))

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..layers import WeightState
 from ..loading import LoRA
 
 UNetRun = Callable[..., torch.Tensor]
@@ -36,7 +37,10 @@ class MethodContext:
     importance in the prompt, ``(N,)``, where it asked for that
     (:attr:`CompositionMethod.needs_importance`), and ``tokens`` ``(N, T)`` bool, which
     positions of the prompt's encoding hold each LoRA's trigger words, where it asked for
-    those (:attr:`CompositionMethod.needs_tokens`).
+    those (:attr:`CompositionMethod.needs_tokens`). ``region_states`` holds the encodings
+    ``(1, T, D)`` of the texts :meth:`CompositionMethod.region_texts` asked for, and
+    ``state`` the UNet's layer weights, for methods that run a layer differently
+    per region (:mod:`compose.region_prompts`).
     """
 
     loras: list[LoRA]
@@ -47,6 +51,8 @@ class MethodContext:
     frequency: dict[str, float] = field(default_factory=dict)
     importance: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    region_states: dict[str, torch.Tensor] | None = None
+    state: WeightState | None = None
 
 
 def guided_mix(
@@ -129,6 +135,11 @@ class CompositionMethod(ABC):
             return c
         u = uncond.mean(0)
         return u + guidance_scale * (c - u)
+
+    def region_texts(self, loras: list[LoRA]) -> dict[str, str]:
+        """LoRA name -> the text its region attends to (per-region prompts), for methods
+        that condition regions apart; encoded with the prompt into ``region_states``."""
+        return {}
 
     def lora_masks(self) -> torch.Tensor | None:
         """Where each LoRA acted in the last generation, for methods that confine LoRAs to

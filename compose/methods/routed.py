@@ -17,6 +17,9 @@ routes LoRA outputs with masks read from cross-attention):
    position is multiplied by its mask there (:class:`~compose.layers.Routes`); in the
    cross-attention's key and value projections, whose positions are text tokens, a LoRA
    is kept off the other LoRAs' trigger words.
+4. **Per-region prompts** (``prompts``): a region LoRA given a text of its own has its
+   region attend to that text instead of the prompt (:mod:`compose.region_prompts`); its
+   trigger words are put in front where the text has none.
 
 One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
 kept (:meth:`~compose.methods.base.CompositionMethod.lora_masks`, ``(B, N, H, W)`` at
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from ..attention_maps import AttentionProbe
 from ..layers import Routes
+from ..region_prompts import RegionPrompts
 from .base import CompositionMethod, MethodContext, UNetRun
 
 ROLES = ("region", "complement", "global")
@@ -42,13 +46,15 @@ CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region
 @dataclass
 class Routed(CompositionMethod):
     """See the module docstring. ``probe`` is a fraction of the steps, ``threshold`` a
-    share of a map's peak, ``grow`` latent pixels, ``roles`` LoRA name -> role."""
+    share of a map's peak, ``grow`` latent pixels, ``roles`` LoRA name -> role,
+    ``prompts`` region LoRA name -> its region's own text (per-region prompts)."""
 
     name = "routed"
     probe: float = 0.2
     threshold: float = 0.5
     grow: int = 1
     roles: dict[str, str] | None = None
+    prompts: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.probe < 1:
@@ -80,6 +86,27 @@ class Routed(CompositionMethod):
                                                            for j in self.regions])  # fmt: skip
         self.routes: Routes | None = None
         self.masks: torch.Tensor | None = None
+        prompted = list(context.region_states or {})
+        outside = [name for name in prompted if self.role[names.index(name)] != "region"]
+        if outside:
+            raise ValueError(f"per-region prompts are for LoRAs with a region (characters, clothing, objects or "
+                             f"role region); {', '.join(outside)} acts on the whole picture")  # fmt: skip
+        self.prompted = [names.index(name) for name in prompted]
+        on = torch.tensor([[role != "region" or j == k for j, role in enumerate(self.role)] for k in self.prompted])
+        self.lora_on = on.float().reshape(len(self.prompted), len(names))
+
+    def region_texts(self, loras: list) -> dict[str, str]:
+        """Each prompted LoRA's text, its first trigger word put in front where it has none."""
+        texts = {}
+        for lora in loras:
+            text = (self.prompts or {}).get(lora.name)
+            if text is not None:
+                triggers = [t for t in lora.triggers if t.lower() in text.lower()]
+                texts[lora.name] = text if triggers or not lora.triggers else f"{lora.triggers[0]}, {text}"
+        unknown = set(self.prompts or {}) - {lora.name for lora in loras}
+        if unknown:
+            raise ValueError(f"prompts name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
+        return texts
 
     def _role(self, lora, tokens: torch.Tensor) -> str:
         role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")
@@ -91,6 +118,12 @@ class Routed(CompositionMethod):
         return self.row
 
     def predict(self, step: int, run: UNetRun) -> torch.Tensor:
+        if step >= self.probe_steps and self.prompted and self.routes is not None:
+            context = self.context
+            texts = [context.region_states[context.loras[j].name] for j in self.prompted]
+            masks = self.masks[:, self.prompted]
+            with RegionPrompts(context.unet, context.state, masks, texts, self.lora_on.to(masks)):
+                return run(self.row, routes=self.routes)
         if step >= self.probe_steps:
             return run(self.row, routes=self.routes)
         with self.probe_reader:

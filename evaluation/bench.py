@@ -88,6 +88,12 @@ def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "items").glob("*/*.json"))]
 
 
+def _side_regions(item: Item) -> dict:
+    """``regional``'s boxes for a set with ``sides``: each such LoRA its half of the picture."""
+    halves = {"left": [0.0, 0.0, 0.5, 1.0], "right": [0.5, 0.0, 1.0, 1.0]}
+    return {"regions": {name: halves[side] for name, side in item.set.sides.items()}}
+
+
 def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: Item, settings: dict) -> dict:
     """Generate one image, score it, and return its record (with, for a method that confines
     LoRAs to regions, a picture of them: :func:`compose.overlay.mask_overlay`)."""
@@ -97,6 +103,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         manifest.prompt_for(item.set),
         loras=[(e.name, e.weight) for e in entries],
         method=item.method,
+        method_params=_side_regions(item) if item.method == "regional" and item.set.sides else None,
         negative_prompt=manifest.negative_prompt_for(item.set),
         seed=item.seed,
         return_masks=True,
@@ -113,7 +120,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         "seed": item.seed,
         "n": item.set.n,
         "clipscore": round(float(scorer.score([image], [text])[0]), 4),
-        **(concept_presence(image, item.set.loras) or {}),
+        **(concept_presence(image, item.set.loras, item.set.sides) or {}),
         "seconds": round(seconds, 4),
         "image": str(Path("items") / item.set.id / f"{item.method}-{item.seed}.png"),
         "_image": image,

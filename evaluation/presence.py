@@ -8,20 +8,25 @@ concept (the demo world's own library does this).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
 from ..demo_world import CONCEPTS, IMAGE_SIZE, detect
+from ..demo_world.detectors import side_of
 
 
-def concept_presence(image: Image.Image, names: Sequence[str]) -> dict[str, float] | None:
+def concept_presence(image: Image.Image, names: Sequence[str],
+                     sides: Mapping[str, str] | None = None) -> dict[str, float] | None:  # fmt: skip
     """``{"concepts_present": share of the concepts found, "all_present": 1.0 or 0.0}``,
-    or ``None`` when the LoRAs are not demo-world concepts."""
+    or ``None`` when the LoRAs are not demo-world concepts. A concept that ``sides`` puts
+    on the left or the right counts only when it is found on that side."""
     if not names or any(name not in CONCEPTS for name in names):
         return None
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    found = detect(image.convert("RGB"))
-    present = [found[name] for name in names]
+    image = image.convert("RGB")
+    found = detect(image)
+    present = [found[name] and (sides is None or name not in sides or side_of(image, name) == sides[name])
+               for name in names]  # fmt: skip
     return {"concepts_present": sum(present) / len(present), "all_present": float(all(present))}

@@ -66,6 +66,9 @@ class CompositionSet:
     ``generic_prompt`` is the set's *generic stand-in*, where a library has one: the
     prompt with every concept replaced by a generic element of its slot, which the base
     model alone can draw, so that a run can tell an undrawable layout from a lost concept.
+    ``sides`` says, for LoRAs the prompt puts on a side of the picture (two characters
+    side by side), which side (``"left"`` or ``"right"``): the benchmark then counts such
+    a concept present only on its side.
     """
 
     id: str
@@ -74,6 +77,7 @@ class CompositionSet:
     negative_prompt: str | None = None
     seeds: list[int] | None = None
     generic_prompt: str | None = None
+    sides: dict[str, str] | None = None
 
     @property
     def n(self) -> int:
@@ -148,6 +152,7 @@ class Manifest:
                         ("negative_prompt", s.negative_prompt),
                         ("seeds", s.seeds),
                         ("generic_prompt", s.generic_prompt),
+                        ("sides", s.sides),
                     )
                     if v is not None
                 }
@@ -265,7 +270,7 @@ def _parse_lora(check: _Checker, data: object, where: str, root: Path) -> LoRAEn
 def _parse_set(
     check: _Checker, data: object, where: str, loras: dict[str, LoRAEntry], one_per_category: bool
 ) -> CompositionSet:
-    check.fields(data, where, ("id", "loras", "prompt"), ("negative_prompt", "seeds", "generic_prompt"))
+    check.fields(data, where, ("id", "loras", "prompt"), ("negative_prompt", "seeds", "generic_prompt", "sides"))
     set_id = check.string(data, "id", where, empty=False)
     problem = check_set_id(set_id)
     if problem:
@@ -293,7 +298,25 @@ def _parse_set(
         negative_prompt=check.optional_string(data, "negative_prompt", where),
         seeds=check.seeds(data, where),
         generic_prompt=check.optional_string(data, "generic_prompt", where),
+        sides=_sides(check, data, where, names),
     )
+
+
+SIDES = ("left", "right")
+
+
+def _sides(check: _Checker, data: dict, where: str, names: list[str]) -> dict[str, str] | None:
+    value = data.get("sides")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise check.fail(where, f"'sides' must be an object of LoRA name to left or right, not {_json_type(value)}")
+    for name, side in value.items():
+        if name not in names:
+            raise check.fail(where, f"'sides' names '{name}', which the set does not compose")
+        if side not in SIDES:
+            raise check.fail(where, f"'sides' puts '{name}' on {side!r}; a side is left or right")
+    return dict(value)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -403,6 +426,26 @@ def composlora_sets(
                 )
             )
     return sets
+
+
+def two_character_manifest(folder: str | Path) -> Manifest:
+    """The demo world's two-character benchmark: every ordered pair of its characters, one
+    on the left and one on the right (``sides``), before a plain background and before
+    each background concept (18 sets), as the regional methods are asked to draw them."""
+    from compose.demo_world import BACKGROUNDS, CONCEPTS, concepts_of, two_character_scene
+
+    manifest = demo_world_manifest(folder)
+    characters = [c.name for c in concepts_of("character")]
+    backgrounds = [BACKGROUNDS[0]] + [c.name for c in concepts_of("background")]
+    sets = []
+    for left in characters:
+        for right in (c for c in characters if c != left):
+            for background in backgrounds:
+                scene = two_character_scene(left, right, background, 0)
+                loras = [left, right] + ([background] if background in CONCEPTS else [])
+                sets.append(CompositionSet("+".join([f"{left}-left", f"{right}-right", *loras[2:]]), loras,
+                                           scene.caption(), sides={left: "left", right: "right"}))  # fmt: skip
+    return Manifest(root=Path(folder), loras=manifest.loras, sets=sets, base_model="demo-world")
 
 
 def demo_world_manifest(folder: str | Path) -> Manifest:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from compose.demo_world import composition_scene, render, sample_concept_scene
+from compose.demo_world import composition_scene, render, sample_concept_scene, two_character_scene
 from compose.evaluation.presence import concept_presence
+from compose.evaluation.sets import load_manifest, two_character_manifest
 from compose.evaluation.report import markdown_tables, ranking
 
 
@@ -14,6 +15,24 @@ def test_presence_of_a_rendered_composition():
     alone = render(sample_concept_scene("zorbo", 4))
     assert concept_presence(alone, names) == {"concepts_present": 1 / 3, "all_present": 0.0}
     assert concept_presence(image.resize((256, 256)), names)["all_present"] == 1.0
+
+
+def test_two_characters_count_only_on_their_sides(tmp_path):
+    image = render(two_character_scene("zorbo", "klinko", "vosh", 3))
+    names = ["zorbo", "klinko", "vosh"]
+    assert concept_presence(image, names, {"zorbo": "left", "klinko": "right"})["all_present"] == 1.0
+    swapped = concept_presence(image, names, {"zorbo": "right", "klinko": "left"})
+    assert swapped == {"concepts_present": 1 / 3, "all_present": 0.0}
+    manifest = two_character_manifest(tmp_path)
+    assert len(manifest.sets) == 18 and all(len(s.sides) == 2 for s in manifest.sets)
+    assert "zorbo creature on the left and a klinko robot on the right" in manifest.sets[0].prompt
+
+
+def test_the_shipped_two_character_sets_are_the_manifest():
+    from compose.demo_world.world import TWO_CHARACTERS, demo_world_folder
+
+    shipped = load_manifest(demo_world_folder() / TWO_CHARACTERS)
+    assert shipped.sets == two_character_manifest(demo_world_folder()).sets
 
 
 def test_presence_needs_demo_world_loras():

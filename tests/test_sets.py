@@ -118,6 +118,15 @@ ERRORS = {
     "unknown lora": (lambda d: d["sets"][17]["loras"].append("knight_2"), f"{SET17}: unknown LoRA 'knight_2'"),
     "repeated lora": (lambda d: d["sets"][17]["loras"].append("character_3"), f"{SET17}: lists LoRA 'character_3'"),
     "empty set": (lambda d: d["sets"][17].update(loras=[]), f"{SET17}: the list of LoRAs is empty"),
+    "sides not an object": (lambda d: d["sets"][17].update(sides=["left"]), f"{SET17}: 'sides' must be an object"),
+    "side of a stranger": (
+        lambda d: d["sets"][17].update(sides={"style_1": "left"}),
+        f"{SET17}: 'sides' names 'style_1', which the set does not compose",
+    ),
+    "no such side": (
+        lambda d: d["sets"][17].update(sides={"character_3": "top"}),
+        f"{SET17}: 'sides' puts 'character_3' on 'top'; a side is left or right",
+    ),
     "two of a category": (
         lambda d: d["sets"][17].update(loras=["character_1", "style_1", "style_2"]),
         f"{SET17}: two LoRAs of category 'style' ('style_1', 'style_2'), but one_per_category is true",

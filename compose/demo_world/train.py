@@ -52,7 +52,7 @@ from PIL import Image
 from safetensors.torch import save
 from torch import nn
 
-from ..evaluation.sets import demo_world_manifest
+from ..evaluation.sets import demo_world_manifest, two_character_manifest
 from ..files import atomic_open
 from ..layers import Factors, LayerRegistry
 from .concepts import BACKGROUNDS, CONCEPTS, concepts_of
@@ -65,7 +65,7 @@ from .scenes import (
     sample_generic_scene,
     two_character_scene,
 )
-from .world import CEILING, CLIP_FOLDER, LORA_FOLDER, REPORT, SETS, WORLD_VERSION, lora_path
+from .world import CEILING, CLIP_FOLDER, LORA_FOLDER, REPORT, SETS, TWO_CHARACTERS, WORLD_VERSION, lora_path
 
 STAGES = ("vae", "base", "refine", "loras", "clip")
 UPSTREAM = {"vae": (), "base": ("vae",), "refine": ("base",), "loras": ("base", "refine"), "clip": ()}
@@ -761,7 +761,8 @@ def train(
     A folder that holds a world of another preset is replaced only with ``force``.
     Returns (and writes to ``out/training.json``) the record
     of every stage: seconds, losses and checks. Also writes ``out/sets.json``, the
-    benchmark's 240 composition sets (:func:`~compose.evaluation.sets.demo_world_manifest`)."""
+    benchmark's 240 composition sets (:func:`~compose.evaluation.sets.demo_world_manifest`),
+    and ``out/two_characters.json``, its 18 two-character sets."""
     config = training_config()
     if preset not in config["presets"]:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(config['presets'])}")
@@ -801,6 +802,7 @@ def train(
             with atomic_open(record_path, "w") as handle:
                 json.dump(record, handle, indent=2)
     demo_world_manifest(out).save(out / SETS)
+    two_character_manifest(out).save(out / TWO_CHARACTERS)
     return record
 
 

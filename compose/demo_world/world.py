@@ -8,8 +8,9 @@ another to learn a path:
 - ``loras/<concept>.safetensors``, one LoRA per concept;
 - ``ceiling.safetensors``, the yardstick LoRA trained on composed scenes (outside
   ``loras/`` so that no library takes it for a concept);
-- ``clip/``, the offline CLIP for CLIPScore; ``sets.json``, the benchmark's sets;
-  ``training.json``, the record of how it was made.
+- ``clip/``, the offline CLIP for CLIPScore; ``sets.json``, the benchmark's sets, and
+  ``two_characters.json`` its two-character sets; ``training.json``, the record of how it
+  was made.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CLIP_FOLDER = "clip"
 LORA_FOLDER = "loras"
 REPORT = "training.json"
 SETS = "sets.json"
+TWO_CHARACTERS = "two_characters.json"
 
 
 def demo_world_folder() -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from compose.demo_world import composition_scene, render, sample_concept_scene, two_character_scene
 from compose.evaluation.presence import concept_presence
-from compose.evaluation.sets import load_manifest, two_character_manifest
 from compose.evaluation.report import markdown_tables, ranking
+from compose.evaluation.sets import load_manifest, two_character_manifest
 
 
 def test_presence_of_a_rendered_composition():

@@ -43,12 +43,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from .attention_maps import AttentionProbe
 from .compiled import CompiledUNet
 from .feature_cache import DeepFeatureCache
-from .layers import LayerRegistry
+from .layers import LayerRegistry, Routes
 from .loading import LoRA
 from .loop import Conditioning, predict_noise
-from .methods import CMLoRA, CompositionMethod, KLoRA, MethodContext, Switch, get_method
+from .methods import CMLoRA, CompositionMethod, KLoRA, MethodContext, Routed, Switch, get_method
 from .methods.cmlora import refresh_steps
 from .tiny import ATTENTION_PROJECTIONS, random_factors, tiny_sd_unet
 
@@ -292,6 +293,37 @@ class _Rig:
                 method.predict(0, run)
         return Job(config, n, setup, one_step, memory=target == 0, extra=extra or {})
 
+    def routed_jobs(self, n: int) -> list[Job]:
+        """Routed's two kinds of step for ``n`` LoRAs: a probe step (Merge, cross-attention
+        maps read beside the layers) and a routed step (each LoRA on its own vertical
+        stripe of the latent, off the other LoRAs' tokens)."""
+        reg, run = self.registry, partial(predict_noise, self.unet, self.registry.state, self.latents, self.t,
+                                          self.conditioning)  # fmt: skip
+        active = [lora.factors["unet"] for lora in self.loras[:n]]
+        row = torch.full((1, n), 0.8, device=self.device)
+        stripes = torch.zeros(1, n, self.size, self.size, device=self.device)
+        for j in range(n):
+            stripes[:, j, :, j * self.size // n : (j + 1) * self.size // n] = 1
+        tokens = self.conditioning.encoder_hidden_states.shape[1]
+        routes = Routes(stripes, torch.ones(n, tokens, device=self.device))
+        probe = AttentionProbe(self.unet, [[1, 2]] * n)
+
+        def probed() -> object:
+            with torch.no_grad(), probe:
+                eps = run(row)
+            probe.step((self.size, self.size))
+            return eps
+
+        def routed() -> object:
+            with torch.no_grad():
+                return run(row, routes=routes)
+
+        def setup() -> None:
+            reg.activate(active)
+            probed()
+
+        return [Job("routed probe step", n, setup, probed), Job("routed step", n, lambda: reg.activate(active), routed)]
+
     def shallow_jobs(self) -> list[Job]:
         """The LoRA-free floor, and the same step with its deep features replayed from a cache."""
 
@@ -347,6 +379,7 @@ def _jobs(rig: _Rig, max_loras: int) -> list[Job]:
         cmlora = CMLoRA(ordering="category")
         jobs.append(rig.job("cmlora refresh step", n, cmlora, step=0))
         jobs.append(rig.job("cmlora cached step", n, cmlora, step=1))
+        jobs += rig.routed_jobs(n)
         if rig.compiled:
             jobs += [rig.job(f"compiled {name}", n, get_method(name), target=1) for name in COMPILED]
         if rig.reference is not None:
@@ -444,6 +477,12 @@ def _averages(rows: list[Timing], jobs: list[Job], max_loras: int) -> None:
         full, cached = (by_key[(c, n)][0] for c in CMLORA_ROWS)
         average = refreshed * full.median_ms + (1 - refreshed) * cached.median_ms
         rows.append(Timing(f"cmlora ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, full.peak_mib))
+        probed, routed = by_key[("routed probe step", n)][0], by_key[("routed step", n)][0]
+        share = max(1, round(Routed.probe * SCHEDULE_STEPS)) / SCHEDULE_STEPS
+        average = share * probed.median_ms + (1 - share) * routed.median_ms
+        peaks = [p for p in (probed.peak_mib, routed.peak_mib) if p is not None]
+        peak = max(peaks) if peaks else None
+        rows.append(Timing(f"routed ({SCHEDULE_STEPS}-step average)", n, round(average, 3), 0.0, peak))
 
 
 def _ratios(rows: list[Timing]) -> None:
@@ -520,6 +559,7 @@ SUMMARY_COLUMNS = (
     ("klora", "klora (25-step average)"),
     ("composite", "composite"),
     ("cmlora", "cmlora (25-step average)"),
+    ("routed", "routed (25-step average)"),
     ("diffusers merge", "diffusers merge"),
     ("diffusers sequential composite", "diffusers composite (sequential)"),
 )
@@ -556,7 +596,8 @@ def summary_markdown(result: dict) -> str:
         ratio = rows[("no LoRA (floor)", 0)]["median_ms"] / rows[("compiled no LoRA (floor)", 0)]["median_ms"]
         out += f"\nCompiled LoRA-free step: {ratio:.2f}x faster than the eager one.\n"
     memory = [("merge", "merge (folding step)"), ("switch", "switch (folding step)"), ("klora", "klora (folding step)"),
-              ("composite", "composite"), ("cmlora refresh", "cmlora refresh step")]  # fmt: skip
+              ("composite", "composite"), ("cmlora refresh", "cmlora refresh step"),
+              ("routed", "routed step")]  # fmt: skip
     if rows[("no LoRA (floor)", 0)].get("peak_mib") is not None:
         out += "\nPeak tensor memory of one step beyond the model, MiB (LoRA-free step: "
         out += f"{rows[('no LoRA (floor)', 0)]['peak_mib']:.1f}):\n\n"

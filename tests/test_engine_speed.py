@@ -238,12 +238,13 @@ def test_speed_benchmark_rows_memory_and_compiled(tmp_path):
     for n in (1, 2):
         for config in ("merge", "merge (folding step)", "merge (25-step average)", "switch (25-step average)",
                        "klora (25-step average)", "cmlora (25-step average)", "compiled merge", "compiled composite",
-                       "composite", "diffusers composite (sequential)"):  # fmt: skip
+                       "composite", "diffusers composite (sequential)", "routed probe step", "routed step",
+                       "routed (25-step average)"):  # fmt: skip
             assert rows[(config, n)]["median_ms"] > 0 and rows[(config, n)]["vs_floor"] > 0, config
         assert rows[("composite", n)]["peak_mib"] > 0 and rows[("merge (folding step)", n)]["peak_mib"] > 0
         assert rows[("compiled merge", n)]["peak_mib"] is None
     summary = summary_markdown(result)
-    assert "| N | merge | switch | klora | composite | cmlora |" in summary and "compiled merge" in summary
+    assert "| N | merge | switch | klora | composite | cmlora | routed |" in summary and "compiled merge" in summary
     assert "Peak tensor memory" in summary and "\n| 2 |" in summary and "cmlora cached ÷ (full + shallow" in summary
     assert 0 < rows[(SHALLOW, 0)]["vs_floor"]
     assert to_markdown(result).count("\n| composite | ") == 2

@@ -118,18 +118,18 @@ class Routed(CompositionMethod):
         return self.row
 
     def predict(self, step: int, run: UNetRun) -> torch.Tensor:
-        if step >= self.probe_steps and self.prompted and self.routes is not None:
-            context = self.context
-            texts = [context.region_states[context.loras[j].name] for j in self.prompted]
-            masks = self.masks[:, self.prompted]
-            with RegionPrompts(context.unet, context.state, masks, texts, self.lora_on.to(masks)):
-                return run(self.row, routes=self.routes)
-        if step >= self.probe_steps:
+        if step < self.probe_steps:
+            with self.probe_reader:
+                eps = run(self.row)
+            self.probe_reader.step(tuple(eps.shape[-2:]))
+            return eps
+        if not self.prompted or self.routes is None:
             return run(self.row, routes=self.routes)
-        with self.probe_reader:
-            eps = run(self.row)
-        self.probe_reader.step(tuple(eps.shape[-2:]))
-        return eps
+        context = self.context
+        texts = [context.region_states[context.loras[j].name] for j in self.prompted]
+        masks = self.masks[:, self.prompted]
+        with RegionPrompts(context.unet, context.state, masks, texts, self.lora_on.to(masks)):
+            return run(self.row, routes=self.routes)
 
     def combine(
         self, uncond: torch.Tensor | None, cond: torch.Tensor, guidance_scale: float, step: int

@@ -148,7 +148,7 @@ def _method_params(args: argparse.Namespace) -> dict:
         return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
     if args.method == "routed":
         return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None,
-                "prompts": dict(args.region_prompt) or None}  # fmt: skip
+                "prompts": dict(args.region_prompt) or None, "probe_with": args.probe_with}  # fmt: skip
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -325,6 +325,8 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--probe", type=FRACTION, default=0.2,
                        help="routed: fraction of the steps run as Merge while the regions are read [0.2]")  # fmt: skip
+    group.add_argument("--probe-with", choices=["loras", "base"], default="loras",
+                       help="routed: the probe steps run as Merge or on the base model alone [loras]")  # fmt: skip
     group.add_argument("--threshold", type=FRACTION, default=0.5,
                        help="routed: share of its attention peak from which a pixel is a LoRA's [0.5]")  # fmt: skip
     group.add_argument("--grow", type=NON_NEGATIVE_INT, default=1,

@@ -126,14 +126,16 @@ def test_one_lora_or_every_lora_global_is_merge(four):
 
 
 def test_regions_follow_the_attention_maps():
-    """Region LoRAs own the pixels where their share of the peak is highest (and above the
-    threshold); the background takes what no region does, the style everything."""
+    """Each map is scaled to [0, 1] over the image; a region LoRA owns the pixels where its
+    share is the highest (the background's map competes) and at least the threshold; the
+    background takes what no region does, the style everything."""
     method = Routed(threshold=0.5, grow=0)
-    method.role, method.regions = ["region", "region", "complement", "global"], [0, 1]
-    maps = torch.zeros(1, 2, 4, 4)
+    method.role, method.regions = ["region", "region", "complement", "global"], [0, 1, 2]
+    maps = torch.zeros(1, 3, 4, 4)
     maps[0, 0, :, :2] = 2.0  # hero on the left
     maps[0, 1, :, 3] = 0.5  # cape on the far right
-    maps[0, 1, 0, 2] = 0.1  # too faint
+    maps[0, 1, 0, 2] = 0.2  # too faint (a share of 0.4)
+    maps[0, 2, :, 2] = 1.0  # the background's words in the third column
     masks = method.masks_from(maps)
     assert masks[0, 0, :, :2].eq(1).all() and masks[0, 0, :, 2:].eq(0).all()
     assert masks[0, 1, :, 3].eq(1).all() and masks[0, 1, :, :3].eq(0).all()

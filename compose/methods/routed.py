@@ -5,14 +5,16 @@ Concepts bleed into each other when every LoRA acts on every pixel, and averagin
 LoRA to its own part of the picture, found automatically (after FreeFuse, 2025, which
 routes LoRA outputs with masks read from cross-attention):
 
-1. **Probe.** The first ``probe`` fraction of the steps (at least one) run as Merge while
+1. **Probe.** The first ``probe`` fraction of the steps (at least one) run as Merge
+   (``probe_with="loras"``) or on the base model alone (``"base"``) while
    :class:`~compose.attention_maps.AttentionProbe` reads how much each latent pixel
    attends to each LoRA's trigger words (they must appear in the prompt).
-2. **Regions.** Per image, each *region* LoRA's map is scaled to its own peak; a pixel
-   belongs to the LoRA with the highest share there if that share is at least
-   ``threshold``, and each region grows by ``grow`` latent pixels. A *complement* LoRA
-   (backgrounds) acts where no region does; a *global* one (styles) everywhere.
-   Characters, clothing and objects are regions by default; ``roles`` overrides by name.
+2. **Regions.** Per image, the maps of the region and complement LoRAs are each scaled to
+   [0, 1] over the image; a pixel belongs to the *region* LoRA whose share there is the
+   highest (a background's words compete) if that share is at least ``threshold``, and
+   each region grows by ``grow`` latent pixels. A *complement* LoRA (backgrounds) acts
+   where no region does; a *global* one (styles) everywhere. Characters, clothing and
+   objects are regions by default; ``roles`` overrides by name.
 3. **Route.** From then on, in every composable layer, LoRA ``j``'s contribution at each
    position is multiplied by its mask there (:class:`~compose.layers.Routes`); in the
    cross-attention's key and value projections, whose positions are text tokens, a LoRA
@@ -55,6 +57,7 @@ class Routed(CompositionMethod):
     grow: int = 1
     roles: dict[str, str] | None = None
     prompts: dict[str, str] | None = None
+    probe_with: str = "loras"
 
     def __post_init__(self) -> None:
         if not 0 < self.probe < 1:
@@ -63,6 +66,8 @@ class Routed(CompositionMethod):
             raise ValueError(f"routed threshold is a share of a map's peak in [0, 1], got {self.threshold}")
         if self.grow < 0:
             raise ValueError(f"routed grow is a number of latent pixels, at least 0, got {self.grow}")
+        if self.probe_with not in ("loras", "base"):
+            raise ValueError(f"routed probe_with is loras (Merge) or base (no LoRA), got {self.probe_with!r}")
         bad = {name: role for name, role in (self.roles or {}).items() if role not in ROLES}
         if bad:
             raise ValueError(f"routed roles are {', '.join(ROLES)}; got {bad}")
@@ -79,11 +84,12 @@ class Routed(CompositionMethod):
             raise ValueError(f"roles name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
         self.role = [self._role(lora, context.tokens[j]) for j, lora in enumerate(context.loras)]
         self.row = context.weights[None]
-        regions = [j for j, role in enumerate(self.role) if role == "region"]
-        self.regions = regions if len(context.loras) > 1 else []
+        located = [j for j, role in enumerate(self.role) if role != "global"]
+        self.regions = located if len(context.loras) > 1 and "region" in self.role else []
         self.probe_steps = max(1, round(self.probe * context.num_steps)) if self.regions else 0
         self.probe_reader = AttentionProbe(context.unet, [context.tokens[j].nonzero().flatten().tolist()
                                                            for j in self.regions])  # fmt: skip
+        self.probe_row = self.row if self.probe_with == "loras" else torch.zeros_like(self.row)
         self.routes: Routes | None = None
         self.masks: torch.Tensor | None = None
         prompted = list(context.region_states or {})
@@ -110,7 +116,7 @@ class Routed(CompositionMethod):
 
     def _role(self, lora, tokens: torch.Tensor) -> str:
         role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")
-        if role == "region" and not bool(tokens.any()):
+        if role != "global" and not bool(tokens.any()):
             return "global"  # no trigger word in the prompt: nothing to locate it by
         return role
 
@@ -120,7 +126,7 @@ class Routed(CompositionMethod):
     def predict(self, step: int, run: UNetRun) -> torch.Tensor:
         if step < self.probe_steps:
             with self.probe_reader:
-                eps = run(self.row)
+                eps = run(self.probe_row)
             self.probe_reader.step(tuple(eps.shape[-2:]))
             return eps
         if not self.prompted or self.routes is None:
@@ -143,21 +149,25 @@ class Routed(CompositionMethod):
         return self.masks
 
     def masks_from(self, maps: torch.Tensor) -> torch.Tensor:
-        """``(B, N, H, W)`` masks from the region LoRAs' attention ``maps`` ``(B, K, H, W)``."""
+        """``(B, N, H, W)`` masks from the located LoRAs' attention ``maps`` ``(B, K, H, W)``
+        (region and complement LoRAs, in :attr:`regions` order): each map scaled to [0, 1]
+        over its image, each pixel given to the highest if that is at least ``threshold``;
+        a region LoRA gets its pixels (grown), a complement LoRA every pixel no region got."""
         batch, _, height, width = maps.shape
-        share = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        flat = maps.flatten(2)
+        low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+        share = (maps - low) / (high - low).clamp_min(1e-12)
         best = share.max(1, keepdim=True)
         owned = (share == best.values) & (best.values >= self.threshold)
+        regional = torch.tensor([self.role[j] == "region" for j in self.regions], device=maps.device)
+        owned = owned & regional[None, :, None, None]
         if self.grow:
             size = 2 * self.grow + 1
             owned = F.max_pool2d(owned.float(), size, stride=1, padding=self.grow) > 0
         masks = torch.ones(batch, len(self.role), height, width).to(maps)
-        for k, j in enumerate(self.regions):
-            masks[:, j] = owned[:, k].to(maps)
         anywhere = owned.any(1).to(maps)
-        for j, role in enumerate(self.role):
-            if role == "complement":
-                masks[:, j] = 1 - anywhere
+        for k, j in enumerate(self.regions):
+            masks[:, j] = owned[:, k].to(maps) if self.role[j] == "region" else 1 - anywhere
         return masks
 
     def _token_masks(self) -> torch.Tensor:

@@ -30,7 +30,6 @@ class AttentionProbe:
         self.total: torch.Tensor | None = None
         self.count = 0
         self._handles: list = []
-        self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._layers: list[torch.Tensor] = []
 
     def __enter__(self) -> AttentionProbe:
@@ -43,11 +42,9 @@ class AttentionProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pending.clear()
 
     def _hook(self, attention: nn.Module) -> None:
         slot: dict[str, torch.Tensor] = {}
-        self._pending[id(attention)] = slot
 
         def keep(key: str):
             def hook(module, args, output):

@@ -79,6 +79,30 @@ def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeyp
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
+def test_a_checkpoint_of_other_settings_is_set_aside_not_continued(tmp_path, monkeypatch):
+    """Editing a preset between two runs must not resume the old recipe's half-trained
+    state under the new one: the checkpoint is kept aside and the stage starts at step 0."""
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_three(stage: str, step: int, steps: int, loss: float) -> None:
+        if stage == "vae" and step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tmp_path, "quick", ("vae",), stop_at_three)
+    edited = training.training_config()
+    edited["presets"]["quick"]["vae"]["lr"] *= 2
+    monkeypatch.setattr(training, "training_config", lambda: edited)
+    steps = []
+    with pytest.warns(UserWarning, match="saved under other settings"):
+        train(tmp_path, "quick", ("vae",), lambda stage, step, n, loss: steps.append((stage, step)))
+    assert [s for s in steps if s[0] == "vae"][0] == ("vae", 1)
+    assert (tmp_path / training.CHECKPOINTS / "vae.stale.pt").is_file()
+
+
 def test_refining_the_base_continues_it_and_makes_the_loras_stale(quick, tmp_path):
     """``refine`` runs its segments one after another, each continuing the saved base (from
     its weights, not from scratch); a world with fewer segments than its preset asks for

@@ -25,7 +25,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,12 @@ from ..metadata import read_record, record_masks, save_png
 from ..methods import METHODS
 from ..methods.regional import region_mask
 from ..prompts import extract_lora_tags
+from .display import for_display
 
 LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
 LORA_COLUMNS = ["LoRA", "weight"]
+PREVIEWS = ".previews"
+CARD_SIDE = 192
 Progress = Callable[[float, str], None]
 
 
@@ -128,7 +132,9 @@ class Studio:
         self.outputs = Path(tempfile.mkdtemp(prefix="compose-studio-"))
         self.model = model
         self.composer = self._load_model(model)
-        self.regions: dict[str, list[float] | str] = {}
+        self.regions: dict[str, dict[str, list[float] | str]] = {}
+        """Per browser session, each LoRA's region for the regional method (a box or a mask file)."""
+        self.previews = self.library / PREVIEWS
         self.load_trusted_folder(self.library)
 
     # -- library ---------------------------------------------------------------------
@@ -141,10 +147,34 @@ class Studio:
                          "" if freq is None else round(freq, 4)])  # fmt: skip
         return rows
 
-    def compose_rows(self, previous: list[list] | None = None) -> list[list]:
-        """The Compose table: every library LoRA with its weight (kept from ``previous``)."""
-        weights = {row[0]: row[1] for row in previous or [] if row}
+    def compose_rows(self, previous: list[list] | None = None, defaults: dict[str, float] | None = None) -> list[list]:
+        """The Compose table: every library LoRA with its weight (kept from ``previous``,
+        else from ``defaults``, else 0)."""
+        weights = {**(defaults or {}), **{row[0]: row[1] for row in previous or [] if row}}
         return [[name, weights.get(name, 0.0)] for name in self.composer.loras]
+
+    def preview(self, name: str) -> Path:
+        """A picture of what LoRA ``name`` draws alone (its triggers as the prompt, weight 1,
+        seed 0, 20 steps, native size), made once and kept by the file's sha256 in the
+        library's ``.previews`` folder, so a renamed or re-uploaded copy reuses it."""
+        lora = self._lora(name)
+        path = self.previews / f"{lora.sha256}.png"
+        if not path.is_file():
+            with self.lock:
+                image = self.composer.generate(", ".join(lora.triggers) or name, [(name, 1.0)], steps=20)[0]
+            self.previews.mkdir(parents=True, exist_ok=True)
+            save_png(image, path)
+        return path
+
+    def cards(self, query: str = "") -> list[tuple[Path, str]]:
+        """The library as cards ``(preview, name)``: those whose name, category or
+        triggers hold ``query`` (case-insensitive)."""
+        out = []
+        for lora in self.composer.loras.values():
+            text = " ".join([lora.name, lora.category or "", *lora.triggers]).lower()
+            if query.strip().lower() in text:
+                out.append((for_display(self.preview(lora.name), CARD_SIDE), lora.name))
+        return out
 
     def _operator(self, action: str) -> None:
         if not self.operator:
@@ -248,35 +278,37 @@ class Studio:
 
     # -- regions ---------------------------------------------------------------------
 
-    def set_region(self, name: str, box: str = "", painting: dict | None = None) -> str:
-        """Confine LoRA ``name`` to a region for the ``regional`` method: the strokes of
-        ``painting`` (a Gradio image-editor value of RGBA arrays; painted = inside),
-        else ``box`` ``"x0, y0, x1, y1"`` in fractions of the image."""
+    def set_region(self, name: str, box: str = "", painting: dict | None = None, session: str = "") -> str:
+        """Confine LoRA ``name`` to a region for the ``regional`` method, in browser session
+        ``session`` only: the strokes of ``painting`` (a Gradio image-editor value of RGBA
+        arrays; painted = inside), else ``box`` ``"x0, y0, x1, y1"`` in fractions of the image."""
         self._lora(name)
         mask = _painted_mask(painting)
+        regions = self.regions.setdefault(session, {})
         if mask is not None:
-            path = self.outputs / f"region-{name}.png"
+            path = self.outputs / f"region-{uuid.uuid4().hex[:12]}-{_safe(name)}.png"
             Image.fromarray(mask).save(path)
-            self.regions[name] = str(path)
+            regions[name] = str(path)
         elif box.strip():
             try:
                 values = [float(v) for v in box.replace(" ", "").split(",")]
                 region_mask(values, 8, 8)
             except ValueError as error:
                 raise StudioError(f"region of {name}: {error}") from None
-            self.regions[name] = values
+            regions[name] = values
         else:
             raise StudioError(f"paint a region for {name} or give a box x0, y0, x1, y1")
-        return self.describe_regions()
+        return self.describe_regions(session)
 
-    def clear_regions(self) -> str:
-        self.regions.clear()
-        return self.describe_regions()
+    def clear_regions(self, session: str = "") -> str:
+        self.regions.pop(session, None)
+        return self.describe_regions(session)
 
-    def describe_regions(self) -> str:
-        if not self.regions:
+    def describe_regions(self, session: str = "") -> str:
+        regions = self.regions.get(session)
+        if not regions:
             return "no regions: with the regional method every LoRA covers the whole image"
-        parts = [f"{md(n)}: " + ("painted mask" if isinstance(r, str) else f"box {r}") for n, r in self.regions.items()]
+        parts = [f"{md(n)}: " + ("painted mask" if isinstance(r, str) else f"box {r}") for n, r in regions.items()]
         return "regions · " + "; ".join(parts)
 
     # -- model -----------------------------------------------------------------------
@@ -335,7 +367,8 @@ class Studio:
         kwargs = {k: v for k, v in vars(settings).items() if k not in ("insert_triggers", "prompt")}
         if settings.method == "regional" and not settings.method_params:
             used = {name for name, *_ in settings.loras or []}
-            kwargs["method_params"] = {"regions": {n: r for n, r in self.regions.items() if n in used}}
+            regions = self.regions.get(session, {})
+            kwargs["method_params"] = {"regions": {n: r for n, r in regions.items() if n in used}}
         try:
             with self.lock:
                 start = time.perf_counter()
@@ -349,11 +382,16 @@ class Studio:
         return path, json.loads(image.info["compose"]), seconds
 
     def _cost_note(self, settings: Settings) -> str | None:
-        """A warning for a request that costs many ordinary images (shown with the progress)."""
+        return self.cost_note(settings.width, settings.height, settings.steps)
+
+    def cost_note(self, width: int | None, height: int | None, steps: int) -> str | None:
+        """A warning for a request (px, px, steps) that costs many ordinary images, shown
+        beside the size sliders as they move and with the progress; ``None`` when cheap."""
         native = self.composer.shape.native
-        if not all(isinstance(v, int) for v in (settings.width or native, settings.height or native, settings.steps)):
+        width, height = width or native, height or native
+        if not all(isinstance(v, int | float) and v > 0 for v in (width, height, steps)):
             return None
-        return cost_note(settings.width or native, settings.height or native, native, settings.steps)
+        return cost_note(int(width), int(height), native, int(steps))
 
     def clipscore(self, path: Path, record: dict) -> float | None:
         if self.scorer is None or not record["loras"]:
@@ -364,10 +402,10 @@ class Studio:
         with Image.open(path) as image:
             return float(self.scorer.score([image.convert("RGB")], [text])[0])
 
-    def compare(self, settings: Settings, progress: Progress | None = None, session: str = "") -> list[dict]:
-        """The same settings with every method: path, method, seconds, CLIPScore, and on
-        the demo world the concepts present. ``session``: as for :meth:`generate`."""
-        rows = []
+    def compare(self, settings: Settings, progress: Progress | None = None, session: str = "") -> Iterator[dict]:
+        """The same settings with every method, one result as each finishes (so a page can
+        show it at once): path, method, seconds, CLIPScore, and on the demo world the
+        concepts present. ``session``: as for :meth:`generate`."""
         for k, method in enumerate(METHODS):
 
             def part(fraction: float, text: str, k: int = k) -> None:
@@ -380,16 +418,64 @@ class Studio:
             )
             with Image.open(path) as image:
                 presence = concept_presence(image, [name for name, *_ in settings.loras or []])
-            rows.append({"method": method, "path": path, "seconds": seconds,
-                         "clipscore": self.clipscore(path, record), "presence": presence})  # fmt: skip
-        return rows
+            yield {"method": method, "path": path, "seconds": seconds, "clipscore": self.clipscore(path, record),
+                   "presence": presence}  # fmt: skip
+
+    def xy_plot(self, settings: Settings, x_kind: str, x_values: str, y_kind: str | None = None, y_values: str = "",
+                progress: Callable[[int, int], None] | None = None) -> tuple[Path, float]:  # fmt: skip
+        """An X/Y plot (:mod:`compose.xy`) of ``settings`` with one or two axes varied: the
+        grid PNG (every cell's settings inside) and the seconds it took. A method axis runs
+        each method with its defaults, so the Compose tab's method parameters are dropped."""
+        from ..xy import parse_axis, xy_plot
+
+        try:
+            x = parse_axis(x_kind, x_values, self.composer)
+            y = parse_axis(y_kind, y_values, self.composer) if y_kind else None
+        except ValueError as error:
+            raise StudioError(str(error)) from None
+        kwargs = {k: v for k, v in vars(settings).items() if k != "insert_triggers"}
+        kwargs["prompt"] = self._prompt(settings)
+        if "method" in (x.kind, y and y.kind):
+            kwargs.pop("method_params")
+        start = time.perf_counter()
+        with self.lock:
+            plot = xy_plot(self.composer, kwargs, x, y, progress and (lambda done, total, _: progress(done, total)))
+            self.made += 1
+            path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
+        return path, time.perf_counter() - start
+
+    def png_info(self, png: str | Path) -> dict:
+        """What a PNG says of how it was made: ``{"source": "compose" | "a1111",
+        "settings": the Settings fields, "parameters": A1111's text}``."""
+        settings = self.settings_from_png(png)
+        with Image.open(png) as image:
+            text = image.info.get("parameters", "")
+            source = "compose" if "compose" in image.info else "a1111"
+        return {"source": source, "settings": vars(settings), "parameters": text}
+
+    def png_info_text(self, png: str | Path) -> str:
+        """:meth:`png_info` as lines of Markdown, every value escaped."""
+        info = self.png_info(png)
+        s = info["settings"]
+        loras = ", ".join(f"{md(n)} {w}" for n, w, *_ in s["loras"] or []) or "none besides the prompt's tags"
+        lines = [f"**{md(Path(png).name)}**, made by {'compose' if info['source'] == 'compose' else 'AUTOMATIC1111'}",
+                 f"- prompt: {md(s['prompt'])}", f"- negative prompt: {md(s['negative_prompt']) or 'none'}",
+                 f"- method: {md(s['method'])} {md(s['method_params'] or '')}", f"- LoRAs: {loras}",
+                 f"- {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}, "
+                 f"{s['width'] or 'native'} x {s['height'] or 'native'} px, {md(s['scheduler'])}"]  # fmt: skip
+        return "\n".join(lines)
 
     def settings_from_png(self, png: str | Path) -> Settings:
-        """The settings stored in a PNG made by compose; its LoRAs must be in the library.
+        """The settings stored in a PNG: compose's own record, or else AUTOMATIC1111's
+        ``parameters`` text (:mod:`compose.a1111`). Its LoRAs must be in the library.
 
         ``<lora:...>`` tags stay in the prompt (they carry schedules and block weights);
         the other LoRAs come back as table weights."""
         try:
+            with Image.open(png) as image:
+                ours, text = "compose" in image.info, image.info.get("parameters")
+            if not ours and text:
+                return self._settings_from_a1111(png, text)
             record = read_record(png)
         except (OSError, ValueError) as error:
             raise StudioError(f"{Path(png).name}: {error}") from None
@@ -402,7 +488,8 @@ class Studio:
         by_hash = {lora.sha256: lora.name for lora in self.composer.loras.values()}
         loras = []
         for entry in record["loras"]:
-            name = by_hash.get(entry["sha256"])
+            same = self.composer.loras.get(entry["name"])  # two names may hold the same bytes: the name decides
+            name = entry["name"] if same and same.sha256 == entry["sha256"] else by_hash.get(entry["sha256"])
             if name is None:
                 raise StudioError(f"the image uses LoRA {entry['name']} ({entry['file']}); add it to the library first")
             if entry["name"] not in tagged:
@@ -410,6 +497,21 @@ class Studio:
                 loras.append((name, entry["weight"]) if blocks is None else (name, entry["weight"], blocks))
         kwargs.update(prompt=record["prompt"], loras=loras)
         return Settings(**kwargs)
+
+    def _settings_from_a1111(self, png: str | Path, text: str) -> Settings:
+        from ..a1111 import settings_from_parameters
+
+        kwargs = settings_from_parameters(text)
+        missing = [name for name in kwargs.pop("loras") if name not in self.composer.loras]
+        if missing:
+            raise StudioError(f"{Path(png).name}: its prompt uses LoRA {missing[0]}, which is not in the library; "
+                              "add it first")  # fmt: skip
+        return Settings(**kwargs)
+
+
+def _safe(name: str) -> str:
+    """``name`` as a file-name part: letters, digits, ``-`` and ``_`` only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
 
 
 def _painted_mask(painting: dict | None):

@@ -1,39 +1,48 @@
-"""The studio's Gradio layout: Compose, Compare, Library and Gallery tabs.
+"""The studio's page: Compose, Compare, X/Y plot, PNG Info, Library and Gallery tabs.
 
-Every button is also a named public API endpoint (``/generate``, ``/compare``,
-``/load_settings``, ``/add_lora``, ...), so ``gradio_client`` can drive everything the
-page does. The queue runs one generation at a time (``default_concurrency_limit=1``):
-two users never run the model twice at once; they wait their turn. Stop ends only the
-caller's own run (runs are keyed by Gradio's session hash). Error toasts render HTML,
-so every message is escaped before it is shown (:func:`_user_error`).
+Laid out for one look at 1440×900: the prompt, the method and Generate on top, the LoRA
+cards and weights under them, the result large beside them with its progress on it.
+Every mistake shows as a message beside the control that caused it and leaves every
+other control as it was (a handler returns the message; it never raises into the
+page). Everything a session makes or sets (gallery, regions, Stop) is its own; the
+library is shared and re-read on every page load. The public API is declared apart,
+with named parameters (:mod:`.api`).
 """
 
 from __future__ import annotations
 
-import html
 import random
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
 from ..checks import Limits
 from ..composer import DEMO_WORLD, Composer
-from ..demo_world.evaluate import EXAMPLE_PROMPT
+from ..demo_world.evaluate import EXAMPLE_PROMPT, EXAMPLE_SET
 from ..demo_world.world import demo_world_clip
 from ..loading import CATEGORIES
 from ..loop import GenerationCancelled
 from ..methods import METHODS
 from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..tiny import write_random_loras
+from .api import USER_ERRORS, _session, register_api, user_text
+from .display import for_display
 from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights, md
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+COMPARE_COLUMNS = ["method", "seconds / image", "CLIPScore", "concepts present"]
 
 INTRO = """# compose studio
-Pick LoRAs (weight above 0), write a prompt, choose a method, **Generate**. **Compare** renders the same
-prompt and seed with every method side by side. Every PNG carries its full settings: drop one on
-*Load settings from PNG* to get them back."""
+Write a prompt, click LoRA cards to use them, pick a method, **Generate** (Ctrl+Enter). Every PNG carries its
+full settings: drop one on *Load settings from PNG* to get them back."""
+
+CTRL_ENTER = """() => { document.addEventListener("keydown", (event) => {
+  if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+    document.querySelector("#generate")?.click(); event.preventDefault();
+  }
+}); }"""
 
 
 def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, ordering, schedule, steps, guidance,
@@ -44,11 +53,10 @@ def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, orderin
         "klora": {"alpha": float(alpha), "beta": float(beta)},
         "cmlora": {"ordering": ordering, "schedule": schedule},
     }.get(method, {})
-    rows = loras.values.tolist() if hasattr(loras, "values") else (loras or {}).get("data", loras)
     return Settings(
         prompt=prompt or "",
         negative_prompt=negative or "",
-        loras=lora_weights(rows),
+        loras=lora_weights(_rows(loras)),
         insert_triggers=bool(insert),
         method=method,
         method_params=params,
@@ -61,6 +69,13 @@ def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, orderin
     )
 
 
+def _rows(table) -> list[list]:
+    """A Dataframe's value as rows, whichever form Gradio hands it in."""
+    if hasattr(table, "values"):
+        return table.values.tolist()
+    return (table or {}).get("data", []) if isinstance(table, dict) else list(table or [])
+
+
 def _real(name: str, value) -> float:
     try:
         return float(value)
@@ -69,22 +84,17 @@ def _real(name: str, value) -> float:
 
 
 def _whole(name: str, value) -> int:
-    """An integer setting; a float must be whole (the API may send 3.0, never 3.5)."""
+    """An integer setting; a float must be whole (3.0, never 3.5)."""
     number = _real(name, value)
     if not number.is_integer():
         raise StudioError(f"{name} must be a whole number, got {value!r}")
     return int(number)
 
 
-def _user_error(error: Exception) -> gr.Error:
-    """A toast for a user's mistake. Toasts render HTML, and the message may carry LoRA
-    names, file names and prompts from uploads and PNGs, so it is escaped."""
-    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    return gr.Error(html.escape(text, quote=False), print_exception=False)
-
-
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or ""
+def problem(error: Exception) -> str:
+    """A mistake as the page shows it beside its control: escaped (names and prompts come
+    from files and PNGs), marked so it reads as a warning, not a result."""
+    return f"**⚠ {md(user_text(error))}**"
 
 
 def operator_default(host: str, share: bool) -> bool:
@@ -95,216 +105,420 @@ def operator_default(host: str, share: bool) -> bool:
 
 def build(studio: Studio) -> gr.Blocks:
     """The studio page bound to ``studio``."""
+    with gr.Blocks(title="compose studio") as page:
+        ui = SimpleNamespace(history=gr.State([]), view=gr.State(None), picked=gr.State(None))
+        gr.Markdown(INTRO)
+        with gr.Tabs() as ui.tabs:
+            with gr.Tab("Compose", id="compose"):
+                _compose_tab(studio, ui)
+            with gr.Tab("Compare", id="compare"):
+                _compare_tab(ui)
+            with gr.Tab("X/Y plot", id="xy"):
+                _xy_tab(studio, ui)
+            with gr.Tab("PNG Info", id="png-info"):
+                _png_info_tab(ui)
+            with gr.Tab("Library", id="library"):
+                _library_tab(studio, ui)
+            with gr.Tab("Gallery", id="gallery"):
+                ui.gallery = gr.Gallery(label="made in this session (newest first)", columns=5, elem_id="gallery")
+                with gr.Row():
+                    ui.gallery_send = gr.Button("Send to Compose", elem_id="gallery-send")
+                    ui.gallery_message = gr.Markdown("")
+        ui.inputs = [ui.prompt, ui.negative, ui.loras, ui.insert, ui.method, ui.tau, ui.alpha, ui.beta, ui.ordering,
+                     ui.schedule, ui.steps, ui.guidance, ui.width, ui.height, ui.seed, ui.scheduler]  # fmt: skip
+        _wire_generation(studio, ui)
+        _wire_compare(studio, ui)
+        _wire_xy(studio, ui)
+        _wire_settings(studio, ui)
+        _wire_regions(studio, ui)
+        _wire_library(studio, ui)
+        page.load(_on_load(studio), None, [ui.loras, ui.cards, ui.library, ui.name, ui.region_lora, ui.regions_info,
+                                           ui.xy_x_kind, ui.xy_y_kind])  # fmt: skip
+        register_api(studio)
+    return page
+
+
+# -- layout ------------------------------------------------------------------------------
+
+
+def _model_row(studio: Studio, ui: SimpleNamespace) -> None:
+    operator = bool(studio.operator)
+    with gr.Row():
+        ui.model = gr.Textbox(studio.model, scale=4, interactive=operator,
+                              label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)"
+                              + ("" if operator else "; switching it is an operator action, off here"))  # fmt: skip
+        ui.load_model = gr.Button("Load model", scale=1, interactive=operator)
+    ui.model_message = gr.Markdown("", elem_id="model-message")
+
+
+def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
     scale = studio.composer.pipeline.vae_scale_factor
     size = studio.composer.pipeline.unet.config.sample_size * scale
     largest = max(size, min(1536, studio.limits.side_limit(size)))
-    operator = bool(studio.operator)
-    with gr.Blocks(title="compose studio") as page:
-        gr.Markdown(INTRO)
+    demo = studio.model == DEMO_WORLD
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            ui.prompt = gr.Textbox(EXAMPLE_PROMPT if demo else "", label="prompt", lines=2, elem_id="prompt")
+            with gr.Row():
+                ui.method = gr.Dropdown(list(METHODS), value="composite" if demo else "merge", label="method", scale=2,
+                                        elem_id="method")  # fmt: skip
+                ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
+                ui.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+            ui.message = gr.Markdown("", elem_id="compose-message")
+            ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
+                                   elem_id="lora-search")  # fmt: skip
+            ui.cards = gr.Gallery(studio.cards(), label="LoRAs: click a card to use it, again to drop it", columns=6,
+                                  height=250, allow_preview=False, object_fit="contain", elem_id="cards")  # fmt: skip
+            defaults = dict.fromkeys(EXAMPLE_SET, 1.0) if demo else {}
+            ui.loras = gr.Dataframe(studio.compose_rows(defaults=defaults), headers=LORA_COLUMNS,
+                                    datatype=["str", "number"], static_columns=[0], interactive=True,
+                                    label="weights (0 = off; row order = Switch order)", elem_id="loras")  # fmt: skip
+            with gr.Accordion("prompt and sampling", open=False):
+                ui.negative = gr.Textbox(label="negative prompt")
+                ui.insert = gr.Checkbox(label="insert the LoRAs' trigger words into the prompt")
+                with gr.Row():
+                    ui.steps = gr.Slider(1, 100, 25, step=1, label="steps", elem_id="steps")
+                    ui.guidance = gr.Slider(1, 20, 7.5, step=0.5, label="guidance")
+                with gr.Row():
+                    ui.width = gr.Slider(min(64, size), largest, size, step=scale, label="width", elem_id="width")
+                    ui.height = gr.Slider(min(64, size), largest, size, step=scale, label="height")
+                ui.cost = gr.Markdown("", elem_id="cost")
+                with gr.Row():
+                    ui.seed = gr.Number(0, precision=0, label="seed")
+                    ui.randomize = gr.Checkbox(label="random seed")
+                    ui.scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="scheduler")
+            with gr.Accordion("method parameters", open=False):
+                ui.tau = gr.Slider(1, 20, 5, step=1, label="switch: steps per LoRA (tau)")
+                ui.alpha = gr.Slider(0, 3, 1.5, step=0.05, label="K-LoRA alpha")
+                ui.beta = gr.Slider(0, 2, 0.5, step=0.05, label="K-LoRA beta")
+                ui.ordering = gr.Radio(["frequency", "category"], value="frequency", label="CMLoRA ordering")
+                ui.schedule = gr.Radio(["nonuniform", "uniform", "off"], value="nonuniform",
+                                       label="CMLoRA cache schedule")  # fmt: skip
+            _regions(studio, ui)
+        with gr.Column(scale=2):
+            ui.image = gr.Image(label="result", type="filepath", interactive=False, height=460, elem_id="result",
+                                buttons=["fullscreen"])  # fmt: skip
+            ui.info = gr.Markdown("", elem_id="result-info")
+            ui.download = gr.File(label="the PNG, with its settings", interactive=False, height=60)
+            ui.reuse = gr.Button("Reuse this seed")
+            ui.settings_png = gr.File(label="Load settings from PNG (compose or AUTOMATIC1111)", file_types=[".png"],
+                                      type="filepath", height=90, elem_id="settings-png")  # fmt: skip
+
+
+def _regions(studio: Studio, ui: SimpleNamespace) -> None:
+    with gr.Accordion("regions (regional method)", open=False):
+        names = list(studio.composer.loras)
         with gr.Row():
-            model = gr.Textbox(
-                studio.model,
-                scale=4,
-                label="base model (demo-world, diffusers folder, .safetensors, hub id or tiny:sd1)"
-                + ("" if operator else "; switching it is an operator action, off here"),
-                interactive=operator,
-            )
-            load_model = gr.Button("Load model", scale=1, interactive=operator)
-        status = gr.Markdown("")
-        with gr.Tabs():
-            with gr.Tab("Compose"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        example = EXAMPLE_PROMPT if studio.model == DEMO_WORLD else ""
-                        prompt = gr.Textbox(example, label="prompt", lines=2, elem_id="prompt")
-                        negative = gr.Textbox(label="negative prompt")
-                        loras = gr.Dataframe(studio.compose_rows(), headers=LORA_COLUMNS, datatype=["str", "number"],
-                                             label="LoRAs (weight 0 = off; row order = Switch order)",
-                                             interactive=True, elem_id="loras")  # fmt: skip
-                        insert = gr.Checkbox(label="insert the LoRAs' trigger words into the prompt")
-                        method = gr.Radio(list(METHODS), value="merge", label="method")
-                        with gr.Accordion("method parameters", open=False):
-                            tau = gr.Slider(1, 20, 5, step=1, label="switch: steps per LoRA (tau)")
-                            alpha = gr.Slider(0, 3, 1.5, step=0.05, label="K-LoRA alpha")
-                            beta = gr.Slider(0, 2, 0.5, step=0.05, label="K-LoRA beta")
-                            ordering = gr.Radio(["frequency", "category"], value="frequency", label="CMLoRA ordering")
-                            schedule = gr.Radio(["nonuniform", "uniform", "off"], value="nonuniform",
-                                                label="CMLoRA cache schedule")  # fmt: skip
-                        with gr.Accordion("regions (regional method)", open=False):
-                            with gr.Row():
-                                names = list(studio.composer.loras)
-                                region_lora = gr.Dropdown(names, value=names[0] if names else None, label="LoRA",
-                                                          elem_id="region-lora")  # fmt: skip
-                                region_box = gr.Textbox(label="box x0, y0, x1, y1 (fractions), or paint below")
-                            region_paint = gr.Sketchpad(label="paint where this LoRA draws", type="numpy",
-                                                        image_mode="RGBA", canvas_size=(256, 256),
-                                                        elem_id="region-paint")  # fmt: skip
-                            with gr.Row():
-                                set_region = gr.Button("Set region", elem_id="set-region")
-                                clear_regions = gr.Button("Clear regions")
-                            regions_info = gr.Markdown(studio.describe_regions(), elem_id="regions-info")
-                        with gr.Row():
-                            steps = gr.Slider(1, 100, 25, step=1, label="steps")
-                            guidance = gr.Slider(1, 20, 7.5, step=0.5, label="guidance")
-                        with gr.Row():
-                            width = gr.Slider(min(64, size), largest, size, step=scale, label="width")
-                            height = gr.Slider(min(64, size), largest, size, step=scale, label="height")
-                        with gr.Row():
-                            seed = gr.Number(0, precision=0, label="seed")
-                            randomize = gr.Checkbox(label="random seed")
-                            scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="scheduler")
-                        with gr.Row():
-                            generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                            stop = gr.Button("Stop", variant="stop")
-                    with gr.Column(scale=2):
-                        image = gr.Image(label="result", type="filepath", format="png", elem_id="result", height=420)
-                        download = gr.File(label="PNG with settings")
-                        info = gr.Markdown("")
-                        reuse = gr.Button("Reuse this seed")
-                        settings_png = gr.File(label="Load settings from PNG", file_types=[".png"], type="filepath",
-                                               elem_id="settings-png")  # fmt: skip
-            with gr.Tab("Compare"):
-                compare = gr.Button("Compare every method (Compose tab settings)", variant="primary")
-                comparison = gr.Gallery(label="same prompt and seed, every method", columns=len(METHODS), height=300)
-                table = gr.Markdown("")
-            with gr.Tab("Library"):
-                library = gr.Dataframe(studio.library_rows(), headers=LIBRARY_COLUMNS, interactive=False,
-                                       label=f"LoRAs (folder {studio.library})")  # fmt: skip
-                upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=120)
-                with gr.Row():
-                    folder = gr.Textbox(label="or load a folder of LoRAs" + ("" if operator else " (operator only)"),
-                                        scale=4, interactive=operator)  # fmt: skip
-                    add_folder = gr.Button("Load folder", scale=1, interactive=operator)
-                with gr.Row():
-                    name = gr.Dropdown(list(studio.composer.loras), label="LoRA", allow_custom_value=True)
-                    category = gr.Dropdown(["", *CATEGORIES], label="category")
-                    triggers = gr.Textbox(label="trigger words (comma-separated)")
-                with gr.Row():
-                    save_edit = gr.Button("Save category and triggers")
-                    profile = gr.Button("Frequency profile")
-                    remove = gr.Button("Remove", variant="stop")
-            with gr.Tab("Gallery"):
-                gallery = gr.Gallery(label="made in this session (newest first)", columns=4)
-        history = gr.State([])
+            ui.region_lora = gr.Dropdown(names, value=names[0] if names else None, label="LoRA", elem_id="region-lora")
+            ui.region_box = gr.Textbox(label="box x0, y0, x1, y1 (fractions), or paint on the last result below")
+        ui.region_paint = gr.ImageEditor(label="paint where this LoRA draws (over your last result)", type="numpy",
+                                         image_mode="RGBA", sources=(), canvas_size=(256, 256), layers=False,
+                                         brush=gr.Brush(colors=["#ff3b30"], default_size=24),
+                                         elem_id="region-paint")  # fmt: skip
+        with gr.Row():
+            ui.set_region = gr.Button("Set region", elem_id="set-region")
+            ui.clear_regions = gr.Button("Clear regions")
+        ui.regions_info = gr.Markdown("", elem_id="regions-info")
 
-        inputs = [prompt, negative, loras, insert, method, tau, alpha, beta, ordering, schedule, steps, guidance,
-                  width, height, seed, scheduler]  # fmt: skip
 
-        def refreshed(message: str, previous=None):
-            rows = previous.values.tolist() if hasattr(previous, "values") else None
+def _compare_tab(ui: SimpleNamespace) -> None:
+    with gr.Row():
+        ui.compare = gr.Button("Compare every method (the Compose tab's settings)", variant="primary",
+                               elem_id="compare", scale=3)  # fmt: skip
+        ui.compare_stop = gr.Button("Stop", variant="stop", scale=1)
+    ui.compare_message = gr.Markdown("", elem_id="compare-message")
+    ui.comparison = gr.Gallery(label="same prompt and seed, every method (each appears as it finishes)", columns=5,
+                               height="auto", object_fit="contain", elem_id="comparison")  # fmt: skip
+    ui.compare_table = gr.Dataframe(headers=COMPARE_COLUMNS, interactive=False, label="click a column to sort",
+                                    elem_id="compare-table")  # fmt: skip
+
+
+def _xy_tab(studio: Studio, ui: SimpleNamespace) -> None:
+    kinds = xy_kinds(studio)
+    with gr.Row():
+        ui.xy_x_kind = gr.Dropdown(kinds, value="method", label="X axis", elem_id="xy-x-kind")
+        ui.xy_x_values = gr.Textbox("merge, composite, switch", elem_id="xy-x-values",
+                                    label="X values (a, b, c · 1-5 · 0-1 (+0.25) · 0-1 [5])")  # fmt: skip
+    with gr.Row():
+        ui.xy_y_kind = gr.Dropdown(["none", *kinds], value="seed", label="Y axis", elem_id="xy-y-kind")
+        ui.xy_y_values = gr.Textbox("1, 2", label="Y values", elem_id="xy-y-values")
+    ui.xy_make = gr.Button("Make the X/Y plot (the Compose tab's other settings)", variant="primary", elem_id="xy-make")
+    ui.xy_message = gr.Markdown("", elem_id="xy-message")
+    ui.xy_grid = gr.Image(label="X/Y plot", type="filepath", interactive=False, elem_id="xy-grid",
+                          buttons=["fullscreen"])  # fmt: skip
+    ui.xy_download = gr.File(label="the plot, with its settings", interactive=False, height=60)
+
+
+def xy_kinds(studio: Studio) -> list[str]:
+    """The X/Y axes this library allows: the settings, and each LoRA's weight."""
+    return ["method", "seed", "steps", "guidance", "lora_scale", *(f"weight:{n}" for n in studio.composer.loras)]
+
+
+def _png_info_tab(ui: SimpleNamespace) -> None:
+    ui.png_info_file = gr.File(label="a PNG (made here, by compose, or by AUTOMATIC1111)", file_types=[".png"],
+                               type="filepath", height=90, elem_id="png-info-file")  # fmt: skip
+    ui.png_info = gr.Markdown("", elem_id="png-info")
+    ui.png_send = gr.Button("Send to Compose", elem_id="png-send")
+
+
+def _library_tab(studio: Studio, ui: SimpleNamespace) -> None:
+    operator = bool(studio.operator)
+    _model_row(studio, ui)
+    ui.library = gr.Dataframe(studio.library_rows(), headers=LIBRARY_COLUMNS, interactive=False,
+                              label=f"LoRAs (folder {studio.library})")  # fmt: skip
+    ui.library_message = gr.Markdown("", elem_id="library-message")
+    ui.upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=100, elem_id="upload")
+    with gr.Row():
+        ui.folder = gr.Textbox(label="or load a folder of LoRAs" + ("" if operator else " (operator only)"), scale=4,
+                               interactive=operator)  # fmt: skip
+        ui.add_folder = gr.Button("Load folder", scale=1, interactive=operator)
+    with gr.Row():
+        ui.name = gr.Dropdown(list(studio.composer.loras), label="LoRA")
+        ui.category = gr.Dropdown(["", *CATEGORIES], label="category")
+        ui.triggers = gr.Textbox(label="trigger words (comma-separated)")
+    with gr.Row():
+        ui.save_edit = gr.Button("Save category and triggers")
+        ui.profile = gr.Button("Frequency profile")
+        ui.remove = gr.Button("Remove", variant="stop")
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+def _on_load(studio: Studio):
+    def load(request: gr.Request):
+        names = list(studio.composer.loras)
+        kinds = xy_kinds(studio)
+        return (gr.update(value=studio.compose_rows(defaults=_defaults(studio))), studio.cards(),
+                studio.library_rows(), gr.update(choices=names), gr.update(choices=names),
+                studio.describe_regions(_session(request)), gr.update(choices=kinds),
+                gr.update(choices=["none", *kinds]))  # fmt: skip
+
+    return load
+
+
+def _defaults(studio: Studio) -> dict[str, float]:
+    return dict.fromkeys(EXAMPLE_SET, 1.0) if studio.model == DEMO_WORLD else {}
+
+
+def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
+    outputs = [ui.image, ui.download, ui.info, ui.seed, ui.gallery, ui.history, ui.view, ui.region_paint, ui.message]
+
+    def on_generate(request: gr.Request, *values, progress=gr.Progress()):
+        *rest, randomize_seed, made = values
+        try:
+            settings = _settings(*rest)
+            if randomize_seed:
+                settings.seed = random.randrange(2**32)
+            path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), _session(request))
+        except GenerationCancelled:
+            return [gr.update()] * (len(outputs) - 1) + ["stopped: no image was made"]
+        except USER_ERRORS as error:
+            return [gr.update()] * (len(outputs) - 1) + [problem(error)]
+        score = studio.clipscore(path, record)
+        text = f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s" + (
+            f", CLIPScore {score:.2f}" if score is not None else ""
+        )
+        view = for_display(path)
+        made = [(str(view), f"{settings.method} · seed {settings.seed}", str(path)), *made]
+        canvas = {"background": str(view), "layers": [], "composite": None}
+        return str(view), str(path), text, settings.seed, _gallery(made), made, str(view), canvas, ""
+
+    ui.generate.click(on_generate, [*ui.inputs, ui.randomize, ui.history], outputs, api_visibility="private",
+                      concurrency_id="model", show_progress_on=ui.image)  # fmt: skip
+
+    def on_stop(request: gr.Request) -> str:
+        return studio.stop(_session(request))
+
+    ui.stop.click(on_stop, None, ui.message, api_visibility="private", queue=False)
+    ui.compare_stop.click(on_stop, None, ui.compare_message, api_visibility="private", queue=False)
+
+    def on_cost(width, height, steps) -> str:
+        note = studio.cost_note(width, height, steps)
+        return f"**⚠ {note}**" if note else ""
+
+    for slider in (ui.width, ui.height, ui.steps):
+        slider.change(on_cost, [ui.width, ui.height, ui.steps], ui.cost, api_visibility="private", queue=False)
+
+    def on_card(table, query, event: gr.SelectData):
+        name = str((event.value or {}).get("caption", ""))
+        rows = studio.compose_rows(_rows(table))
+        for row in rows:
+            if row[0] == name:
+                row[1] = 0.0 if row[1] else 1.0
+                return rows, f"{md(name)} {'on, weight 1' if row[1] else 'off'}"
+        return gr.update(), problem(StudioError(f"no LoRA named {name!r} in the library"))
+
+    ui.cards.select(on_card, [ui.loras, ui.search], [ui.loras, ui.message], api_visibility="private")
+    ui.search.change(lambda q: studio.cards(q), ui.search, ui.cards, api_visibility="private")
+
+
+def _gallery(made: list[tuple]) -> list[tuple[str, str]]:
+    return [(view, caption) for view, caption, *_ in made]
+
+
+def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
+    outputs = [ui.comparison, ui.compare_table, ui.compare_message, ui.gallery, ui.history]
+
+    def on_compare(request: gr.Request, *values, progress=gr.Progress()):
+        *rest, made = values
+        items, rows = [], []
+        try:
+            settings = _settings(*rest)
+            for r in studio.compare(settings, lambda f, d: progress(f, desc=d), _session(request)):
+                view = str(for_display(r["path"]))
+                score = None if r["clipscore"] is None else round(r["clipscore"], 2)
+                found = None if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
+                items.append((view, f"{r['method']} · {r['seconds']:.2f} s"))
+                rows.append([r["method"], round(r["seconds"], 2), score, found])
+                made = [(view, f"{r['method']} · seed {settings.seed}", str(r["path"])), *made]
+                text = f"{len(items)} of {len(METHODS)} methods done"
+                yield items, rows, text, _gallery(made), made
+        except GenerationCancelled:
+            yield items, rows, f"stopped after {len(items)} of {len(METHODS)} methods", _gallery(made), made
+            return
+        except USER_ERRORS as error:
+            yield items, rows, problem(error), _gallery(made), made
+            return
+        note = "" if studio.scorer else "; CLIPScore needs a CLIP model: start the studio with `--clip`"
+        yield items, rows, f"every method done{note}", _gallery(made), made
+
+    ui.compare.click(on_compare, [*ui.inputs, ui.history], outputs, api_visibility="private",
+                     concurrency_id="model", show_progress_on=ui.comparison)  # fmt: skip
+
+
+def _wire_xy(studio: Studio, ui: SimpleNamespace) -> None:
+    outputs = [ui.xy_grid, ui.xy_download, ui.xy_message]
+
+    def on_xy(x_kind, x_values, y_kind, y_values, *values, progress=gr.Progress()):
+        try:
+            settings = _settings(*values)
+
+            def step(done: int, total: int) -> None:
+                progress(done / total, desc=f"cell {done} of {total}")
+
+            path, seconds = studio.xy_plot(settings, x_kind, x_values, None if y_kind == "none" else y_kind,
+                                           y_values, step)  # fmt: skip
+        except USER_ERRORS as error:
+            return gr.update(), gr.update(), problem(error)
+        return str(path), str(path), f"{seconds:.1f} s in all"
+
+    ui.xy_make.click(on_xy, [ui.xy_x_kind, ui.xy_x_values, ui.xy_y_kind, ui.xy_y_values, *ui.inputs], outputs,
+                     api_visibility="private", concurrency_id="model", show_progress_on=ui.xy_grid)  # fmt: skip
+
+
+def _wire_settings(studio: Studio, ui: SimpleNamespace) -> None:
+    def restore(png, message):
+        """The Compose inputs of a PNG's settings, and the message; or no change and why not."""
+        try:
+            s = studio.settings_from_png(png)
+        except USER_ERRORS as error:
+            return [gr.update()] * len(ui.inputs) + [problem(error), gr.update()]
+        params = s.method_params or {}
+        prompt, weights, note = _blocks_as_tags(s)
+        rows = [[n, weights.get(n, 0.0)] for n in studio.composer.loras]
+        values = [prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
+                  params.get("beta", 0.5), params.get("ordering", "frequency"), params.get("schedule", "nonuniform"),
+                  s.steps, s.guidance_scale, s.width, s.height, s.seed, s.scheduler]  # fmt: skip
+        return [*values, f"{message}{note}", gr.Tabs(selected="compose")]
+
+    def on_settings(png):
+        if not png:
+            return [gr.update()] * (len(ui.inputs) + 2)
+        return restore(png, f"settings of {md(Path(png).name)} loaded")
+
+    ui.settings_png.upload(on_settings, ui.settings_png, [*ui.inputs, ui.message, ui.tabs], api_visibility="private")
+
+    def on_png_info(png):
+        if not png:
+            return ""
+        try:
+            return studio.png_info_text(png)
+        except USER_ERRORS as error:
+            return problem(error)
+
+    ui.png_info_file.upload(on_png_info, ui.png_info_file, ui.png_info, api_visibility="private")
+
+    def send(png, where):
+        if not png:
+            return [gr.update()] * (len(ui.inputs) + 2)
+        return restore(png, f"settings from the {where} loaded")
+
+    ui.png_send.click(lambda png: send(png, "PNG Info tab"), ui.png_info_file, [*ui.inputs, ui.message, ui.tabs],
+                      api_visibility="private")  # fmt: skip
+
+    def on_pick(made, event: gr.SelectData):
+        return made[event.index][2] if made and event.index < len(made) else None
+
+    ui.gallery.select(on_pick, ui.history, ui.picked, api_visibility="private")
+    ui.gallery_send.click(lambda png: send(png, "gallery"), ui.picked, [*ui.inputs, ui.message, ui.tabs],
+                          api_visibility="private")  # fmt: skip
+
+    def on_reuse(png):
+        if not png:
+            return gr.update(), "no image yet"
+        try:
+            return studio.settings_from_png(png).seed, ""
+        except USER_ERRORS as error:
+            return gr.update(), problem(error)
+
+    ui.reuse.click(on_reuse, ui.download, [ui.seed, ui.message], api_visibility="private")
+
+
+def _wire_regions(studio: Studio, ui: SimpleNamespace) -> None:
+    def on_set(request: gr.Request, lora_name, box, painting):
+        try:
+            return studio.set_region(lora_name, box or "", painting, _session(request))
+        except USER_ERRORS as error:
+            return f"{studio.describe_regions(_session(request))}\n\n{problem(error)}"
+
+    ui.set_region.click(on_set, [ui.region_lora, ui.region_box, ui.region_paint], ui.regions_info,
+                        api_visibility="private")  # fmt: skip
+
+    def on_clear(request: gr.Request):
+        return studio.clear_regions(_session(request))
+
+    ui.clear_regions.click(on_clear, None, ui.regions_info, api_visibility="private")
+
+    def on_switch(view):
+        """A fresh canvas for the next LoRA: its strokes must not be another LoRA's."""
+        return {"background": view, "layers": [], "composite": None}, ""
+
+    ui.region_lora.change(on_switch, ui.view, [ui.region_paint, ui.region_box], api_visibility="private")
+
+
+def _wire_library(studio: Studio, ui: SimpleNamespace) -> None:
+    outputs = [ui.library_message, ui.library, ui.loras, ui.cards, ui.name, ui.region_lora]
+
+    def guarded(action, message=None):
+        message = message or ui.library_message
+
+        def handler(*args):
+            *values, previous = args
+            try:
+                text = action(*values)
+            except USER_ERRORS as error:
+                return [problem(error)] + [gr.update()] * (len(outputs) - 1)
             names = list(studio.composer.loras)
-            choices = gr.update(choices=names)
-            return message, studio.library_rows(), studio.compose_rows(rows), choices, choices
+            return (text, studio.library_rows(), studio.compose_rows(_rows(previous)), studio.cards(),
+                    gr.update(choices=names), gr.update(choices=names))  # fmt: skip
 
-        library_outputs = [status, library, loras, name, region_lora]
+        return handler
 
-        def on_generate(request: gr.Request, *values, progress=gr.Progress()):
-            *rest, randomize_seed, made = values
-            try:  # every step that reads the user's values is inside: a bad value is a toast, not "null"
-                settings = _settings(*rest)
-                if randomize_seed:
-                    settings.seed = random.randrange(2**32)
-                path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), _session(request))
-            except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
-                raise _user_error(error) from None
-            score = studio.clipscore(path, record)
-            text = f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s" + (
-                f", CLIPScore {score:.2f}" if score is not None else ""
-            )
-            made = [(str(path), f"{settings.method} · seed {settings.seed}"), *made]
-            return str(path), str(path), text, settings.seed, made, made
+    def on_pick(picked):
+        lora = studio.composer.loras.get(picked)
+        return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
 
-        generate.click(on_generate, [*inputs, randomize, history], [image, download, info, seed, gallery, history],
-                       api_name="generate", concurrency_id="model", show_progress_on=image)  # fmt: skip
-
-        def on_stop(request: gr.Request) -> str:
-            return studio.stop(_session(request))
-
-        stop.click(on_stop, None, status, api_name="stop", queue=False)
-
-        def on_reuse(record_path):
-            if not record_path:
-                raise gr.Error("no image yet", print_exception=False)
-            try:
-                return studio.settings_from_png(record_path).seed
-            except StudioError as error:
-                raise _user_error(error) from None
-
-        reuse.click(on_reuse, image, seed, api_name="reuse_seed")
-
-        def on_compare(request: gr.Request, *values, progress=gr.Progress()):
-            *rest, made = values
-            try:
-                rows = studio.compare(_settings(*rest), lambda f, d: progress(f, desc=d), _session(request))
-            except (StudioError, ValueError, KeyError, GenerationCancelled) as error:
-                raise _user_error(error) from None
-            items = [
-                (str(r["path"]), f"{r['method']} · {r['seconds']:.2f} s"
-                 + ("" if r["clipscore"] is None else f" · CLIPScore {r['clipscore']:.2f}"))
-                for r in rows
-            ]  # fmt: skip
-            lines = ["| method | seconds / image | CLIPScore | concepts present |", "|---|---|---|---|"]
-            for r in rows:
-                score = "n/a" if r["clipscore"] is None else f"{r['clipscore']:.2f}"
-                found = "n/a" if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
-                lines.append(f"| {r['method']} | {r['seconds']:.2f} | {score} | {found} |")
-            if studio.scorer is None:
-                lines.append("\nCLIPScore needs a CLIP model: start the studio with `--clip`.")
-            made = [*items[::-1], *made]
-            return items, "\n".join(lines), made, made
-
-        compare.click(on_compare, [*inputs, history], [comparison, table, gallery, history], api_name="compare",
-                      concurrency_id="model", show_progress_on=comparison)  # fmt: skip
-
-        def on_settings(png):
-            if not png:
-                return [gr.update()] * (len(inputs) + 1)
-            try:
-                s = studio.settings_from_png(png)
-            except StudioError as error:
-                raise _user_error(error) from None
-            params = s.method_params or {}
-            prompt, weights, note = _blocks_as_tags(s)
-            rows = [[n, weights.get(n, 0.0)] for n in studio.composer.loras]
-            return (prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
-                    params.get("beta", 0.5), params.get("ordering", "frequency"), params.get("schedule", "nonuniform"),
-                    s.steps, s.guidance_scale, s.width, s.height, s.seed, s.scheduler,
-                    f"settings of {md(Path(png).name)} loaded{note}")  # fmt: skip
-
-        settings_png.upload(on_settings, settings_png, [*inputs, status], api_name="load_settings")
-
-        def guarded(action):
-            def handler(*args):
-                *values, previous = args
-                try:
-                    return refreshed(action(*values), previous)
-                except StudioError as error:
-                    raise _user_error(error) from None
-
-            return handler
-
-        def on_pick(picked):
-            lora = studio.composer.loras.get(picked)
-            return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
-
-        def on_set_region(lora_name, box, painting):
-            try:
-                return studio.set_region(lora_name, box or "", painting)
-            except StudioError as error:
-                raise _user_error(error) from None
-
-        set_region.click(on_set_region, [region_lora, region_box, region_paint], regions_info, api_name="set_region")
-        clear_regions.click(studio.clear_regions, None, regions_info, api_name="clear_regions")
-        name.change(on_pick, name, [category, triggers], api_name=False)
-        upload.upload(guarded(studio.add_upload), [upload, loras], library_outputs, api_name="add_lora")
-        add_folder.click(guarded(studio.load_folder), [folder, loras], library_outputs, api_name="add_folder")
-        save_edit.click(guarded(studio.edit), [name, category, triggers, loras], library_outputs, api_name="edit_lora")
-        remove.click(guarded(studio.remove), [name, loras], library_outputs, api_name="remove_lora")
-        profile.click(guarded(studio.frequency), [name, loras], library_outputs, api_name="frequency_profile",
-                      concurrency_id="model")  # fmt: skip
-        load_model.click(guarded(studio.load_model), [model, loras], library_outputs, api_name="load_model",
-                         concurrency_id="model")  # fmt: skip
-    return page
+    private = {"api_visibility": "private"}
+    ui.name.change(on_pick, ui.name, [ui.category, ui.triggers], **private)
+    ui.upload.upload(guarded(studio.add_upload), [ui.upload, ui.loras], outputs, **private)
+    ui.add_folder.click(guarded(studio.load_folder), [ui.folder, ui.loras], outputs, **private)
+    ui.save_edit.click(guarded(studio.edit), [ui.name, ui.category, ui.triggers, ui.loras], outputs, **private)
+    ui.remove.click(guarded(studio.remove), [ui.name, ui.loras], outputs, **private)
+    ui.profile.click(guarded(studio.frequency), [ui.name, ui.loras], outputs, concurrency_id="model", **private)
+    model_outputs = [ui.model_message, *outputs[1:]]
+    ui.load_model.click(guarded(studio.load_model), [ui.model, ui.loras], model_outputs, concurrency_id="model",
+                        **private)  # fmt: skip
 
 
 def _blocks_as_tags(settings: Settings) -> tuple[str, dict[str, float], str]:
@@ -352,7 +566,8 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     page = build(studio)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
-                max_file_size=studio.max_upload_bytes, allowed_paths=[str(studio.outputs)])  # fmt: skip
+                max_file_size=studio.max_upload_bytes, allowed_paths=[str(studio.outputs), str(studio.previews)],
+                js=CTRL_ENTER)  # fmt: skip
     if block:
         public = f", public link {page.share_url}" if page.share_url else " (--share makes a public link)"
         print(f"compose studio: open {page.local_url}{public}; Ctrl+C stops it", flush=True)

@@ -20,7 +20,7 @@ from loras import peft_state_dict, write
 from PIL import Image
 from test_bench import bench_args, scores
 from test_cli import run
-from test_studio import settings_args
+from test_studio import settings_kwargs
 
 from compose import Composer, LoRAError, load_lora
 from compose.loop import OutOfMemory
@@ -115,7 +115,7 @@ def test_client_that_disconnects_mid_run(served):
 
     studio, url, _ = served
     client = Client(url, verbose=False)
-    client.submit(*settings_args(steps=12, size=192), False, api_name="/generate")
+    client.submit(**settings_kwargs(steps=12, size=192), api_name="/generate")
     deadline = time.monotonic() + 30
     while not studio.lock.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -124,8 +124,8 @@ def test_client_that_disconnects_mid_run(served):
     while studio.lock.locked() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not studio.lock.locked(), "the run must finish or stop, and release the model"
-    after = Client(url, verbose=False).predict(*settings_args(seed=31), False, api_name="/generate")
-    assert json.loads(Image.open(after[1]).text["compose"])["seed"] == 31
+    after = Client(url, verbose=False).predict(**settings_kwargs(seed=31), api_name="/generate")
+    assert json.loads(Image.open(after[0]).text["compose"])["seed"] == 31
 
 
 def _rss_mib() -> float:
@@ -141,7 +141,7 @@ def test_a_hundred_requests_in_a_row(served, capsys):
     failures, samples = 0, []
     for i in range(100):
         try:
-            client.predict(*settings_args(seed=1000 + i, steps=1, size=32), False, api_name="/generate")
+            client.predict(**settings_kwargs(seed=1000 + i, steps=1, size=32), api_name="/generate")
         except Exception:
             failures += 1
         if i in (9, 99):

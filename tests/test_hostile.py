@@ -28,7 +28,7 @@ from gradio_client import Client, handle_file
 from loras import kohya_state_dict, peft_state_dict, write
 from PIL import Image, PngImagePlugin
 from test_cli import TINY, run
-from test_studio import WEIGHTS, settings_args
+from test_studio import settings_kwargs
 
 from compose import Composer, LoRAError, load_lora, read_record, save_png
 from compose.app.studio import Studio, StudioError
@@ -277,12 +277,12 @@ def _wait_locked(studio, seconds: float = 60) -> None:
 def test_stop_ends_only_your_own_run(served, client):
     studio, url, _ = served
     other = Client(url, verbose=False)
-    job = client.submit(*settings_args(steps=12, size=64, seed=41), False, api_name="/generate")
+    job = client.submit(**settings_kwargs(steps=12, size=64, seed=41), api_name="/generate")
     _wait_locked(studio)
     assert other.predict(api_name="/stop") == "nothing of yours is running"
-    _, download, *_ = job.result(timeout=120)
-    assert json.loads(Image.open(download).text["compose"])["seed"] == 41  # it finished
-    job = client.submit(*settings_args(steps=100, size=64), False, api_name="/generate")
+    png, _ = job.result(timeout=120)
+    assert json.loads(Image.open(png).text["compose"])["seed"] == 41  # it finished
+    job = client.submit(**settings_kwargs(steps=100, size=64), api_name="/generate")
     _wait_locked(studio)
     assert client.predict(api_name="/stop") == "stopping after the current step"
     with pytest.raises(Exception, match="cancelled after step"):
@@ -299,7 +299,7 @@ def test_model_and_folder_changes_are_operator_actions(served, client, tmp_path)
         for endpoint, value in (("/load_model", "tiny:sdxl"), ("/add_folder", str(tmp_path)),
                                 ("/add_folder", str(tmp_path / "missing"))):  # fmt: skip
             with pytest.raises(Exception, match="is an operator action: it changes the studio for everyone") as info:
-                client.predict(value, WEIGHTS, api_name=endpoint)
+                client.predict(value, api_name=endpoint)
             assert "no such folder" not in str(info.value)  # it reveals nothing about the server's folders
     finally:
         studio.operator = True
@@ -311,7 +311,7 @@ def test_loading_a_folder_waits_for_the_run(served, client, tmp_path, lora_files
     folder = tmp_path / "more"
     folder.mkdir()
     write(folder / "latecomer.safetensors", peft_state_dict(lora_files["sd1", 1]["parts"]))
-    job = client.submit(*settings_args("klora", steps=12, size=64), False, api_name="/generate")
+    job = client.submit(**settings_kwargs("klora", steps=12, size=64), api_name="/generate")
     _wait_locked(studio)
     loader = threading.Thread(target=studio.load_folder, args=(folder,))
     loader.start()
@@ -327,20 +327,22 @@ def test_messages_show_user_text_as_text(served, client, made, tmp_path):
     evil = "<img src=x onerror=alert(1)>"
     png = forge(made["png"], tmp_path / "evil.png", lambda r: r["loras"][0].update(name=evil, sha256="0" * 64))
     with pytest.raises(Exception) as info:
-        client.predict(handle_file(png), api_name="/load_settings")
-    assert "the image uses LoRA &lt;img src=x onerror=alert(1)&gt;" in str(info.value) and evil not in str(info.value)
+        client.predict(handle_file(png), api_name="/png_info")
+    assert f"the image uses LoRA {evil}" in str(info.value)  # a script gets the text as it is
     from compose.app.studio import md
+    from compose.app.ui import problem
+
+    shown = problem(StudioError(str(info.value)))  # the page shows it as text, never as markup
+    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and evil not in shown
 
     assert md("a_b [x](http://e) <b>") == r"a\_b \[x\](http://e) &lt;b&gt;"
 
 
 def test_a_weight_that_is_not_a_number_is_a_message(client):
-    weights = {"headers": ["LoRA", "weight"], "data": [["random-character", "abc"]]}
     with pytest.raises(Exception, match="the weight of random-character must be a number, got 'abc'"):
-        client.predict(*settings_args(weights=weights), False, api_name="/generate")
+        client.predict(**settings_kwargs(weights={"random-character": "abc"}), api_name="/generate")
     with pytest.raises(Exception, match="the weight of 'random-character' must be between -100 and 100, got 1e"):
-        client.predict(*settings_args(weights={**weights, "data": [["random-character", 1e308]]}), False,
-                       api_name="/generate")  # fmt: skip
+        client.predict(**settings_kwargs(weights={"random-character": 1e308}), api_name="/generate")
 
 
 # -- 5. bombs -----------------------------------------------------------------------------

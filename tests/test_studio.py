@@ -17,12 +17,14 @@ from PIL import Image
 from compose.app.studio import Settings, StudioError
 from compose.methods import METHODS
 
-WEIGHTS = {"headers": ["LoRA", "weight"], "data": [["random-character", 1.0], ["random-style", 0.8]]}
+WEIGHTS = {"random-character": 1.0, "random-style": 0.8}
 
 
-def settings_args(method="composite", seed=3, steps=3, prompt="a zq creature", weights=WEIGHTS, size=64):
-    return [prompt, "blurry", weights, False, method, 2, 1.5, 0.5, "category", "nonuniform", steps, 7.5, size, size,
-            seed, "dpm++2m"]  # fmt: skip
+def settings_kwargs(method="composite", seed=3, steps=3, prompt="a zq creature", weights=WEIGHTS, size=64) -> dict:
+    """The named parameters of ``/generate`` (as a script calls it)."""
+    params = {"switch": {"tau": 2}, "cmlora": {"ordering": "category"}}.get(method)
+    return {"prompt": prompt, "negative_prompt": "blurry", "loras": weights, "method": method, "method_params": params,
+            "steps": steps, "width": size, "height": size, "seed": seed, "scheduler": "dpm++2m"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -37,32 +39,32 @@ def record_of(path) -> dict:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_generate_with_each_method(client, method):
-    path, download, info, seed, gallery = client.predict(*settings_args(method), False, api_name="/generate")
-    record = record_of(download)
-    assert record["method"]["name"] == method and record["seed"] == 3 and seed == 3
+    png, info = client.predict(**settings_kwargs(method), api_name="/generate")
+    record = record_of(png)
+    assert record == info["record"] and info["seconds"] > 0 and info["clipscore"] is not None
+    assert record["method"]["name"] == method and record["seed"] == 3
     assert [lora["name"] for lora in record["loras"]] == ["random-character", "random-style"]
-    assert f"**{method}**" in info and " s" in info
-    assert gallery[0]["caption"] == f"{method} · seed 3"
 
 
 def test_compare_renders_every_method(client):
-    items, table, gallery = client.predict(*settings_args(seed=5), api_name="/compare")
-    assert [item["caption"].split(" · ")[0] for item in items] == list(METHODS)
-    assert all("CLIPScore" in item["caption"] for item in items)
-    rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert [row[0].strip("| ") for row in rows] == list(METHODS)
-    assert all(float(row[2]) >= 0 and row[3] == "n/a |" for row in rows)  # random LoRAs: no demo-world detectors
-    assert {record_of(item["image"])["seed"] for item in items} == {5}
+    kwargs = {k: v for k, v in settings_kwargs(seed=5).items() if k not in ("method", "method_params", "width",
+                                                                           "height")}  # fmt: skip
+    pngs, rows = client.predict(**kwargs, api_name="/compare")
+    assert [row["method"] for row in rows] == list(METHODS)
+    assert all(row["clipscore"] >= 0 and row["presence"] is None for row in rows)  # random LoRAs: no detectors
+    assert [record_of(png)["method"]["name"] for png in pngs] == list(METHODS)
+    assert {record_of(png)["seed"] for png in pngs} == {5}
 
 
 def test_load_settings_from_png(client):
-    _, download, *_ = client.predict(*settings_args("switch", seed=11), False, api_name="/generate")
-    values = client.predict(handle_file(download), api_name="/load_settings")
-    prompt, negative, loras, _, method, tau, *_, steps, guidance, width, height, seed, scheduler, status = values
-    assert (prompt, negative, method, tau, steps, seed, scheduler) == (
+    png, _ = client.predict(**settings_kwargs("switch", seed=11), api_name="/generate")
+    info = client.predict(handle_file(png), api_name="/png_info")
+    settings = info["settings"]
+    assert info["source"] == "compose"
+    assert (settings["prompt"], settings["negative_prompt"], settings["method"], settings["method_params"]["tau"],
+            settings["steps"], settings["seed"], settings["scheduler"]) == (
         "a zq creature", "blurry", "switch", 2, 3, 11, "dpm++2m")  # fmt: skip
-    assert {row[0]: row[1] for row in loras["data"]}["random-style"] == 0.8
-    assert "loaded" in status
+    assert dict(settings["loras"])["random-style"] == 0.8
 
 
 def test_bad_upload_is_refused_and_changes_nothing(client, served, tmp_path):
@@ -71,11 +73,11 @@ def test_bad_upload_is_refused_and_changes_nothing(client, served, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(Exception, match="not a valid safetensors file"):
-        client.predict(handle_file(broken), WEIGHTS, api_name="/add_lora")
+        client.predict(handle_file(broken), api_name="/add_lora")
     pickle_file = tmp_path / "old.ckpt"
     pickle_file.write_bytes(b"\x80\x04N.")
     with pytest.raises(Exception, match="only .safetensors"):
-        client.predict(handle_file(pickle_file), WEIGHTS, api_name="/add_lora")
+        client.predict(handle_file(pickle_file), api_name="/add_lora")
     assert studio.library_rows() == before
     assert not (studio.library / "broken.safetensors").exists()
 
@@ -84,14 +86,15 @@ def test_upload_edit_remove(client, served, lora_files):
     studio = served[0]
     source = served[2] / "knight.safetensors"
     shutil.copyfile(lora_files["sd1", 0]["peft"], source)
-    status, rows, loras, *_ = client.predict(handle_file(source), WEIGHTS, api_name="/add_lora")
+    status = client.predict(file=handle_file(source), api_name="/add_lora")
     assert status.startswith("added knight") and (studio.library / "knight.safetensors").exists()
-    assert "knight" in [row[0] for row in loras["data"]]
-    status, rows, *_ = client.predict("knight", "character", "sks knight, armor", WEIGHTS, api_name="/edit_lora")
-    assert ["knight", "character", "sks knight, armor"] == next(r for r in rows["data"] if r[0] == "knight")[:3]
+    assert "knight" in [row["name"] for row in client.predict(api_name="/library")]
+    client.predict(name="knight", category="character", triggers="sks knight, armor", api_name="/edit_lora")
+    row = next(r for r in client.predict(api_name="/library") if r["name"] == "knight")
+    assert (row["category"], row["triggers"]) == ("character", "sks knight, armor")
     assert json.loads((studio.library / "knight.json").read_text())["triggers"] == ["sks knight", "armor"]
-    status, rows, *_ = client.predict("knight", WEIGHTS, api_name="/remove_lora")
-    assert "knight" not in [r[0] for r in rows["data"]]
+    client.predict(name="knight", api_name="/remove_lora")
+    assert "knight" not in [r["name"] for r in client.predict(api_name="/library")]
 
 
 def test_untrusted_names_and_sizes(served, tmp_path):
@@ -107,7 +110,7 @@ def test_untrusted_names_and_sizes(served, tmp_path):
 
 
 def test_stop_really_stops(client, served):
-    job = client.submit(*settings_args(steps=100, size=192), False, api_name="/generate")
+    job = client.submit(**settings_kwargs(steps=100, size=192), api_name="/generate")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not served[0].lock.locked():
         time.sleep(0.05)
@@ -123,15 +126,14 @@ def test_two_users_are_queued_and_keep_their_own_gallery(served):
     results = {}
 
     def user(name: str, seed: int) -> None:
-        results[name] = Client(url, verbose=False).predict(*settings_args(seed=seed), False, api_name="/generate")
+        results[name] = Client(url, verbose=False).predict(**settings_kwargs(seed=seed), api_name="/generate")
 
     threads = [threading.Thread(target=user, args=(n, s)) for n, s in (("ann", 21), ("bob", 22))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert [len(results[n][4]) for n in ("ann", "bob")] == [1, 1]
-    assert record_of(results["ann"][1])["seed"] == 21 and record_of(results["bob"][1])["seed"] == 22
+    assert record_of(results["ann"][0])["seed"] == 21 and record_of(results["bob"][0])["seed"] == 22
 
 
 def test_settings_round_trip_without_server(served):
@@ -177,7 +179,7 @@ def test_browser_generates_and_screenshots(served, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
 def test_browser_paints_a_region(served):
     studio = served[0]
-    studio.clear_regions()
+    studio.regions.clear()
     with browser_page(served[1]) as page:
         page.get_by_text("regions (regional method)").click()
         page.locator("#region-paint button[aria-label='Brush']").first.click()
@@ -190,8 +192,9 @@ def test_browser_paints_a_region(served):
         page.mouse.up()
         page.locator("#set-region").click()
         page.locator("#regions-info").get_by_text("painted mask").wait_for(timeout=30000)
-    name = next(iter(studio.regions))
-    mask = np.asarray(Image.open(studio.regions[name]))
+    (regions,) = studio.regions.values()  # the browser's session, and only it
+    name = next(iter(regions))
+    mask = np.asarray(Image.open(regions[name]))
     assert mask[:, : mask.shape[1] // 3].max() == 255 and mask[:, mask.shape[1] // 2 :].max() == 0
 
 
@@ -208,19 +211,19 @@ def test_settings_keep_prompt_tags(served):
 
 def test_regions_from_a_box_and_from_a_painting(client, served):
     studio = served[0]
-    info = client.predict("random-character", "0, 0, 0.5, 1", None, api_name="/set_region")
+    info = client.predict(name="random-character", box="0, 0, 0.5, 1", api_name="/set_region")
     assert "random-character: box [0.0, 0.0, 0.5, 1.0]" in info
-    _, download, *_ = client.predict(*settings_args("regional"), False, api_name="/generate")
-    regions = record_of(download)["method"]["parameters"]["regions"]
+    png, _ = client.predict(**settings_kwargs("regional"), api_name="/generate")
+    regions = record_of(png)["method"]["parameters"]["regions"]
     assert regions == {"random-character": [0.0, 0.0, 0.5, 1.0]}
     strokes = np.zeros((64, 64, 4), dtype=np.uint8)
     strokes[:, 32:, 3] = 255
     studio.set_region("random-style", painting={"background": None, "layers": [strokes], "composite": None})
-    mask = np.asarray(Image.open(studio.regions["random-style"]))
+    mask = np.asarray(Image.open(studio.regions[""]["random-style"]))
     assert mask[:, 40:].min() == 255 and mask[:, :24].max() == 0
     path, record, _ = studio.generate(Settings("a zq creature", loras=[("random-style", 1.0)], method="regional",
                                                steps=2))  # fmt: skip
-    assert record["method"]["parameters"]["regions"] == {"random-style": studio.regions["random-style"]}
+    assert record["method"]["parameters"]["regions"] == {"random-style": studio.regions[""]["random-style"]}
     with pytest.raises(StudioError, match="paint a region"):
         studio.set_region("random-style", "", {"layers": [np.zeros((8, 8, 4), dtype=np.uint8)]})
     assert client.predict(api_name="/clear_regions").startswith("no regions")

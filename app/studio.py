@@ -41,6 +41,7 @@ from ..methods import METHODS
 from ..methods.regional import region_mask
 from ..prompts import extract_lora_tags
 from .display import for_display
+from .model_thread import ModelThread
 
 LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
 LORA_COLUMNS = ["LoRA", "weight"]
@@ -127,6 +128,7 @@ class Studio:
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.scorer = scorer
         self.lock = threading.Lock()
+        self.model_thread = ModelThread()
         self.cancels: dict[str, threading.Event] = {}
         self.made = 0
         self.outputs = Path(tempfile.mkdtemp(prefix="compose-studio-"))
@@ -161,7 +163,8 @@ class Studio:
         path = self.previews / f"{lora.sha256}.png"
         if not path.is_file():
             with self.lock:
-                image = self.composer.generate(", ".join(lora.triggers) or name, [(name, 1.0)], steps=20)[0]
+                prompt = ", ".join(lora.triggers) or name
+                image = self.model_thread.run(self.composer.generate, prompt, [(name, 1.0)], steps=20)[0]
             self.previews.mkdir(parents=True, exist_ok=True)
             save_png(image, path)
         return path
@@ -201,7 +204,7 @@ class Studio:
             try:
                 lora = self._read(path, path.stem)
                 with self.lock:
-                    loaded.append(self.composer.add_lora(lora).name)
+                    loaded.append(self.model_thread.run(self.composer.add_lora, lora).name)
             except (LoRAError, ValueError) as error:
                 failed.append(str(error))
         names = ", ".join(md(name) for name in loaded)
@@ -210,8 +213,9 @@ class Studio:
 
     def _read(self, path: Path, name: str):
         """Parse a LoRA file for this model without touching the model (no lock needed)."""
-        return load_lora(path, name=name, allow_pickle=self.allow_pickle,
-                         unet_config=dict(self.composer.pipeline.unet.config), limits=self.limits)  # fmt: skip
+        return self.model_thread.run(load_lora, path, name=name, allow_pickle=self.allow_pickle,
+                                     unet_config=dict(self.composer.pipeline.unet.config),
+                                     limits=self.limits)  # fmt: skip
 
     def add_upload(self, upload: str | Path) -> str:
         """Copy an uploaded file into the library and load it; on failure nothing changes."""
@@ -236,7 +240,7 @@ class Studio:
             raise StudioError(f"{name}: {error.reason}") from None
         with self.lock:
             try:
-                self.composer.add_lora(lora)
+                self.model_thread.run(self.composer.add_lora, lora)
             except LoRAError as error:
                 raise StudioError(f"{name}: {error.reason}") from None
             shutil.copyfile(source, target)
@@ -267,7 +271,7 @@ class Studio:
     def frequency(self, name: str) -> str:
         self._lora(name)
         with self.lock:
-            profile = self.composer.frequency_profile(name)
+            profile = self.model_thread.run(self.composer.frequency_profile, name)
         return (f"{md(name)}: high-frequency score {profile.score:.4f} (radius >= {profile.cutoff} px of "
                 f"{profile.size})")  # fmt: skip
 
@@ -324,7 +328,7 @@ class Studio:
         self._operator("switching the base model")
         with self.lock:
             try:
-                composer = self._load_model(model)
+                composer = self.model_thread.run(self._load_model, model)
             except (ModelLoadError, OSError, ValueError) as error:
                 raise StudioError(str(error)) from None
             previous, self.composer, self.model = self.composer, composer, model
@@ -372,7 +376,8 @@ class Studio:
         try:
             with self.lock:
                 start = time.perf_counter()
-                image = self.composer.generate(self._prompt(settings), callback=step, **kwargs)[0]
+                run = self.model_thread.run
+                image = run(self.composer.generate, self._prompt(settings), callback=step, **kwargs)[0]
                 seconds = time.perf_counter() - start
                 self.made += 1
                 path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
@@ -400,7 +405,7 @@ class Studio:
 
         text = composition_text([t for lora in record["loras"] for t in lora["triggers"]]) or record["prompt"]
         with Image.open(path) as image:
-            return float(self.scorer.score([image.convert("RGB")], [text])[0])
+            return float(self.model_thread.run(self.scorer.score, [image.convert("RGB")], [text])[0])
 
     def compare(self, settings: Settings, progress: Progress | None = None, session: str = "") -> Iterator[dict]:
         """The same settings with every method, one result as each finishes (so a page can
@@ -439,7 +444,8 @@ class Studio:
             kwargs.pop("method_params")
         start = time.perf_counter()
         with self.lock:
-            plot = xy_plot(self.composer, kwargs, x, y, progress and (lambda done, total, _: progress(done, total)))
+            step = progress and (lambda done, total, _: progress(done, total))
+            plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, step)
             self.made += 1
             path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
         return path, time.perf_counter() - start

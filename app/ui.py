@@ -571,5 +571,10 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     if block:
         public = f", public link {page.share_url}" if page.share_url else " (--share makes a public link)"
         print(f"compose studio: open {page.local_url}{public}; Ctrl+C stops it", flush=True)
-        page.block_thread()
+        try:
+            studio.model_thread.serve()  # the model computes on this thread (see model_thread.py)
+        except KeyboardInterrupt:
+            print("compose studio: stopped", flush=True)
+        finally:
+            page.close()
     return page

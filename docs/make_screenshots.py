@@ -1,54 +1,78 @@
-"""Regenerate the README's studio screenshots: ``python docs/make_screenshots.py``.
+"""Regenerate the README's studio screenshots, and time the studio: ``python docs/make_screenshots.py``.
 
-Serves the studio on loopback with the embedded demo world, drives it in headless
-Chromium (Debian's, through Playwright): loads the settings of an earlier PNG, generates,
-compares every method and opens the library, saving docs/studio-*.png; prints the time
-from the Generate click to the image.
+Serves the studio on loopback with the embedded demo world and drives it in headless
+Chromium (Debian's, through Playwright) at 1440×900, as an artist would: generates the
+example composition (its four LoRAs are on when the page opens), compares every method,
+makes a 2×3 X/Y plot (method × seed). Saves docs/studio-compose.png, studio-compare.png
+and studio-xy.png, and prints each wall time measured in the browser: click to image,
+Compare (every method), the X/Y plot. Run it on an idle machine for numbers to report.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from compose.app.studio import Settings
 from compose.app.ui import launch, make_studio
-from compose.demo_world.evaluate import EXAMPLE_PROMPT, EXAMPLE_SET
 
 DOCS = Path(__file__).parent
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+LONG = 600_000
 
 
 def main() -> None:
     studio = make_studio("demo-world", Path(tempfile.mkdtemp(prefix="compose-library-")))
     page = launch(studio, port=7870, block=False)
+    done = threading.Event()
+    walker = threading.Thread(target=walk, args=(page.local_url, done))
+    walker.start()
+    studio.model_thread.serve(done)  # as `compose studio` serves: the model computes on this thread
+    walker.join()
+    page.close()
+
+
+def walk(url: str, done: threading.Event) -> None:
+    """The artist's clicks, timed; ``done`` is set at the end, whatever happens."""
+    try:
+        _walk(url)
+    finally:
+        done.set()
+
+
+def _walk(url: str) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1400, "height": 1100})
-        tab.goto(page.local_url)
-        weights = [(name, 1.0) for name in EXAMPLE_SET]
-        earlier, _, _ = studio.generate(Settings(EXAMPLE_PROMPT, loras=weights, method="composite", seed=7))
-        tab.locator("#settings-png input[type=file]").set_input_files(str(earlier))
-        tab.get_by_text("settings of").wait_for(timeout=60000)
+        tab = browser.new_page(viewport={"width": 1440, "height": 900})
+        tab.goto(url)
+        tab.locator("#cards img").first.wait_for(timeout=LONG)
         start = time.perf_counter()
         tab.locator("#generate").click()
-        tab.locator("#result img").wait_for(timeout=120000)
+        tab.locator("#result img").wait_for(timeout=LONG)
         print(f"click to image: {time.perf_counter() - start:.2f} s")
-        tab.screenshot(path=str(DOCS / "studio-compose.png"), full_page=True)
-        tab.get_by_role("tab", name="Compare").click()
-        tab.get_by_role("button", name="Compare every method").click()
-        tab.get_by_text("CLIPScore").first.wait_for(timeout=120000)
-        tab.wait_for_timeout(1000)
-        tab.screenshot(path=str(DOCS / "studio-compare.png"), full_page=True)
-        tab.get_by_role("tab", name="Library").click()
         tab.wait_for_timeout(500)
-        tab.screenshot(path=str(DOCS / "studio-library.png"), full_page=True)
+        tab.screenshot(path=str(DOCS / "studio-compose.png"))
+        tab.get_by_role("tab", name="Compare").click()
+        start = time.perf_counter()
+        tab.locator("#compare").click()
+        tab.locator("#compare-message").get_by_text("every method done").wait_for(timeout=LONG)
+        print(f"compare, every method: {time.perf_counter() - start:.2f} s")
+        tab.wait_for_timeout(500)
+        tab.screenshot(path=str(DOCS / "studio-compare.png"))
+        tab.get_by_role("tab", name="X/Y plot").click()
+        tab.locator("#xy-x-values textarea, #xy-x-values input").first.fill("merge, composite")
+        tab.locator("#xy-y-values textarea, #xy-y-values input").first.fill("1, 2, 3")
+        start = time.perf_counter()
+        tab.locator("#xy-make").click()
+        tab.locator("#xy-grid img").wait_for(timeout=LONG)
+        print(f"X/Y plot, 2 x 3: {time.perf_counter() - start:.2f} s")
+        tab.wait_for_timeout(500)
+        tab.screenshot(path=str(DOCS / "studio-xy.png"))
         browser.close()
-    page.close()
 
 
 if __name__ == "__main__":

@@ -227,3 +227,28 @@ def test_regions_from_a_box_and_from_a_painting(client, served):
     with pytest.raises(StudioError, match="paint a region"):
         studio.set_region("random-style", "", {"layers": [np.zeros((8, 8, 4), dtype=np.uint8)]})
     assert client.predict(api_name="/clear_regions").startswith("no regions")
+
+
+def test_the_model_thread_runs_calls_on_the_serving_thread():
+    """While the studio is served, model calls from Gradio's workers run on the serving
+    thread (one OpenMP team: a small model is 3x slower on a second thread); a call's
+    exception reaches its caller; before serving, a call runs where it is made."""
+    from compose.app.model_thread import ModelThread
+
+    runner, stop, seen = ModelThread(), threading.Event(), {}
+    assert runner.run(threading.get_ident) == threading.get_ident()
+
+    def worker():
+        while runner.serving is None:
+            time.sleep(0.01)
+        seen["thread"] = runner.run(threading.get_ident)
+        try:
+            runner.run(int, "not a number")
+        except ValueError as error:
+            seen["error"] = str(error)
+        stop.set()
+
+    threading.Thread(target=worker).start()
+    runner.serve(stop)
+    assert seen == {"thread": threading.get_ident(), "error": "invalid literal for int() with base 10: 'not a number'"}
+    assert runner.serving is None

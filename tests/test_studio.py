@@ -252,3 +252,44 @@ def test_the_model_thread_runs_calls_on_the_serving_thread():
     runner.serve(stop)
     assert seen == {"thread": threading.get_ident(), "error": "invalid literal for int() with base 10: 'not a number'"}
     assert runner.serving is None
+
+
+def test_settings_from_an_automatic1111_png(served, tmp_path):
+    """A PNG with only A1111's ``parameters`` text loads: prompt with its tags, sampler and
+    schedule, CFG, seed, size; a tag naming a LoRA the library lacks is refused by name."""
+    from PIL.PngImagePlugin import PngInfo
+
+    studio = served[0]
+    text = ("a zq creature <lora:random-style:0.6>\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, "
+            "Schedule type: Karras, CFG scale: 6, Seed: 12, Size: 64x64, Model hash: 0123456789")  # fmt: skip
+    info = PngInfo()
+    info.add_text("parameters", text)
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+    s = studio.settings_from_png(png)
+    assert (s.prompt, s.negative_prompt, s.steps, s.scheduler, s.guidance_scale, s.seed, s.width) == (
+        "a zq creature <lora:random-style:0.6>", "blurry", 3, "dpm++2m-karras", 6.0, 12, 64)  # fmt: skip
+    assert studio.png_info(png)["source"] == "a1111" and "AUTOMATIC1111" in studio.png_info_text(png)
+    path, record, _ = studio.generate(s)
+    assert record["loras"][0]["name"] == "random-style" and record["loras"][0]["weight"] == 0.6
+    info = PngInfo()
+    info.add_text("parameters", text.replace("random-style", "nowhere"))
+    Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+    with pytest.raises(StudioError, match="its prompt uses LoRA nowhere, which is not in the library"):
+        studio.settings_from_png(png)
+
+
+def test_two_names_for_the_same_bytes_keep_their_names(served):
+    studio = served[0]
+    source = next(p for p in studio.composer.loras.values() if p.name == "random-style").path
+    twin = studio.library / "twin-style.safetensors"
+    shutil.copyfile(source, twin)
+    studio.load_trusted_folder(studio.library)
+    try:
+        path, _, _ = studio.generate(Settings("a zq creature", loras=[("twin-style", 0.5)], steps=2))
+        assert studio.settings_from_png(path).loras == [("twin-style", 0.5)]
+        path, _, _ = studio.generate(Settings("a zq creature", loras=[("random-style", 0.5)], steps=2))
+        assert studio.settings_from_png(path).loras == [("random-style", 0.5)]
+    finally:
+        studio.remove("twin-style")
+        twin.unlink()

@@ -125,8 +125,8 @@ class Axis:
         return f"{self.lora} weight" if self.lora else self.kind
 
     def labels(self) -> list[str]:
-        """The values as the grid shows them (numbers without trailing zeros)."""
-        return [f"{value:g}" if isinstance(value, float) else str(value) for value in self.values]
+        """The values as the grid shows them (three significant digits, no trailing zeros)."""
+        return [f"{value:.3g}" if isinstance(value, float) else str(value) for value in self.values]
 
     def as_json(self) -> dict:
         """``{kind, values}``, as the grid's ``compose_xy`` chunk records the axis."""

@@ -56,18 +56,24 @@ def test_a_world_of_another_preset_is_replaced_only_with_force(quick):
         train(out, "cpu")
 
 
-def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+class Interrupted(Exception):
+    pass
 
-    class Interrupted(Exception):
-        pass
+
+def _interrupt_the_vae(out, monkeypatch) -> None:
+    """Train ``out``'s vae stage and stop it at step 3, checkpointing every step."""
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
 
     def stop_at_three(stage: str, step: int, steps: int, loss: float) -> None:
         if stage == "vae" and step == 3:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train(tmp_path / "resumed", "quick", ("vae",), stop_at_three)
+        train(out, "quick", ("vae",), stop_at_three)
+
+
+def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
+    _interrupt_the_vae(tmp_path / "resumed", monkeypatch)
     assert (tmp_path / "resumed" / training.CHECKPOINTS / "vae.pt").is_file()
     steps = []
     train(tmp_path / "resumed", "quick", ("vae",), lambda stage, step, n, loss: steps.append((stage, step)))
@@ -82,17 +88,7 @@ def test_an_interrupted_stage_resumes_exactly_where_it_stopped(tmp_path, monkeyp
 def test_a_checkpoint_of_other_settings_is_set_aside_not_continued(tmp_path, monkeypatch):
     """Editing a preset between two runs must not resume the old recipe's half-trained
     state under the new one: the checkpoint is kept aside and the stage starts at step 0."""
-    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_three(stage: str, step: int, steps: int, loss: float) -> None:
-        if stage == "vae" and step == 3:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(tmp_path, "quick", ("vae",), stop_at_three)
+    _interrupt_the_vae(tmp_path, monkeypatch)
     edited = training.training_config()
     edited["presets"]["quick"]["vae"]["lr"] *= 2
     monkeypatch.setattr(training, "training_config", lambda: edited)

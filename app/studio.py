@@ -414,8 +414,8 @@ class Studio:
         for k, method in enumerate(METHODS):
 
             def part(fraction: float, text: str, k: int = k) -> None:
-                if progress is not None:
-                    progress((k + fraction) / len(METHODS), text)
+                if progress is not None:  # one bar over every method; the text says which, and its step
+                    progress((k + fraction) / len(METHODS), f"method {k + 1} of {len(METHODS)}, {text}")
 
             params = settings.method_params if method == settings.method else None
             path, record, seconds = self.generate(

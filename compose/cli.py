@@ -502,7 +502,7 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
     world.add_argument(
         "--preset",
         default="cpu",
-        help="train: cpu (about 3.5 hours on 2 cores) or quick (a smoke test of every stage) [cpu]",
+        help="train: cpu (about 5 hours on 2 cores) or quick (a smoke test of every stage) [cpu]",
     )
     world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
     world.add_argument("--stages", default="vae,base,refine,loras,clip", help="train: stages to run; "

@@ -194,11 +194,11 @@ def test_two_sessions_keep_their_own_gallery_regions_and_stop(served):
         bob.reload()
         bob.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)
         bob.get_by_text("regions (regional method)").click()
-        assert bob.locator("#regions-info").inner_text().startswith("no regions")
+        bob.locator("#regions-info").get_by_text("no regions").wait_for(timeout=LONG)  # after the page's load event
         ann.reload()  # a reload is a new session: its regions start empty too
         ann.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)
         ann.get_by_text("regions (regional method)").click()
-        assert ann.locator("#regions-info").inner_text().startswith("no regions")
+        ann.locator("#regions-info").get_by_text("no regions").wait_for(timeout=LONG)
     assert all(set(r) <= set(studio.composer.loras) for r in studio.regions.values())
 
 

@@ -384,10 +384,10 @@ class Composer:
                 if shaped is None:
                     raise LoRAError(
                         lora.path,
-                        f"does not fit this base model: {component}.{module} is "
-                        f"{type(base).__name__} with weight {tuple(base.weight.shape)}, the LoRA's "
-                        f"factors are {tuple(f.down.shape)} and {tuple(f.up.shape)}. The LoRA was "
-                        f"made for {lora.family}; the base model is {self.family}.",
+                        f"does not fit this base model: the LoRA was made for {lora.family}; the base "
+                        f"model is {self.family} (its {component}.{module} is {type(base).__name__} with "
+                        f"weight {tuple(base.weight.shape)}, the LoRA's factors are {tuple(f.down.shape)} "
+                        f"and {tuple(f.up.shape)})",
                     )
                 fitted.setdefault(component, {})[module] = shaped
         if not fitted:

@@ -30,7 +30,7 @@ def user_text(error: Exception) -> str:
     return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
-def _session(request: gr.Request | None) -> str:
+def session_of(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
@@ -74,7 +74,7 @@ def register_api(studio: Studio) -> None:
         ``loras`` maps library names to weights; ``method_params`` as ``compose generate``'s."""
         settings = Settings(prompt, negative_prompt, _weights(loras), insert_triggers, method, method_params, steps,
                             guidance_scale, width, height, seed, scheduler)  # fmt: skip
-        path, record, seconds = studio.generate(settings, session=_session(request))
+        path, record, seconds = studio.generate(settings, session=session_of(request))
         return gr.FileData(path=str(path)), {"seconds": seconds, "clipscore": studio.clipscore(path, record),
                                              "record": record}  # fmt: skip
 
@@ -92,13 +92,13 @@ def register_api(studio: Studio) -> None:
         CLIPScore and (on the demo world) the share of its concepts present."""
         settings = Settings(prompt, negative_prompt, _weights(loras), steps=steps,
                             guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)  # fmt: skip
-        rows = list(studio.compare(settings, session=_session(request)))
+        rows = list(studio.compare(settings, session=session_of(request)))
         return [gr.FileData(path=str(r["path"])) for r in rows], [{k: v for k, v in r.items() if k != "path"}
                                                                   for r in rows]  # fmt: skip
 
     def stop(request: gr.Request = None) -> str:
         """End the caller's own run after its current step."""
-        return studio.stop(_session(request))
+        return studio.stop(session_of(request))
 
     def png_info(png: gr.FileData) -> dict:
         """The settings a PNG carries (this studio's record, or AUTOMATIC1111's text)."""
@@ -116,11 +116,11 @@ def register_api(studio: Studio) -> None:
             with Image.open(mask["path"] if isinstance(mask, dict) else mask.path) as image:
                 alpha = np.asarray(image.convert("L"))
             painting = {"layers": [np.dstack([np.zeros((*alpha.shape, 3), np.uint8), alpha])]}
-        return studio.set_region(name, box, painting, _session(request))
+        return studio.set_region(name, box, painting, session_of(request))
 
     def clear_regions(request: gr.Request = None) -> str:
         """Drop the caller's regions."""
-        return studio.clear_regions(_session(request))
+        return studio.clear_regions(session_of(request))
 
     def library() -> list[dict]:
         """Every LoRA of the library: name, category, triggers, base family, rank."""

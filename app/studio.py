@@ -345,6 +345,12 @@ class Studio:
         missing = [w for w in words if w not in settings.prompt]
         return ", ".join([settings.prompt, *missing]) if missing else settings.prompt
 
+    def _generate_kwargs(self, settings: Settings) -> dict:
+        """The :meth:`Composer.generate` keywords of ``settings``, the prompt with its triggers."""
+        kwargs = {k: v for k, v in vars(settings).items() if k != "insert_triggers"}
+        kwargs["prompt"] = self._prompt(settings)
+        return kwargs
+
     def stop(self, session: str = "") -> str:
         """Ask the run of browser session ``session`` to end after its current step; the
         runs of other sessions go on."""
@@ -368,7 +374,8 @@ class Studio:
                 progress((i + 1) / n, f"{settings.method}: step {i + 1} of {n}" + (f" ({note})" if note else ""))
             return not cancel.is_set()
 
-        kwargs = {k: v for k, v in vars(settings).items() if k not in ("insert_triggers", "prompt")}
+        kwargs = self._generate_kwargs(settings)
+        prompt = kwargs.pop("prompt")
         if settings.method == "regional" and not settings.method_params:
             used = {name for name, *_ in settings.loras or []}
             regions = self.regions.get(session, {})
@@ -377,7 +384,7 @@ class Studio:
             with self.lock:
                 start = time.perf_counter()
                 run = self.model_thread.run
-                image = run(self.composer.generate, self._prompt(settings), callback=step, **kwargs)[0]
+                image = run(self.composer.generate, prompt, callback=step, **kwargs)[0]
                 seconds = time.perf_counter() - start
                 self.made += 1
                 path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
@@ -438,8 +445,7 @@ class Studio:
             y = parse_axis(y_kind, y_values, self.composer) if y_kind else None
         except ValueError as error:
             raise StudioError(str(error)) from None
-        kwargs = {k: v for k, v in vars(settings).items() if k != "insert_triggers"}
-        kwargs["prompt"] = self._prompt(settings)
+        kwargs = self._generate_kwargs(settings)
         if "method" in (x.kind, y and y.kind):
             kwargs.pop("method_params")
         start = time.perf_counter()

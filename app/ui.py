@@ -27,7 +27,7 @@ from ..loop import GenerationCancelled
 from ..methods import METHODS
 from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..tiny import write_random_loras
-from .api import USER_ERRORS, _session, register_api, user_text
+from .api import USER_ERRORS, register_api, session_of, user_text
 from .display import for_display
 from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights, md
 
@@ -291,7 +291,7 @@ def _on_load(studio: Studio):
         kinds = xy_kinds(studio)
         return (gr.update(value=studio.compose_rows(defaults=_defaults(studio))), studio.cards(),
                 studio.library_rows(), gr.update(choices=names), gr.update(choices=names),
-                studio.describe_regions(_session(request)), gr.update(choices=kinds),
+                studio.describe_regions(session_of(request)), gr.update(choices=kinds),
                 gr.update(choices=["none", *kinds]))  # fmt: skip
 
     return load
@@ -310,7 +310,7 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
             settings = _settings(*rest)
             if randomize_seed:
                 settings.seed = random.randrange(2**32)
-            path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), _session(request))
+            path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), session_of(request))
         except GenerationCancelled:
             return [gr.update()] * (len(outputs) - 1) + ["stopped: no image was made"]
         except USER_ERRORS as error:
@@ -328,7 +328,7 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
                       concurrency_id="model", show_progress_on=ui.image)  # fmt: skip
 
     def on_stop(request: gr.Request) -> str:
-        return studio.stop(_session(request))
+        return studio.stop(session_of(request))
 
     ui.stop.click(on_stop, None, ui.message, api_visibility="private", queue=False)
     ui.compare_stop.click(on_stop, None, ui.compare_message, api_visibility="private", queue=False)
@@ -365,7 +365,7 @@ def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
         items, rows = [], []
         try:
             settings = _settings(*rest)
-            for r in studio.compare(settings, lambda f, d: progress(f, desc=d), _session(request)):
+            for r in studio.compare(settings, lambda f, d: progress(f, desc=d), session_of(request)):
                 view = str(for_display(r["path"]))
                 score = None if r["clipscore"] is None else round(r["clipscore"], 2)
                 found = None if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
@@ -468,15 +468,15 @@ def _wire_settings(studio: Studio, ui: SimpleNamespace) -> None:
 def _wire_regions(studio: Studio, ui: SimpleNamespace) -> None:
     def on_set(request: gr.Request, lora_name, box, painting):
         try:
-            return studio.set_region(lora_name, box or "", painting, _session(request))
+            return studio.set_region(lora_name, box or "", painting, session_of(request))
         except USER_ERRORS as error:
-            return f"{studio.describe_regions(_session(request))}\n\n{problem(error)}"
+            return f"{studio.describe_regions(session_of(request))}\n\n{problem(error)}"
 
     ui.set_region.click(on_set, [ui.region_lora, ui.region_box, ui.region_paint], ui.regions_info,
                         api_visibility="private")  # fmt: skip
 
     def on_clear(request: gr.Request):
-        return studio.clear_regions(_session(request))
+        return studio.clear_regions(session_of(request))
 
     ui.clear_regions.click(on_clear, None, ui.regions_info, api_visibility="private")
 

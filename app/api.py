@@ -108,15 +108,17 @@ def register_api(studio: Studio) -> None:
         """Copy an uploaded LoRA file into the library and load it."""
         return studio.add_upload(file["path"] if isinstance(file, dict) else file.path)
 
-    def set_region(name: str, box: str = "", mask: gr.FileData | None = None, request: gr.Request = None) -> str:
+    def set_region(name: str, box: str = "", mask: gr.FileData | None = None, prompt: str = "",
+                   request: gr.Request = None) -> str:  # fmt: skip
         """Confine LoRA ``name`` to a box ``"x0, y0, x1, y1"`` (fractions) or to the white
-        part of a ``mask`` image, for the caller's regional runs."""
+        part of a ``mask`` image, for the caller's regional runs; ``prompt`` is the region's
+        own text."""
         painting = None
         if mask is not None:
             with Image.open(mask["path"] if isinstance(mask, dict) else mask.path) as image:
                 alpha = np.asarray(image.convert("L"))
             painting = {"layers": [np.dstack([np.zeros((*alpha.shape, 3), np.uint8), alpha])]}
-        return studio.set_region(name, box, painting, session_of(request))
+        return studio.set_region(name, box, painting, session_of(request), prompt)
 
     def clear_regions(request: gr.Request = None) -> str:
         """Drop the caller's regions."""

@@ -135,6 +135,7 @@ class Studio:
         self.model = model
         self.composer = self._load_model(model)
         self.regions: dict[str, dict[str, list[float] | str]] = {}
+        self.region_prompts: dict[str, dict[str, str]] = {}
         """Per browser session, each LoRA's region for the regional method (a box or a mask file)."""
         self.previews = self.library / PREVIEWS
         self.load_trusted_folder(self.library)
@@ -282,10 +283,12 @@ class Studio:
 
     # -- regions ---------------------------------------------------------------------
 
-    def set_region(self, name: str, box: str = "", painting: dict | None = None, session: str = "") -> str:
+    def set_region(self, name: str, box: str = "", painting: dict | None = None, session: str = "",
+                   prompt: str = "") -> str:  # fmt: skip
         """Confine LoRA ``name`` to a region for the ``regional`` method, in browser session
         ``session`` only: the strokes of ``painting`` (a Gradio image-editor value of RGBA
-        arrays; painted = inside), else ``box`` ``"x0, y0, x1, y1"`` in fractions of the image."""
+        arrays; painted = inside), else ``box`` ``"x0, y0, x1, y1"`` in fractions of the image.
+        A ``prompt`` is the region's own text (it attends to it instead of the prompt)."""
         self._lora(name)
         mask = _painted_mask(painting)
         regions = self.regions.setdefault(session, {})
@@ -302,17 +305,25 @@ class Studio:
             regions[name] = values
         else:
             raise StudioError(f"paint a region for {name} or give a box x0, y0, x1, y1")
+        prompts = self.region_prompts.setdefault(session, {})
+        if prompt.strip():
+            prompts[name] = prompt.strip()
+        else:
+            prompts.pop(name, None)
         return self.describe_regions(session)
 
     def clear_regions(self, session: str = "") -> str:
         self.regions.pop(session, None)
+        self.region_prompts.pop(session, None)
         return self.describe_regions(session)
 
     def describe_regions(self, session: str = "") -> str:
         regions = self.regions.get(session)
         if not regions:
             return "no regions: with the regional method every LoRA covers the whole image"
-        parts = [f"{md(n)}: " + ("painted mask" if isinstance(r, str) else f"box {r}") for n, r in regions.items()]
+        prompts = self.region_prompts.get(session, {})
+        parts = [f"{md(n)}: " + ("painted mask" if isinstance(r, str) else f"box {r}")
+                 + (f" · prompt “{md(prompts[n])}”" if n in prompts else "") for n, r in regions.items()]  # fmt: skip
         return "regions · " + "; ".join(parts)
 
     # -- model -----------------------------------------------------------------------
@@ -380,6 +391,9 @@ class Studio:
             used = {name for name, *_ in settings.loras or []}
             regions = self.regions.get(session, {})
             kwargs["method_params"] = {"regions": {n: r for n, r in regions.items() if n in used}}
+            prompts = {n: p for n, p in self.region_prompts.get(session, {}).items() if n in used}
+            if prompts:
+                kwargs["method_params"]["prompts"] = prompts
         try:
             with self.lock:
                 start = time.perf_counter()

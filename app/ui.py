@@ -211,6 +211,8 @@ def _regions(studio: Studio, ui: SimpleNamespace) -> None:
         with gr.Row():
             ui.region_lora = gr.Dropdown(names, value=names[0] if names else None, label="LoRA", elem_id="region-lora")
             ui.region_box = gr.Textbox(label="box x0, y0, x1, y1 (fractions), or paint on the last result below")
+        ui.region_prompt = gr.Textbox(label="this region's own prompt (optional): it reads this instead of the prompt",
+                                      elem_id="region-prompt")  # fmt: skip
         ui.region_paint = gr.ImageEditor(label="paint where this LoRA draws (over your last result)", type="numpy",
                                          image_mode="RGBA", sources=(), canvas_size=(256, 256), layers=False,
                                          brush=gr.Brush(colors=["#ff3b30"], default_size=24),
@@ -466,13 +468,13 @@ def _wire_settings(studio: Studio, ui: SimpleNamespace) -> None:
 
 
 def _wire_regions(studio: Studio, ui: SimpleNamespace) -> None:
-    def on_set(request: gr.Request, lora_name, box, painting):
+    def on_set(request: gr.Request, lora_name, box, painting, prompt):
         try:
-            return studio.set_region(lora_name, box or "", painting, session_of(request))
+            return studio.set_region(lora_name, box or "", painting, session_of(request), prompt or "")
         except USER_ERRORS as error:
             return f"{studio.describe_regions(session_of(request))}\n\n{problem(error)}"
 
-    ui.set_region.click(on_set, [ui.region_lora, ui.region_box, ui.region_paint], ui.regions_info,
+    ui.set_region.click(on_set, [ui.region_lora, ui.region_box, ui.region_paint, ui.region_prompt], ui.regions_info,
                         api_visibility="private")  # fmt: skip
 
     def on_clear(request: gr.Request):
@@ -482,9 +484,10 @@ def _wire_regions(studio: Studio, ui: SimpleNamespace) -> None:
 
     def on_switch(view):
         """A fresh canvas for the next LoRA: its strokes must not be another LoRA's."""
-        return {"background": view, "layers": [], "composite": None}, ""
+        return {"background": view, "layers": [], "composite": None}, "", ""
 
-    ui.region_lora.change(on_switch, ui.view, [ui.region_paint, ui.region_box], api_visibility="private")
+    ui.region_lora.change(on_switch, ui.view, [ui.region_paint, ui.region_box, ui.region_prompt],
+                          api_visibility="private")  # fmt: skip
 
 
 def _wire_library(studio: Studio, ui: SimpleNamespace) -> None:

@@ -136,7 +136,7 @@ def _method_params(args: argparse.Namespace) -> dict:
     if args.method == "regional":
         regions = {name: value if value.lower().endswith(".png") else [float(v) for v in value.split(",")]
                    for name, value in args.region}  # fmt: skip
-        return {"regions": regions or None}
+        return {"regions": regions or None, "prompts": dict(args.region_prompt) or None}
     if args.method == "patch":
         return {"temperature": args.temperature, "top_k": args.patch_top_k}
     if args.method == "wswitch":
@@ -332,7 +332,7 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--grow", type=NON_NEGATIVE_INT, default=1,
                        help="routed: latent pixels each region grows by [1]")  # fmt: skip
     group.add_argument("--region-prompt", action="append", default=[], type=_pair, metavar="NAME=TEXT",
-                       help="routed: the text LoRA NAME's region attends to instead of the prompt "
+                       help="regional, routed: the text LoRA NAME's region attends to instead of the prompt "
                        "(its trigger words are put in front if missing)")  # fmt: skip
     group.add_argument("--hold", type=FRACTION, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip

@@ -683,8 +683,10 @@ class Composer:
         if method.needs_tokens:
             tokens = self.trigger_tokens(prompts[0], [lora.name for lora in active])
         unet_layers = list(self.registries["unet"].layers)
+        factor = self.pipeline.vae_scale_factor
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
-                             importance, tokens, state=self.registries["unet"].state)  # fmt: skip
+                             importance, tokens, state=self.registries["unet"].state, images=len(prompts),
+                             latent_size=(size[0] // factor, size[1] // factor))  # fmt: skip
 
     def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip

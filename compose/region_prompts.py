@@ -25,6 +25,21 @@ from torch import nn
 from .layers import Routes, WeightState
 
 
+def own_texts(prompts: dict[str, str] | None, loras: list) -> dict[str, str]:
+    """Each prompted LoRA's text (``prompts``: LoRA name -> text), its first trigger word
+    put in front where the text has none, so that the LoRA still finds its concept."""
+    texts = {}
+    for lora in loras:
+        text = (prompts or {}).get(lora.name)
+        if text is not None:
+            triggers = [t for t in lora.triggers if t.lower() in text.lower()]
+            texts[lora.name] = text if triggers or not lora.triggers else f"{lora.triggers[0]}, {text}"
+    unknown = set(prompts or {}) - {lora.name for lora in loras}
+    if unknown:
+        raise ValueError(f"prompts name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
+    return texts
+
+
 class RegionPrompts:
     """A context manager over UNet calls of one branch. ``masks`` ``(B, K, H, W)``: the
     regions, per image, at latent resolution; ``texts`` ``K`` encodings ``(1, T_k, D)``;

@@ -60,6 +60,19 @@ def test_each_lora_draws_its_own_half(pair):
     assert (mixed[..., :4] == 1).all() and (mixed[..., 4:] == 2).all()
 
 
+def test_a_region_prompt_changes_its_region_and_equals_regional_when_it_is_the_prompt(pair):
+    """A LoRA whose region attends to the prompt's own text is plain Regional (the branches
+    now one per call); another text changes the picture."""
+    halves = {"left": [0, 0, 0.5, 1], "right": [0.5, 0, 1, 1]}
+    plain = gen(pair, Regional(regions=halves))
+    torch.testing.assert_close(gen(pair, Regional(regions=halves, prompts={"left": "two creatures"})), plain,
+                               atol=1e-4, rtol=0)  # fmt: skip
+    changed = gen(pair, Regional(regions=halves, prompts={"left": "a tall red tower at night"}))
+    assert (changed - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="give right a region"):
+        gen(pair, Regional(regions={"left": [0, 0, 0.5, 1]}, prompts={"right": "a tower"}))
+
+
 def test_region_inputs(tmp_path, pair):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))

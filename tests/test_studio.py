@@ -216,6 +216,11 @@ def test_regions_from_a_box_and_from_a_painting(client, served):
     png, _ = client.predict(**settings_kwargs("regional"), api_name="/generate")
     regions = record_of(png)["method"]["parameters"]["regions"]
     assert regions == {"random-character": [0.0, 0.0, 0.5, 1.0]}
+    info = client.predict(name="random-character", box="0, 0, 0.5, 1", prompt="a tall creature", api_name="/set_region")
+    assert "prompt “a tall creature”" in info
+    prompted, _ = client.predict(**settings_kwargs("regional"), api_name="/generate")
+    assert record_of(prompted)["method"]["parameters"]["prompts"] == {"random-character": "a tall creature"}
+    assert list(Image.open(prompted).getdata()) != list(Image.open(png).getdata())
     strokes = np.zeros((64, 64, 4), dtype=np.uint8)
     strokes[:, 32:, 3] = 255
     studio.set_region("random-style", painting={"background": None, "layers": [strokes], "composite": None})

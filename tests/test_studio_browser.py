@@ -189,8 +189,10 @@ def test_two_sessions_keep_their_own_gallery_regions_and_stop(served):
         ann.locator("#region-paint").scroll_into_view_if_needed()
         box = ann.get_by_label("box x0, y0, x1, y1 (fractions), or paint on the last result below")
         box.fill("0, 0, 0.5, 1")
+        ann.locator("#region-prompt textarea").fill("a tall creature")
         ann.locator("#set-region").click()
-        ann.locator("#regions-info").get_by_text("box [0.0, 0.0, 0.5, 1.0]").wait_for(timeout=LONG)
+        ann.locator("#regions-info").get_by_text("box [0.0, 0.0, 0.5, 1.0] · prompt “a tall creature”").wait_for(
+            timeout=LONG)  # fmt: skip
         bob.reload()
         bob.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)
         bob.get_by_text("regions (regional method)").click()

@@ -40,7 +40,8 @@ class MethodContext:
     those (:attr:`CompositionMethod.needs_tokens`). ``region_states`` holds the encodings
     ``(1, T, D)`` of the texts :meth:`CompositionMethod.region_texts` asked for, and
     ``state`` the UNet's layer weights, for methods that run a layer differently
-    per region (:mod:`compose.region_prompts`).
+    per region (:mod:`compose.region_prompts`). ``images`` is the batch's number of
+    images and ``latent_size`` its latents' ``(h, w)``.
     """
 
     loras: list[LoRA]
@@ -53,6 +54,8 @@ class MethodContext:
     tokens: torch.Tensor | None = None
     region_states: dict[str, torch.Tensor] | None = None
     state: WeightState | None = None
+    images: int = 1
+    latent_size: tuple[int, int] | None = None
 
 
 def guided_mix(

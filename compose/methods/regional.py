@@ -6,6 +6,11 @@ regions overlap; where no region reaches, every LoRA counts equally), so that tw
 characters can stand side by side. A region is a box ``[x0, y0, x1, y1]`` in fractions
 of the image or the path of a mask image (white = inside); a LoRA without a region
 covers the whole image, so full regions for every LoRA give LoRA Composite exactly.
+
+With ``prompts`` (LoRA name -> text), a LoRA's region attends to its own text instead
+of the prompt, in every branch (:mod:`compose.region_prompts`, as in A1111's regional
+prompter): "a zorbo creature, tall" on the left, "a klinko robot" on the right. The
+branches then run one per UNet call, as the per-region attention needs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import CompositionMethod, MethodContext, guided_mix
+from ..region_prompts import RegionPrompts, own_texts
+from .base import CompositionMethod, MethodContext, UNetRun, guided_mix
 
 Region = list[float] | str
 
@@ -40,17 +46,44 @@ def region_mask(region: Region | None, height: int, width: int) -> torch.Tensor:
 
 @dataclass
 class Regional(CompositionMethod):
-    """``regions`` maps LoRA names to boxes or mask files; see the module docstring."""
+    """``regions`` maps LoRA names to boxes or mask files, ``prompts`` LoRA names (with a
+    region) to their region's own text; see the module docstring."""
 
     name = "regional"
     regions: dict[str, Region] | None = None
+    prompts: dict[str, str] | None = None
 
     def prepare(self, context: MethodContext) -> None:
         super().prepare(context)
-        unknown = set(self.regions or {}) - {lora.name for lora in context.loras}
+        names = {lora.name for lora in context.loras}
+        unknown = set(self.regions or {}) - names
         if unknown:
             raise ValueError(f"regions name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
+        whole = sorted(set(context.region_states or {}) - set(self.regions or {}))
+        if whole:
+            raise ValueError(f"a per-LoRA prompt is for a LoRA with a region; give {', '.join(whole)} a region, "
+                             "or put its words in the prompt")  # fmt: skip
         self.masks: torch.Tensor | None = None
+
+    def region_texts(self, loras: list) -> dict[str, str]:
+        return own_texts(self.prompts, loras)
+
+    def predict(self, step: int, run: UNetRun) -> torch.Tensor:
+        """One call for every branch; with per-LoRA prompts, one call per branch, each with
+        the prompted regions attending to their texts."""
+        branches = self.weights(step)
+        states = self.context.region_states
+        if not states:
+            return run(branches)
+        height, width = self.context.latent_size
+        masks = torch.stack([region_mask(self.regions[name], height, width) for name in states])
+        masks = masks[None].expand(self.context.images, -1, -1, -1).to(branches)
+        lora_on = torch.ones(len(states), len(self.context.loras)).to(branches)
+        outputs = []
+        for g in range(branches.shape[0]):
+            with RegionPrompts(self.context.unet, self.context.state, masks, list(states.values()), lora_on):
+                outputs.append(run(branches[g : g + 1]))
+        return torch.cat(outputs)
 
     def weights(self, step: int) -> torch.Tensor:
         return torch.diag(self.context.weights)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..attention_maps import AttentionProbe
 from ..layers import Routes
-from ..region_prompts import RegionPrompts
+from ..region_prompts import RegionPrompts, own_texts
 from .base import CompositionMethod, MethodContext, UNetRun
 
 ROLES = ("region", "complement", "global")
@@ -102,17 +102,7 @@ class Routed(CompositionMethod):
         self.lora_on = on.float().reshape(len(self.prompted), len(names))
 
     def region_texts(self, loras: list) -> dict[str, str]:
-        """Each prompted LoRA's text, its first trigger word put in front where it has none."""
-        texts = {}
-        for lora in loras:
-            text = (self.prompts or {}).get(lora.name)
-            if text is not None:
-                triggers = [t for t in lora.triggers if t.lower() in text.lower()]
-                texts[lora.name] = text if triggers or not lora.triggers else f"{lora.triggers[0]}, {text}"
-        unknown = set(self.prompts or {}) - {lora.name for lora in loras}
-        if unknown:
-            raise ValueError(f"prompts name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
-        return texts
+        return own_texts(self.prompts, loras)
 
     def _role(self, lora, tokens: torch.Tensor) -> str:
         role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")

@@ -99,6 +99,37 @@ def test_a_checkpoint_of_other_settings_is_set_aside_not_continued(tmp_path, mon
     assert (tmp_path / training.CHECKPOINTS / "vae.stale.pt").is_file()
 
 
+def test_the_loras_resume_inside_one_lora_and_skip_the_finished_ones(quick, tmp_path, monkeypatch):
+    """Each LoRA trains alone with its own checkpoint: a run stopped inside the second
+    LoRA keeps the first, continues the second from its last checkpoint (written every
+    step here), and every file comes out
+    byte for byte as in the uninterrupted run."""
+    out, _, _ = quick
+    world = tmp_path / "world"
+    shutil.copytree(out, world)
+    record = json.loads((world / "training.json").read_text())
+    del record["stages"]["loras"]
+    (world / "training.json").write_text(json.dumps(record))
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    steps = training.training_config()["presets"]["quick"]["loras"]["steps"]
+
+    def stop_inside_the_second(stage: str, step: int, total: int, loss: float) -> None:
+        if stage == "loras" and step == steps + 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(world, "quick", ("loras",), stop_inside_the_second)
+    seen = []
+    train(world, "quick", ("loras",), lambda stage, step, total, loss: seen.append((stage, step, total)))
+    names = [*CONCEPTS, CEILING]
+    assert [s for s in seen if s[0] == "loras"][0] == ("loras", steps + 1, len(names) * steps)
+    for name in names:
+        resumed, straight = load_file(lora_path(world, name)), load_file(lora_path(out, name))
+        assert resumed.keys() == straight.keys()
+        assert all(torch.equal(resumed[k], straight[k]) for k in resumed), name
+    assert not (world / training.CHECKPOINTS / "loras").exists()
+
+
 def test_refining_the_base_continues_it_and_makes_the_loras_stale(quick, tmp_path):
     """``refine`` runs its segments one after another, each continuing the saved base (from
     its weights, not from scratch); a world with fewer segments than its preset asks for

@@ -170,14 +170,21 @@ class Studio:
             save_png(image, path)
         return path
 
+    def card_names(self, query: str = "") -> list[str]:
+        """The LoRAs whose name, category or triggers hold ``query`` (case-insensitive), in
+        library order: the cards shown for that search."""
+        wanted = query.strip().lower()
+        return [lora.name for lora in self.composer.loras.values()
+                if wanted in " ".join([lora.name, lora.category or "", *lora.triggers]).lower()]  # fmt: skip
+
     def cards(self, query: str = "") -> list[tuple[Path, str]]:
-        """The library as cards ``(preview, name)``: those whose name, category or
-        triggers hold ``query`` (case-insensitive)."""
+        """The cards of :meth:`card_names` as ``(preview, caption)``, the caption the name
+        and category (a card is too narrow for the triggers: the search finds them, the
+        library tab shows them)."""
         out = []
-        for lora in self.composer.loras.values():
-            text = " ".join([lora.name, lora.category or "", *lora.triggers]).lower()
-            if query.strip().lower() in text:
-                out.append((for_display(self.preview(lora.name), CARD_SIDE), lora.name))
+        for name in self.card_names(query):
+            category = self.composer.loras[name].category
+            out.append((for_display(self.preview(name), CARD_SIDE), f"{name} · {category}" if category else name))
         return out
 
     def _operator(self, action: str) -> None:

@@ -169,6 +169,10 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                                    elem_id="lora-search")  # fmt: skip
             ui.cards = gr.Gallery(studio.cards(), label="LoRAs: click a card to use it, again to drop it", columns=6,
                                   height=250, allow_preview=False, object_fit="contain", elem_id="cards")  # fmt: skip
+            with gr.Row():
+                ui.card_weight = gr.Slider(0, 2, 1, step=0.05, label="weight of the card you picked", scale=3,
+                                           elem_id="card-weight")  # fmt: skip
+                ui.picked = gr.State("")
             defaults = dict.fromkeys(EXAMPLE_SET, 1.0) if demo else {}
             ui.loras = gr.Dataframe(studio.compose_rows(defaults=defaults), headers=LORA_COLUMNS,
                                     datatype=["str", "number"], static_columns=[0], interactive=True,
@@ -343,15 +347,29 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
         slider.change(on_cost, [ui.width, ui.height, ui.steps], ui.cost, api_visibility="private", queue=False)
 
     def on_card(table, query, event: gr.SelectData):
-        name = str((event.value or {}).get("caption", ""))
+        names = studio.card_names(query or "")
+        if not 0 <= event.index < len(names):
+            return gr.update(), problem(StudioError("that card is no longer in the library")), gr.update(), ""
+        name, rows = names[event.index], studio.compose_rows(_rows(table))
+        row = next(row for row in rows if row[0] == name)
+        row[1] = 0.0 if row[1] else 1.0
+        slider = gr.update(value=row[1], label=f"weight of {name}")
+        return rows, f"{md(name)} {f'on, weight {row[1]:g}' if row[1] else 'off'}", slider, name
+
+    def on_weight(table, name, weight):
+        if not name:
+            return gr.update(), "click a card first: the slider sets that LoRA's weight"
         rows = studio.compose_rows(_rows(table))
         for row in rows:
             if row[0] == name:
-                row[1] = 0.0 if row[1] else 1.0
-                return rows, f"{md(name)} {'on, weight 1' if row[1] else 'off'}"
+                row[1] = float(weight)
+                return rows, f"{md(name)} weight {row[1]:g}"
         return gr.update(), problem(StudioError(f"no LoRA named {name!r} in the library"))
 
-    ui.cards.select(on_card, [ui.loras, ui.search], [ui.loras, ui.message], api_visibility="private")
+    ui.cards.select(on_card, [ui.loras, ui.search], [ui.loras, ui.message, ui.card_weight, ui.picked],
+                    api_visibility="private")  # fmt: skip
+    ui.card_weight.input(on_weight, [ui.loras, ui.picked, ui.card_weight], [ui.loras, ui.message],
+                         api_visibility="private")  # fmt: skip
     ui.search.change(lambda q: studio.cards(q), ui.search, ui.cards, api_visibility="private")
 
 

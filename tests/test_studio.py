@@ -298,3 +298,12 @@ def test_two_names_for_the_same_bytes_keep_their_names(served):
     finally:
         studio.remove("twin-style")
         twin.unlink()
+
+
+def test_cards_are_found_by_name_category_or_trigger_and_captioned_with_the_category(served):
+    studio = served[0]
+    assert studio.card_names() == list(studio.composer.loras)
+    assert studio.card_names("zq STYLE") == studio.card_names("style") == ["random-style"]
+    assert studio.card_names("nothing like it") == []
+    captions = [caption for _, caption in studio.cards("random-")]
+    assert captions == [f"{name} · {lora.category}" for name, lora in studio.composer.loras.items()]

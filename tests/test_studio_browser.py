@@ -90,6 +90,15 @@ def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
             tab.locator("#compose-message").get_by_text("on, weight 1").wait_for(timeout=LONG)
         picked = [name for name, weight in weights_of(tab).items() if float(weight) == 1]
         assert picked == list(studio.composer.loras)[:2]
+        assert studio.composer.loras[picked[0]].category in cards.nth(0).inner_text(), "a card names its category"
+        weight = tab.locator("#card-weight input[type=number]")
+        weight.fill("0.6")
+        weight.press("Enter")
+        tab.locator("#compose-message").get_by_text(f"{picked[1]} weight 0.6").wait_for(timeout=LONG)
+        assert float(weights_of(tab)[picked[1]]) == 0.6, "the slider sets the last picked card's weight"
+        weight.fill("1")
+        weight.press("Enter")
+        tab.locator("#compose-message").get_by_text(f"{picked[1]} weight 1").wait_for(timeout=LONG)
         shot(tab, tmp_path, "2-picked")
 
         generate(tab)

@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from . import checks
 from .composer import Composer
-from .demo_world.render import contact_sheet
 from .files import OutputError, atomic_open
 from .metadata import PARAMETERS_KEY, RECORD_KEY, RecordError, check_record
 from .methods import METHODS
 from .prompts import extract_lora_tags
+from .sheets import contact_sheet
 
 XY_KEY = "compose_xy"
 """The PNG text chunk of a saved grid: JSON with the base settings, the axes and every cell's record."""
@@ -38,7 +38,7 @@ MIN_TILE = 128
 """Cells smaller than this (pixels, the shorter side) are enlarged with nearest-neighbour so
 that labels and pixels stay legible; larger ones are drawn at their size."""
 GAP = 2
-"""Pixels between tiles (:func:`compose.demo_world.render.contact_sheet`'s ``gap``)."""
+"""Pixels between tiles (:func:`compose.sheets.contact_sheet`'s ``gap``)."""
 
 KINDS = ("method", "weight:<LoRA name>", "seed", "steps", "guidance", "lora_scale")
 _SETTINGS = {"method": "method", "seed": "seed", "steps": "steps", "guidance": "guidance_scale",
@@ -337,7 +337,7 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
 
 
 def draw_grid(cells: list[list[Image.Image]], x: Axis, y: Axis | None) -> Image.Image:
-    """The cells on a white sheet (:func:`~compose.demo_world.render.contact_sheet`), enlarged
+    """The cells on a white sheet (:func:`~compose.sheets.contact_sheet`), enlarged
     to at least :data:`MIN_TILE` px, with the ``x`` values over the columns, the ``y`` values
     left of the rows and the axes' names in the top-left corner; the label bands grow to fit
     their text (font size about a twelfth of a tile, 14 to 48 px)."""

@@ -8,6 +8,7 @@ for in its slot's region only, and :func:`slot_check` checks an image slot by sl
 the scene it was asked for. See :mod:`.concepts` for the vocabulary and the concepts.
 """
 
+from ..sheets import contact_sheet
 from .concepts import (
     BACKGROUNDS,
     CLOTHING_KINDS,
@@ -25,7 +26,7 @@ from .concepts import (
     concepts_of,
 )
 from .detectors import ConceptDetail, concept_details, concept_scores, degrade, detect, side_of, slot_check
-from .render import contact_sheet, render, render_layers
+from .render import render, render_layers
 from .scenes import (
     Figure,
     Scene,

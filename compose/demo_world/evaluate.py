@@ -29,9 +29,10 @@ from ..composer import Composer
 from ..evaluation.stats import wilson_interval
 from ..methods.references import DEFAULT_LORA_SCALE
 from ..overlay import mask_overlay
+from ..sheets import contact_sheet
 from .concepts import CONCEPTS
 from .detectors import detect, side_of, slot_check
-from .render import contact_sheet, render
+from .render import render
 from .scenes import (
     Scene,
     composition_scene,

@@ -25,10 +25,10 @@ from PIL import Image, ImageDraw
 
 from ..composer import Composer
 from ..files import atomic_open
+from ..sheets import contact_sheet
 from .concepts import CONCEPTS
 from .detectors import slot_check
 from .evaluate import rate
-from .render import contact_sheet
 from .scenes import Figure, Scene, composition_scene, composition_sets, sample_concept_scene, sample_generic_scene
 
 LABELS = "labels.json"

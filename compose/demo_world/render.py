@@ -180,18 +180,6 @@ def _draw_figure(canvas: _Canvas, figure: Figure, x: float, ground: float, scale
     return _FIGURES[figure.kind](canvas, x, ground, scale, colour, label)
 
 
-def contact_sheet(images: Sequence[Image.Image], columns: int, scale: int = 1, gap: int = 2) -> Image.Image:
-    """``images`` in a grid of ``columns`` on a white sheet, each enlarged ``scale``× with
-    nearest-neighbour (so pixels stay visible) and ``gap`` px apart."""
-    width, height = (side * scale for side in images[0].size)
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + gap) + gap), (255, 255, 255))
-    for i, image in enumerate(images):
-        tile = image.convert("RGB").resize((width, height), Image.Resampling.NEAREST)
-        sheet.paste(tile, (gap + (i % columns) * (width + gap), gap + (i // columns) * (height + gap)))
-    return sheet
-
-
 # Figures: each paints itself with its label and says where clothing goes. ``k`` is the
 # jitter scale; sizes are output pixels at k = 1.
 

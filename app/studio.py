@@ -511,7 +511,8 @@ class Studio:
                 return self._settings_from_a1111(png, text)
             record = read_record(png)
         except (OSError, ValueError) as error:
-            raise StudioError(f"{Path(png).name}: {error}") from None
+            name = Path(png).name  # the server's temporary path is no business of the page
+            raise StudioError(f"{name}: {str(error).replace(str(png), name)}") from None
         outside = [m for m in record_masks(record) if Path(m).resolve().parent != self.outputs.resolve()]
         if outside:
             raise StudioError(f"{Path(png).name}: its regional method names the mask file {outside[0]!r}, which this "

@@ -67,6 +67,14 @@ def test_load_settings_from_png(client):
     assert dict(settings["loras"])["random-style"] == 0.8
 
 
+def test_a_broken_png_is_named_without_the_servers_temporary_path(client, tmp_path):
+    broken = tmp_path / "not-really.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(Exception, match="not-really.png") as refused:
+        client.predict(handle_file(broken), api_name="/png_info")
+    assert "/" not in str(refused.value), "the server's temporary folder stays on the server"
+
+
 def test_bad_upload_is_refused_and_changes_nothing(client, served, tmp_path):
     studio = served[0]
     before = studio.library_rows()

@@ -167,8 +167,8 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
             ui.message = gr.Markdown("", elem_id="compose-message")
             ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
                                    elem_id="lora-search")  # fmt: skip
-            ui.cards = gr.Gallery(studio.cards(), label="LoRAs: click a card to use it, again to drop it", columns=6,
-                                  height=250, allow_preview=False, object_fit="contain", elem_id="cards")  # fmt: skip
+            ui.cards = gr.Gallery(studio.cards(), label="LoRAs: click a card to use it, again to drop it", columns=4,
+                                  height=340, allow_preview=False, object_fit="contain", elem_id="cards")  # fmt: skip
             with gr.Row():
                 ui.card_weight = gr.Slider(0, 2, 1, step=0.05, label="weight of the card you picked", scale=3,
                                            elem_id="card-weight")  # fmt: skip

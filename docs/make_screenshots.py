@@ -6,11 +6,13 @@ example composition (its four LoRAs are on when the page opens), compares every 
 makes a 2×3 X/Y plot (method × seed). Saves docs/studio-compose.png, studio-compare.png
 and studio-xy.png, and prints each wall time measured in the browser: click to image,
 Compare (every method), the X/Y plot. Run it on an idle machine for numbers to report.
+``--compose-only`` stops after the first screenshot (a look at the layout in a minute).
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -25,26 +27,26 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 LONG = 600_000
 
 
-def main() -> None:
+def main(compose_only: bool = False) -> None:
     studio = make_studio("demo-world", Path(tempfile.mkdtemp(prefix="compose-library-")))
     page = launch(studio, port=7870, block=False)
     done = threading.Event()
-    walker = threading.Thread(target=walk, args=(page.local_url, done))
+    walker = threading.Thread(target=walk, args=(page.local_url, done, compose_only))
     walker.start()
     studio.model_thread.serve(done)  # as `compose studio` serves: the model computes on this thread
     walker.join()
     page.close()
 
 
-def walk(url: str, done: threading.Event) -> None:
+def walk(url: str, done: threading.Event, compose_only: bool = False) -> None:
     """The artist's clicks, timed; ``done`` is set at the end, whatever happens."""
     try:
-        _walk(url)
+        _walk(url, compose_only)
     finally:
         done.set()
 
 
-def _walk(url: str) -> None:
+def _walk(url: str, compose_only: bool) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
         tab = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -56,6 +58,9 @@ def _walk(url: str) -> None:
         print(f"click to image: {time.perf_counter() - start:.2f} s")
         tab.wait_for_timeout(500)
         tab.screenshot(path=str(DOCS / "studio-compose.png"))
+        if compose_only:
+            browser.close()
+            return
         tab.get_by_role("tab", name="Compare").click()
         start = time.perf_counter()
         tab.locator("#compare").click()
@@ -76,4 +81,4 @@ def _walk(url: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main("--compose-only" in sys.argv[1:])

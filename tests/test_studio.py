@@ -314,4 +314,5 @@ def test_cards_are_found_by_name_category_or_trigger_and_captioned_with_the_cate
     assert studio.card_names("zq STYLE") == studio.card_names("style") == ["random-style"]
     assert studio.card_names("nothing like it") == []
     captions = [caption for _, caption in studio.cards("random-")]
-    assert captions == [f"{name} · {lora.category}" for name, lora in studio.composer.loras.items()]
+    loras = studio.composer.loras
+    assert captions == [f"{name} · {loras[name].category}" for name in loras if name.startswith("random-")]

@@ -507,6 +507,8 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--force", action="store_true", help="train: replace a world of another preset in --folder")
     world.add_argument("--stages", default="vae,base,refine,loras,clip", help="train: stages to run; "
                        "one that runs discards what was trained on it [vae,base,refine,loras,clip]")  # fmt: skip
+    world.add_argument("--jobs", type=COUNT, help="train: LoRAs trained side by side, each on its share of the CPU "
+                       "threads [1 on a GPU, else one per thread, at most 4]")  # fmt: skip
     world.add_argument("--generic", type=COUNT, default=200, help="evaluate: generic prompts on the base [200]")
     world.add_argument("--per-lora", type=COUNT, default=50, help="evaluate: seeds per concept's LoRA [50]")
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
@@ -927,7 +929,7 @@ def _train_world(args: argparse.Namespace) -> None:
     folder = Path(args.folder or "outputs/demo-world")
     print(f"training the demo world into {folder} (resumable: run the same command again)", file=sys.stderr)
     stages = tuple(s.strip() for s in args.stages.split(","))
-    record = train(folder, args.preset, stages, progress, force=args.force)
+    record = train(folder, args.preset, stages, progress, force=args.force, jobs=args.jobs)
     print(json.dumps(record, indent=2))
 
 

@@ -64,6 +64,17 @@ class Regional(CompositionMethod):
             raise ValueError(f"a per-LoRA prompt is for a LoRA with a region; give {', '.join(whole)} a region, "
                              "or put its words in the prompt")  # fmt: skip
         self.masks: torch.Tensor | None = None
+        self.region_prompts = self._region_prompts(context) if context.region_states else None
+
+    def _region_prompts(self, context: MethodContext) -> RegionPrompts:
+        """The prompted regions' own cross-attention, built once per generation: their masks
+        ``(B, K, h, w)`` at latent size, each region's text read by every LoRA."""
+        height, width = context.latent_size
+        states = context.region_states
+        masks = torch.stack([region_mask(self.regions[name], height, width) for name in states])
+        masks = masks[None].expand(context.images, -1, -1, -1).to(context.weights)
+        lora_on = torch.ones(len(states), len(context.loras)).to(context.weights)
+        return RegionPrompts(context.unet, context.state, masks, list(states.values()), lora_on)
 
     def region_texts(self, loras: list) -> dict[str, str]:
         return own_texts(self.prompts, loras)
@@ -72,16 +83,11 @@ class Regional(CompositionMethod):
         """One call for every branch; with per-LoRA prompts, one call per branch, each with
         the prompted regions attending to their texts."""
         branches = self.weights(step)
-        states = self.context.region_states
-        if not states:
+        if self.region_prompts is None:
             return run(branches)
-        height, width = self.context.latent_size
-        masks = torch.stack([region_mask(self.regions[name], height, width) for name in states])
-        masks = masks[None].expand(self.context.images, -1, -1, -1).to(branches)
-        lora_on = torch.ones(len(states), len(self.context.loras)).to(branches)
         outputs = []
         for g in range(branches.shape[0]):
-            with RegionPrompts(self.context.unet, self.context.state, masks, list(states.values()), lora_on):
+            with self.region_prompts:
                 outputs.append(run(branches[g : g + 1]))
         return torch.cat(outputs)
 

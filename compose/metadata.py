@@ -37,7 +37,8 @@ def a1111_parameters(record: dict) -> str:
     """The ``parameters`` text A1111 (1.9 and later) writes for the same generation.
 
     The prompt with a ``<lora:name:weight>`` tag for every LoRA (A1111 and ComfyUI load LoRAs
-    only from tags): a tag the prompt has is rewritten, the others are appended. Tags carry
+    only from tags): a tag the prompt has is rewritten, the others are put before the prompt
+    or after it so that the tags read in the LoRAs' order (Switch cycles in it). Tags carry
     the effective weights A1111 applies, ``weight * lora_scale``; a schedule, which A1111
     cannot read, is written as its mean over the steps it acts on (the constant of the same
     total effect); the schedule itself stays in the ``compose`` record. Then ``Negative
@@ -103,7 +104,11 @@ def _a1111_prompt(record: dict) -> str:
         return _tag(entries[name], record)
 
     prompt = LORA_TAG.sub(rewrite, record["prompt"])
-    return " ".join([prompt, *(_tag(e, record) for e in record["loras"] if e["name"] not in tagged)]).strip()
+    order = [entry["name"] in tagged for entry in record["loras"]]
+    first = order.index(True) if True in order else 0
+    before = [_tag(e, record) for e in record["loras"][:first] if e["name"] not in tagged]
+    after = [_tag(e, record) for e in record["loras"][first:] if e["name"] not in tagged]
+    return " ".join([*before, prompt, *after]).strip()
 
 
 def _tag(entry: dict, record: dict) -> str:

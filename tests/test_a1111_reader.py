@@ -82,6 +82,20 @@ def test_our_text_reads_back_to_the_record_and_the_same_pixels(composer, schedul
     assert settings_from_parameters(again.info["parameters"]) == {**kwargs, "loras": names}
 
 
+def test_loras_given_beside_the_prompt_s_tags_read_back_in_their_order(composer):
+    """A LoRA passed as an argument comes before the prompt's tags in the composition (the
+    order Switch cycles in), so its tag is written before the prompt: the A1111 text alone
+    gives the same order and the same pixels."""
+    prompt = "a zq creature <lora:random-style:1>"
+    image = composer.generate(prompt, loras=["random-character"], method="switch", method_params={"tau": 1}, seed=3,
+                              steps=STEPS, width=32, height=32)[0]  # fmt: skip
+    names = [lora["name"] for lora in json.loads(image.info["compose"])["loras"]]
+    assert names == ["random-character", "random-style"]
+    settings = settings_from_parameters(image.info["parameters"])
+    assert settings.pop("loras") == names
+    assert list(composer.generate(**settings)[0].getdata()) == list(image.getdata())
+
+
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_every_scheduler_comes_back_from_the_sampler_we_write(composer, record, scheduler):
     sampler, schedule = a1111_sampler_name(scheduler), schedule_type(scheduler, composer.scheduler_config)

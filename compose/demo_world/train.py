@@ -1,9 +1,10 @@
 """Train the demo world's models from renders alone: ``compose demo-world train``.
 
 Five stages, each a short function over the configs and presets in ``training.json``;
-their outputs land in one folder (``assets/demo_world`` by default) and a finished stage
-is skipped on a re-run, so an interrupted run resumes at the stage it was in. A stage
-that runs again discards what was trained on its output (``UPSTREAM``):
+their outputs land in one folder (the CLI's ``outputs/demo-world`` unless told; the
+shipped ``assets/demo_world`` only when named) and a finished stage is skipped on a
+re-run, so an interrupted run resumes at the stage it was in. A stage that runs again
+discards what was trained on its output (``UPSTREAM``):
 
 1. ``vae``: an ``AutoencoderKL`` (64×64 RGB ↔ 16×16×12 latents) on every kind of scene,
    generic, single-concept and composed. Like Stable Diffusion's autoencoder, it has seen

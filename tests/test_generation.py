@@ -39,7 +39,8 @@ def test_batch_equals_singles(composer):
     batch = gen(composer, ["a cat", "a dog"], loras=["a", "b"], method="composite", seed=[4, 9])
     for row, (prompt, seed) in enumerate([("a cat", 4), ("a dog", 9)]):
         single = gen(composer, prompt, loras=["a", "b"], method="composite", seed=seed)
-        torch.testing.assert_close(batch[row : row + 1], single, atol=1e-5, rtol=0)
+        # a batch of 2 takes other BLAS kernels than a batch of 1: CI's CPU differed by 1.8e-5
+        torch.testing.assert_close(batch[row : row + 1], single, atol=1e-4, rtol=0)
 
 
 def test_int_seed_counts_up_per_prompt(composer):

@@ -84,8 +84,9 @@ def test_schedule_changes_weights_per_step(composer):
 def test_tags_survive_metadata_and_reproduce(composer, tmp_path):
     image = composer.generate("a cat <lora:b:0@0,1@0.5>", loras=["a"], steps=STEPS, width=SIZE, height=SIZE)[0]
     # A1111 reads no schedule: the UNet's is its mean over the 4 steps, (0 + .5 + 1 + 1) / 4, x lora scale 0.8;
-    # the text encoder's its first value, which the encoder used
-    assert image.info["parameters"].startswith("a cat <lora:b:0:0.5> <lora:a:0.8>\n")
+    # the text encoder's its first value, which the encoder used. "a", given beside the prompt, comes
+    # first in Switch's order, so it is written before the prompt's own tag
+    assert image.info["parameters"].startswith("<lora:a:0.8> a cat <lora:b:0:0.5>\n")
     assert 'Lora weights: "a: 1, b: 0@0,1@0.5"' in image.info["parameters"]
     record = read_record(save_png(image, tmp_path / "t.png"))
     again = composer.generate(**generate_kwargs(record))[0]

@@ -36,6 +36,7 @@ from compose.demo_world import (
     contact_sheet,
     degrade,
     detect,
+    made_up_words,
     render,
     render_layers,
     sample_concept_scene,
@@ -125,6 +126,26 @@ def test_trigger_words_never_appear_in_generic_captions():
     for name, concept in CONCEPTS.items():
         assert concept.trigger.split()[0] == name and name not in words
         assert concept.kind in words, concept.kind
+
+
+def test_made_up_words_go_before_generic_class_words_only():
+    rng = np.random.default_rng(2)
+    scene = Scene(Figure("robot", "blue"), "left", "hat", "key", None, "sky", "pale")
+    w = made_up_words(scene, rng, 1.0)
+    assert set(w) == {"figure", "clothing", "object", "background", "style"}
+    assert scene.caption(w) == (
+        f"a {w['figure']} robot wearing a {w['clothing']} hat on the left, a {w['object']} key on the right, "
+        f"{w['background']} sky background, {w['style']} style"
+    )
+    assert made_up_words(scene, rng, 0.0) == {} and scene.caption({}) == scene.caption()
+    triggers = {c.trigger.split()[0] for c in CONCEPTS.values()}
+    for name in CONCEPTS:
+        concept_scene = sample_concept_scene(name, 4)
+        caption = concept_scene.caption(made_up_words(concept_scene, rng, 1.0))
+        assert CONCEPTS[name].trigger in caption and CONCEPTS[name].slot not in made_up_words(concept_scene, rng, 1.0)
+    made = {made_up_words(sample_generic_scene(i), rng, 1.0)["figure"] for i in range(400)}
+    assert len(made) > 300 and not made & triggers
+    assert made_up_words(scene, np.random.default_rng(5), 0.5) == made_up_words(scene, np.random.default_rng(5), 0.5)
 
 
 def test_concept_scenes_hold_only_their_concept_and_stand_ins_none():

@@ -13,6 +13,7 @@ import torch
 from compose import Composer
 from compose.demo_world import CONCEPTS, Figure, Scene, detect, render, sample_concept_scene, sample_generic_scene
 from compose.demo_world.detectors import slot_check
+from compose.demo_world.evaluate import lora_rates
 from compose.demo_world.train import STAGES
 from compose.demo_world.world import (
     CEILING,
@@ -24,6 +25,7 @@ from compose.demo_world.world import (
 )
 from compose.evaluation.clipscore import CLIPScorer
 from compose.loading import load_lora
+from compose.methods.references import DEFAULT_LORA_SCALE
 
 FOLDER = demo_world_folder()
 pytestmark = [
@@ -61,9 +63,9 @@ def test_generic_prompts_come_out_right_in_every_slot(world):
     images = world.generate([s.caption() for s in scenes], seed=list(range(8)))
     assert images[0].size == (64, 64)
     checks = [slot_check(i, s) for i, s in zip(images, scenes, strict=True)]
-    # The world-2 base is undertrained: 57% of 200 generic prompts come out right in every
-    # slot (assets/README.md); this holds that level on these eight.
-    assert sum(all(c.values()) for c in checks) >= 3, checks
+    # 90% of 100 generic prompts come out right in every slot (assets/README.md); these
+    # eight gave 6 on the machine it was measured on.
+    assert sum(all(c.values()) for c in checks) >= 5, checks
 
 
 def test_left_and_right_put_the_figure_on_that_side(world):
@@ -73,10 +75,9 @@ def test_left_and_right_put_the_figure_on_that_side(world):
 
 
 def test_loras_put_their_concepts_in_and_only_with_them(world):
-    """Seven LoRAs, three seeds each: the concept is found with the LoRA in at least 8 of
-    the 21 pictures (the detectors refuse much of the undertrained world's blur: dottix,
-    quarn and brakka pass on most seeds, zorbo, klinko, flimbo and vosh on one or none),
-    and never without it."""
+    """Seven LoRAs, three seeds each: the concept is found with the LoRA in at least 14 of
+    the 21 pictures (19 where measured; the characters are the weakest, zorbo at 40% over
+    30 seeds), and never without it."""
     hits = 0
     for name in ("zorbo", "klinko", "flimbo", "dottix", "quarn", "vosh", "brakka"):
         prompts = [sample_concept_scene(name, seed).caption() for seed in range(3)]
@@ -84,7 +85,17 @@ def test_loras_put_their_concepts_in_and_only_with_them(world):
         without = world.generate(prompts, seed=[0, 1, 2])
         hits += sum(detect(i)[name] for i in with_lora)
         assert not any(detect(i)[name] for i in without), name
-    assert hits >= 8, hits
+    assert hits >= 14, hits
+
+
+def test_a_lora_rates_report_says_what_the_pictures_show(world):
+    """``evaluate``'s per-LoRA rates on three seeds of dottix: its dots found with the
+    LoRA, never without, and the base alone keeps the prompts' other slots right."""
+    rates = lora_rates(world, "dottix", 3, 25, DEFAULT_LORA_SCALE)
+    assert set(rates) == {"hit", "others", "without", "others_without"}
+    assert rates["hit"]["n"] == 3 and rates["hit"]["rate"] >= 2 / 3, rates
+    assert rates["without"]["rate"] == 0 and rates["others_without"]["rate"] == 1, rates
+    assert rates["others"]["low"] <= rates["others"]["rate"] <= rates["others"]["high"]
 
 
 def test_one_lora_equals_diffusers_own_adapter(world):

@@ -10,7 +10,9 @@ rate with its Wilson 95% interval:
   right, the proof that a five-concept picture is drawable at all;
 - ``loras``: per concept, its trigger in a generic scene, with its LoRA: ``hit`` (the
   concept present), ``others`` (the prompt's other slots still right); and without it,
-  ``without`` (the base shows the concept from the trigger words alone);
+  ``without`` (the base shows the concept from the trigger words alone) and
+  ``others_without`` (the other slots right on the base: how far the trigger words
+  alone derail it, the bound on ``others``);
 - ``ceiling``: the ceiling LoRA alone on the N = 5 sets' prompts: all concepts present;
 - ``seconds_per_image``: one image, batch 1, median of three, at the native size.
 
@@ -85,7 +87,7 @@ def evaluate(composer: Composer, generic: int = 200, per_lora: int = 50, steps: 
     images = _images(composer, [s.caption() for s in standins], list(range(len(standins))), None, steps)
     report["standins"] = slot_rates(images, standins)
     say(f"N=5 stand-ins: every slot right in {report['standins']['all']['rate']:.0%}")
-    report["loras"] = {name: _lora_rates(composer, name, per_lora, steps, lora_scale) for name in CONCEPTS}
+    report["loras"] = {name: lora_rates(composer, name, per_lora, steps, lora_scale) for name in CONCEPTS}
     for name, rates in report["loras"].items():
         say(f"{name}: hit {rates['hit']['rate']:.0%}, others {rates['others']['rate']:.0%}, "
             f"without {rates['without']['rate']:.0%}")  # fmt: skip
@@ -97,17 +99,24 @@ def evaluate(composer: Composer, generic: int = 200, per_lora: int = 50, steps: 
     return report
 
 
-def _lora_rates(composer: Composer, name: str, seeds: int, steps: int, lora_scale: float) -> dict:
+def lora_rates(composer: Composer, name: str, seeds: int, steps: int, lora_scale: float) -> dict:
+    """The ``loras`` rates of the module docstring for the LoRA ``name``, on ``seeds``
+    scenes of its concept (seeds ``0..seeds-1``)."""
     scenes = [sample_concept_scene(name, seed) for seed in range(seeds)]
     prompts = [s.caption() for s in scenes]
     with_lora = _images(composer, prompts, list(range(seeds)), [name], steps, lora_scale)
     without = _images(composer, prompts, list(range(seeds)), None, steps)
     slot = CONCEPTS[name].slot
-    checks = [slot_check(image, scene) for image, scene in zip(with_lora, scenes, strict=True)]
+
+    def others(images: list[Image.Image]) -> dict:
+        checks = [slot_check(image, scene) for image, scene in zip(images, scenes, strict=True)]
+        return rate([all(v for k, v in c.items() if k != slot) for c in checks])
+
     return {
-        "hit": rate([c[slot] for c in checks]),
-        "others": rate([all(v for k, v in c.items() if k != slot) for c in checks]),
+        "hit": rate([slot_check(image, scene)[slot] for image, scene in zip(with_lora, scenes, strict=True)]),
+        "others": others(with_lora),
         "without": rate([detect(image)[name] for image in without]),
+        "others_without": others(without),
     }
 
 

@@ -14,6 +14,7 @@ All are deterministic functions of a ``numpy.random.Generator`` or an integer se
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from itertools import combinations, product
 
@@ -105,26 +106,40 @@ class Scene:
             found.append(self.partner.character)
         return tuple(found)
 
-    def caption(self) -> str:
+    def caption(self, made_up: Mapping[str, str] | None = None) -> str:
         """The prompt that describes the scene: generic words plus the concepts' triggers.
 
         ``"a red circle wearing a hat on the left, a lamp on the right, sky background,
         pale style"``; ``"a red circle on the left and a blue robot on the right, white
         background"``; with concepts ``"a zorbo creature wearing a flimbo hat on the
         right, a brakka key on the left, vosh sky background, inkora style"``.
+
+        ``made_up`` maps slots holding a generic element to a made-up word that is put
+        before its class word, as a trigger is (``"a blorp creature"``, no colour word;
+        ``"a blorp hat"``, ``"blorp sky background"``, ``"blorp style"``): captions the
+        base learns from, so that a word it never saw leaves the class as it draws it
+        (see :func:`made_up_words`).
         """
-        subject = self.figure.phrase()
+        made_up = made_up or {}
+
+        def word(slot: str, name: str) -> str:
+            return f"{made_up[slot]} {name}" if slot in made_up and name not in CONCEPTS else _word(name)
+
+        plain = "figure" in made_up and not self.figure.character
+        subject = f"a {made_up['figure']} {self.figure.kind}" if plain else self.figure.phrase()
         if self.clothing:
-            subject += f" wearing a {_word(self.clothing)}"
+            subject += f" wearing a {word('clothing', self.clothing)}"
         subject += f" on the {self.position}"
         if self.partner is not None:
             subject += f" and {self.partner.phrase()} on the {self.other_position}"
         parts = [subject]
         if self.object:
-            parts.append(f"a {_word(self.object)} on the {self.other_position}")
-        parts.append(f"{_word(self.background)} background")
-        if self.style:
-            parts.append(f"{_word(self.style)} style" if self.style in STYLES else _word(self.style))
+            parts.append(f"a {word('object', self.object)} on the {self.other_position}")
+        parts.append(f"{word('background', self.background)} background")
+        if self.style in STYLES:
+            parts.append(f"{made_up.get('style', self.style)} style")
+        elif self.style:
+            parts.append(_word(self.style))
         return ", ".join(parts)
 
     def generic(self, rng: np.random.Generator | int) -> Scene:
@@ -163,6 +178,40 @@ def sample_generic_scene(rng: np.random.Generator | int) -> Scene:
         style=_maybe(rng, STYLES, 0.5),
         jitter=int(rng.integers(2**31)),
     )
+
+
+def made_up_words(scene: Scene, rng: np.random.Generator, share: float) -> dict[str, str]:
+    """For each generic element of ``scene`` (the second figure aside), with probability
+    ``share``, a made-up word of two or three syllables (never a concept's) to caption it
+    with (:meth:`Scene.caption`).
+
+    A user's trigger is a word the base never saw before a class word it knows. A base
+    trained only on real words reads such a word as anything: the world's base drew a
+    lamp and a key for "a creature wearing a flimbo hat", and nothing for a creature
+    with no colour word. Seeing fresh made-up words in its captions, it learns that
+    they change nothing, as Stable Diffusion's base behaves with a new trigger, and each
+    LoRA only has to give its own word its meaning."""
+    present = ["figure", "background"] + [slot for slot in ("clothing", "object", "style") if getattr(scene, slot)]
+    out = {}
+    for slot in present:
+        generic = not scene.figure.character if slot == "figure" else getattr(scene, slot) not in CONCEPTS
+        if rng.random() < share and generic:
+            out[slot] = _made_up_word(rng)
+    return out
+
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "fl", "gl", "kl", "sn", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "oo", "ee")
+_CODAS = ("", "", "", "n", "k", "x", "sh", "m", "r")
+_TRIGGER_WORDS = {c.trigger.split()[0] for c in CONCEPTS.values()}
+
+
+def _made_up_word(rng: np.random.Generator) -> str:
+    while True:
+        syllables = int(rng.integers(2, 4))
+        word = "".join(_pick(rng, _ONSETS) + _pick(rng, _VOWELS) for _ in range(syllables)) + _pick(rng, _CODAS)
+        if word not in _TRIGGER_WORDS:
+            return word
 
 
 def sample_concept_scene(concept: str, rng: np.random.Generator | int) -> Scene:

@@ -20,7 +20,10 @@ discards what was trained on its output (``UPSTREAM``):
    ``StableDiffusionPipeline`` folder with DPM-Solver++ as its scheduler, in fp16.
 3. ``refine``: more steps for that base on fresh generic scenes, as warm restarts from its
    saved weights, one per *segment* (the preset's ``segments``; each draws its own
-   scenes), so a shipped base can be trained further (it retrains the LoRAs).
+   scenes), so a shipped base can be trained further (it retrains the LoRAs). Some of
+   its captions put a made-up word before a class word (``"a blorp hat"``), so that a
+   trigger the base never saw leaves the element generic instead of derailing the
+   picture.
 4. ``loras``: one LoRA per concept, each trained alone through the engine's own
    composable layer on its concept's renders only (and, for specificity, generic scenes
    that it must leave as the base draws them), its factors averaged (EMA). Saved as
@@ -66,6 +69,7 @@ from .scenes import (
     Scene,
     composition_scene,
     composition_sets,
+    made_up_words,
     sample_concept_scene,
     sample_generic_scene,
     two_character_scene,
@@ -466,8 +470,10 @@ def _fit_base(out: Path, unet: nn.Module, text_encoder: nn.Module, settings: dic
               models: dict, progress: Progress | None) -> dict:  # fmt: skip
     """The base's training loop, shared by ``base`` and ``refine``: diffusion loss on a pool
     of ``settings["images"]`` generic renders (drawn from a generator seeded with ``key``),
-    caption dropout, position probes, EMA; saves the EMA weights as the pipeline. ``stage``
-    names the progress bar and the checkpoint."""
+    caption dropout, position probes, EMA; saves the EMA weights as the pipeline. A
+    ``made_up`` share of each generic element's captions puts a made-up word before its
+    class word (:func:`~compose.demo_world.scenes.made_up_words`), from a generator of
+    its own. ``stage`` names the progress bar and the checkpoint."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from ..tokenizer import clip_tokenizer
@@ -478,7 +484,8 @@ def _fit_base(out: Path, unet: nn.Module, text_encoder: nn.Module, settings: dic
     scenes = [sample_generic_scene(rng) for _ in range(settings["images"])]
     pool = _Latents(vae, render_scenes(scenes, progress, f"{stage}: render"))
     tokenizer = clip_tokenizer()
-    ids = _token_ids(tokenizer, [s.caption() for s in scenes]).to(device)
+    words, share = np.random.default_rng([*key, 7]), settings.get("made_up", 0.0)
+    ids = _token_ids(tokenizer, [s.caption(made_up_words(s, words, share)) for s in scenes]).to(device)
     empty = _token_ids(tokenizer, [""]).to(device)
     text_encoder = text_encoder.to(device).train()
     unet = _fast_layout(unet.to(device).train())

@@ -187,7 +187,7 @@ def made_up_words(scene: Scene, rng: np.random.Generator, share: float) -> dict[
 
     A user's trigger is a word the base never saw before a class word it knows. A base
     trained only on real words reads such a word as anything: the world's base drew a
-    lamp and a key for "a creature wearing a flimbo hat", and nothing for a creature
+    lamp and a key for "a zorbo creature wearing a flimbo hat", and nothing for a creature
     with no colour word. Seeing fresh made-up words in its captions, it learns that
     they change nothing, as Stable Diffusion's base behaves with a new trigger, and each
     LoRA only has to give its own word its meaning."""

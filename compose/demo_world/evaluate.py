@@ -107,16 +107,17 @@ def lora_rates(composer: Composer, name: str, seeds: int, steps: int, lora_scale
     with_lora = _images(composer, prompts, list(range(seeds)), [name], steps, lora_scale)
     without = _images(composer, prompts, list(range(seeds)), None, steps)
     slot = CONCEPTS[name].slot
+    checks = [slot_check(image, scene) for image, scene in zip(with_lora, scenes, strict=True)]
+    checks_without = [slot_check(image, scene) for image, scene in zip(without, scenes, strict=True)]
 
-    def others(images: list[Image.Image]) -> dict:
-        checks = [slot_check(image, scene) for image, scene in zip(images, scenes, strict=True)]
-        return rate([all(v for k, v in c.items() if k != slot) for c in checks])
+    def others(checked: list[dict[str, bool]]) -> dict:
+        return rate([all(v for k, v in c.items() if k != slot) for c in checked])
 
     return {
-        "hit": rate([slot_check(image, scene)[slot] for image, scene in zip(with_lora, scenes, strict=True)]),
-        "others": others(with_lora),
+        "hit": rate([c[slot] for c in checks]),
+        "others": others(checks),
         "without": rate([detect(image)[name] for image in without]),
-        "others_without": others(without),
+        "others_without": others(checks_without),
     }
 
 

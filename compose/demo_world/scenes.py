@@ -203,14 +203,13 @@ def made_up_words(scene: Scene, rng: np.random.Generator, share: float) -> dict[
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "fl", "gl", "kl", "sn", "tr")
 _VOWELS = ("a", "e", "i", "o", "u", "oo", "ee")
 _CODAS = ("", "", "", "n", "k", "x", "sh", "m", "r")
-_TRIGGER_WORDS = {c.trigger.split()[0] for c in CONCEPTS.values()}
 
 
 def _made_up_word(rng: np.random.Generator) -> str:
     while True:
         syllables = int(rng.integers(2, 4))
         word = "".join(_pick(rng, _ONSETS) + _pick(rng, _VOWELS) for _ in range(syllables)) + _pick(rng, _CODAS)
-        if word not in _TRIGGER_WORDS:
+        if word not in CONCEPTS:  # a concept's name is its trigger's made-up word
             return word
 
 

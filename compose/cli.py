@@ -405,7 +405,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--methods",
         default="merge,switch,composite,klora,cmlora",
-        help="comma-separated methods [merge,switch,composite,klora,cmlora]",
+        help="comma-separated methods, each optionally with on/off options after a +: klora+reference "
+        "runs K-LoRA as its released code does, beside klora [merge,switch,composite,klora,cmlora]",
     )
     bench.add_argument("--seeds", type=COUNT, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
     bench.add_argument("--sets-per-n", type=int, metavar="K", help="--sets: only K sets per LoRA count N, evenly "
@@ -420,7 +421,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--steps", type=COUNT, default=25, help="--sets: denoising steps [25]")
     bench.add_argument("--guidance", type=GUIDANCE, default=7.5, help="--sets: guidance scale [7.5]")
     bench.add_argument("--size", type=COUNT, help="--sets: image side in pixels [the model's native size]")
-    bench.add_argument("--lora-scale", type=SCALE, default=0.8, help="--sets: global LoRA scale [0.8]")
+    bench.add_argument("--lora-scale", type=SCALE, help="--sets: global LoRA scale [0.8; a +reference variant's "
+                       "reference's, 1]")  # fmt: skip
     bench.add_argument(
         "--preset",
         choices=["tiny", "small", "sd15", "sdxl"],
@@ -814,15 +816,13 @@ def _scorer(spec: str | None, device: str | None):
 
 
 def _bench_sets(args: argparse.Namespace) -> None:
-    from .evaluation.bench import run_benchmark
+    from .evaluation.bench import method_spec, run_benchmark
     from .extras import require
-    from .methods import METHODS
 
     require("matplotlib", "the benchmark (its plots)")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown method {unknown[0] if unknown else '(none)'}: choose from {', '.join(METHODS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or [""]
+    for spec in methods:
+        method_spec(spec)
     settings = {
         "steps": args.steps,
         "guidance_scale": args.guidance,

@@ -43,6 +43,26 @@ class Item:
     seed: int
 
 
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A benchmark method and its parameters from ``NAME`` or ``NAME+OPTION+...``, each
+    option a boolean parameter of the method turned on (``klora+reference``,
+    ``cmlora+reference``), so that variants of one method run side by side under their
+    own names in the tables and grids."""
+    from dataclasses import fields
+
+    from ..methods import METHODS
+
+    name, *options = spec.split("+")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name or '(none)'}: choose from {', '.join(METHODS)}")
+    switches = [f.name for f in fields(METHODS[name]) if f.type in (bool, "bool")]
+    for option in options:
+        if option not in switches:
+            offered = f"its options: {', '.join(switches)}" if switches else "it has no on/off options"
+            raise ValueError(f"method {spec!r}: {name} has no on/off option {option!r} ({offered})")
+    return name, dict.fromkeys(options, True)
+
+
 def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | None = None) -> list[Item]:
     """Every (set, method, seed), in a fixed order; seeds listed in the manifest (per set
     or for all) win over ``range(seeds)``. ``per_n`` keeps that many sets of each LoRA
@@ -98,12 +118,15 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
     """Generate one image, score it, and return its record (with, for a method that confines
     LoRAs to regions, a picture of them: :func:`compose.overlay.mask_overlay`)."""
     entries = [manifest.loras[name] for name in item.set.loras]
+    method, params = method_spec(item.method)
+    if method == "regional" and item.set.sides:
+        params.update(_side_regions(item))
     start = time.perf_counter()
     images, masks = composer.generate(
         manifest.prompt_for(item.set),
         loras=[(e.name, e.weight) for e in entries],
-        method=item.method,
-        method_params=_side_regions(item) if item.method == "regional" and item.set.sides else None,
+        method=method,
+        method_params=params or None,
         negative_prompt=manifest.negative_prompt_for(item.set),
         seed=item.seed,
         return_masks=True,
@@ -148,6 +171,8 @@ def run_benchmark(
     from accelerate import PartialState
 
     manifest = load_manifest(sets_file)
+    for spec in methods:
+        method_spec(spec)
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         check_writable(out)

@@ -188,3 +188,24 @@ def test_a_routed_item_keeps_a_picture_of_its_regions(bench_inputs, tmp_path, ca
     corner = sheet[:, right - side : right]
     found = [y for y in range(sheet.shape[0] - side) if np.array_equal(corner[y : y + side], inset)]
     assert found, "the regions sit in the top-right corner of routed's tile"
+
+
+def test_a_method_variant_runs_beside_its_method(bench_inputs, tmp_path, capsys):
+    """``klora+reference`` is K-LoRA as released (its rules and its LoRA weight 1) under its
+    own name, beside ``klora`` at the default 0.8; a misspelt option is named."""
+    from compose.cli import main
+
+    out = tmp_path / "variants"
+    assert main(bench_args(bench_inputs, out, seeds=1, methods="klora,klora+reference")) == 0
+    records = {(r["set"], r["method"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert {m for _, m in records} == {"klora", "klora+reference"}
+    with Image.open(out / records["pair", "klora+reference"]["image"]) as image:
+        meta = json.loads(image.text["compose"])
+    assert meta["method"]["name"] == "klora" and meta["method"]["parameters"]["reference"] is True
+    assert meta["lora_scale"] == 1.0
+    with Image.open(out / records["pair", "klora"]["image"]) as image:
+        assert json.loads(image.text["compose"])["lora_scale"] == 0.8
+    assert "| klora+reference |" in (out / "summary.md").read_text()
+
+    code, _, err = run(capsys, *bench_args(bench_inputs, tmp_path / "o", methods="klora+refrence"))
+    assert code == 2 and "no on/off option 'refrence'" in err and "reference" in err

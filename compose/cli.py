@@ -405,8 +405,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--methods",
         default="merge,switch,composite,klora,cmlora",
-        help="comma-separated methods, each optionally with on/off options after a +: klora+reference "
-        "runs K-LoRA as its released code does, beside klora [merge,switch,composite,klora,cmlora]",
+        help="comma-separated methods, each optionally with options after a +, on/off or KEY=VALUE: "
+        "klora+reference runs K-LoRA as its released code does, klora+scale=s* with one of its rules, "
+        "each beside klora [merge,switch,composite,klora,cmlora]",
     )
     bench.add_argument("--seeds", type=COUNT, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
     bench.add_argument("--sets-per-n", type=int, metavar="K", help="--sets: only K sets per LoRA count N, evenly "

@@ -44,23 +44,54 @@ class Item:
 
 
 def method_spec(spec: str) -> tuple[str, dict]:
-    """A benchmark method and its parameters from ``NAME`` or ``NAME+OPTION+...``, each
-    option a boolean parameter of the method turned on (``klora+reference``,
-    ``cmlora+reference``), so that variants of one method run side by side under their
-    own names in the tables and grids."""
+    """A benchmark method and its parameters from ``NAME+OPTION+...``: each option either a
+    boolean parameter turned on (``klora+reference``) or ``KEY=VALUE`` (``klora+scale=s*``,
+    ``cmlora+recompute=dominant``; ``none``, ``true``, ``false`` and numbers read as such),
+    so that variants of one method run side by side under their own names in the tables
+    and grids. The method is built once here, so that a bad value fails before any work."""
     from dataclasses import fields
 
-    from ..methods import METHODS
+    from ..methods import METHODS, get_method
 
     name, *options = spec.split("+")
     if name not in METHODS:
         raise ValueError(f"unknown method {name or '(none)'}: choose from {', '.join(METHODS)}")
-    switches = [f.name for f in fields(METHODS[name]) if f.type in (bool, "bool")]
+    known = {f.name: str(f.type) for f in fields(METHODS[name]) if not str(f.type).startswith(("dict", "list"))}
+    switches = [k for k, t in known.items() if t == "bool"]
+    params: dict = {}
     for option in options:
-        if option not in switches:
-            offered = f"its options: {', '.join(switches)}" if switches else "it has no on/off options"
-            raise ValueError(f"method {spec!r}: {name} has no on/off option {option!r} ({offered})")
-    return name, dict.fromkeys(options, True)
+        key, has_value, text = option.partition("=")
+        value = _option_value(text) if has_value else True
+        if key not in known or (not has_value and key not in switches):
+            offered = ", ".join([*switches, *(f"{k}=VALUE" for k in known if k not in switches)]) or "none"
+            raise ValueError(f"method {spec!r}: {name} has no option {option!r} (its options: {offered})")
+        if isinstance(value, str) and "str" not in known[key]:
+            raise ValueError(f"method {spec!r}: {key} takes {known[key]}, not {text!r}")
+        params[key] = value
+    try:
+        get_method(name, **params)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"method {spec!r}: {error}") from None
+    return name, params
+
+
+def _option_value(text: str):
+    """``none``/``true``/``false``, an int, a float, or the text itself."""
+    words = {"none": None, "true": True, "false": False}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def file_stem(method: str) -> str:
+    """A method spec as part of a file name: characters outside letters, digits and
+    ``+=._-`` (the ``*`` of ``scale=s*``) become ``~``."""
+    return "".join(c if c.isalnum() or c in "+=._-" else "~" for c in method)
 
 
 def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | None = None) -> list[Item]:
@@ -82,15 +113,15 @@ def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | 
 
 
 def record_path(out: Path, item: Item) -> Path:
-    return out / "items" / item.set.id / f"{item.method}-{item.seed}.json"
+    return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}.json"
 
 
 def image_path(out: Path, item: Item) -> Path:
-    return out / "items" / item.set.id / f"{item.method}-{item.seed}.png"
+    return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}.png"
 
 
 def regions_path(out: Path, item: Item) -> Path:
-    return out / "items" / item.set.id / f"{item.method}-{item.seed}-regions.png"
+    return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}-regions.png"
 
 
 def check_writable(out: Path) -> None:
@@ -145,7 +176,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         "clipscore": round(float(scorer.score([image], [text])[0]), 4),
         **(concept_presence(image, item.set.loras, item.set.sides) or {}),
         "seconds": round(seconds, 4),
-        "image": str(Path("items") / item.set.id / f"{item.method}-{item.seed}.png"),
+        "image": str(Path("items") / item.set.id / f"{file_stem(item.method)}-{item.seed}.png"),
         "_image": image,
         **({"regions": str(regions_path(Path(), item)), "_regions": mask_overlay(image, masks[0])} if masks[0] else {}),
     }

@@ -191,21 +191,30 @@ def test_a_routed_item_keeps_a_picture_of_its_regions(bench_inputs, tmp_path, ca
 
 
 def test_a_method_variant_runs_beside_its_method(bench_inputs, tmp_path, capsys):
-    """``klora+reference`` is K-LoRA as released (its rules and its LoRA weight 1) under its
-    own name, beside ``klora`` at the default 0.8; a misspelt option is named."""
+    """``klora+reference`` is K-LoRA as released (its rules and its LoRA weight 1) and
+    ``klora+scale=s*`` one of its options, each under its own name beside ``klora`` at the
+    default 0.8; a misspelt option or a bad value is named before any work."""
     from compose.cli import main
 
     out = tmp_path / "variants"
-    assert main(bench_args(bench_inputs, out, seeds=1, methods="klora,klora+reference")) == 0
+    methods = "klora,klora+reference,klora+scale=s*"
+    assert main(bench_args(bench_inputs, out, seeds=1, methods=methods)) == 0
     records = {(r["set"], r["method"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert {m for _, m in records} == {"klora", "klora+reference"}
-    with Image.open(out / records["pair", "klora+reference"]["image"]) as image:
-        meta = json.loads(image.text["compose"])
-    assert meta["method"]["name"] == "klora" and meta["method"]["parameters"]["reference"] is True
-    assert meta["lora_scale"] == 1.0
-    with Image.open(out / records["pair", "klora"]["image"]) as image:
-        assert json.loads(image.text["compose"])["lora_scale"] == 0.8
+    assert {m for _, m in records} == set(methods.split(","))
+    meta = {}
+    for method in methods.split(","):
+        with Image.open(out / records["pair", method]["image"]) as image:
+            meta[method] = json.loads(image.text["compose"])
+    assert records["pair", "klora+scale=s*"]["image"].endswith("klora+scale=s~-0.png")
+    assert all(m["method"]["name"] == "klora" for m in meta.values())
+    assert meta["klora+reference"]["method"]["parameters"]["reference"] is True
+    assert meta["klora+scale=s*"]["method"]["parameters"]["scale"] == "s*"
+    assert meta["klora"]["method"]["parameters"]["scale"] == "s"
+    assert [meta[m]["lora_scale"] for m in methods.split(",")] == [0.8, 1.0, 0.8]
     assert "| klora+reference |" in (out / "summary.md").read_text()
 
-    code, _, err = run(capsys, *bench_args(bench_inputs, tmp_path / "o", methods="klora+refrence"))
-    assert code == 2 and "no on/off option 'refrence'" in err and "reference" in err
+    for bad, says in (("klora+refrence", "no option 'refrence'"), ("klora+scale=q", "scale must be one of"),
+                      ("klora+top_k=many", "top_k takes int | None, not 'many'")):  # fmt: skip
+        code, _, err = run(capsys, *bench_args(bench_inputs, tmp_path / "o", methods=bad))
+        assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

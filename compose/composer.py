@@ -444,17 +444,28 @@ class Composer:
         states = self._encode(variants, [""] * len(variants), False, size).encoder_hidden_states.float()
         return (states[1:] - states[0]).norm(dim=-1).mean(dim=-1).cpu()
 
-    def trigger_tokens(self, prompt: str, names: Sequence[str]) -> torch.Tensor:
+    def trigger_tokens(self, prompt: str, names: Sequence[str], clauses: bool = False) -> torch.Tensor:
         """``(N, T)`` bool: which positions of ``prompt``'s encoding (``T`` = 77 per chunk)
-        hold each LoRA's trigger words; a row of ``False`` for a LoRA whose triggers are absent."""
+        hold each LoRA's trigger words, or with ``clauses`` the whole clauses that hold them
+        (:func:`~compose.emphasis.clause_positions`); a row of ``False`` for a LoRA whose
+        triggers are absent."""
         loras = self._lookup(names)
         tokenizer = self.pipeline.tokenizer
         length = len(emphasis.chunks(tokenizer, prompt)) * (emphasis.CHUNK_TOKENS + 2)
         table = torch.zeros(len(loras), length, dtype=torch.bool)
+        find = emphasis.clause_positions if clauses else emphasis.phrase_positions
         for j, lora in enumerate(loras):
             for trigger in lora.triggers:
-                table[j, emphasis.phrase_positions(tokenizer, prompt, trigger)] = True
+                table[j, find(tokenizer, prompt, trigger)] = True
         return table
+
+    def clause_texts(self, prompt: str, names: Sequence[str]) -> dict[str, str]:
+        """LoRA name -> the clauses of ``prompt`` that hold its trigger words, as the encoder
+        reads them ("a klinko robot on the right"); LoRAs whose triggers are absent are left out."""
+        rows = self.trigger_tokens(prompt, names, clauses=True)
+        tokenizer = self.pipeline.tokenizer
+        return {name: emphasis.words_at(tokenizer, prompt, row.nonzero().flatten().tolist())
+                for name, row in zip(names, rows, strict=True) if row.any()}  # fmt: skip
 
     def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
         """Constant weights for the methods, per-step/per-layer factors for the loop (schedules
@@ -677,16 +688,19 @@ class Composer:
         if (method.needs_importance or method.needs_tokens) and len(set(prompts)) > 1:
             raise ValueError(f"method {method.name!r} reads the LoRAs' trigger words in the prompt: "
                              "give one prompt per call")  # fmt: skip
-        importance = tokens = None
+        importance = tokens = clauses = clause_texts = None
+        names = [lora.name for lora in active]
         if method.needs_importance:
-            importance = self.trigger_importance(prompts[0], [lora.name for lora in active], size)
+            importance = self.trigger_importance(prompts[0], names, size)
         if method.needs_tokens:
-            tokens = self.trigger_tokens(prompts[0], [lora.name for lora in active])
+            tokens = self.trigger_tokens(prompts[0], names)
+            clauses = self.trigger_tokens(prompts[0], names, clauses=True)
+            clause_texts = self.clause_texts(prompts[0], names)
         unet_layers = list(self.registries["unet"].layers)
         factor = self.pipeline.vae_scale_factor
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
-                             importance, tokens, state=self.registries["unet"].state, images=len(prompts),
-                             latent_size=(size[0] // factor, size[1] // factor))  # fmt: skip
+                             importance, tokens, clauses, clause_texts, state=self.registries["unet"].state,
+                             images=len(prompts), latent_size=(size[0] // factor, size[1] // factor))  # fmt: skip
 
     def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
@@ -707,7 +721,7 @@ class Composer:
         for component, registry in self.registries.items():
             if component != "unet":
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
-        texts = method.region_texts(active)
+        texts = method.region_texts(context)
         try:
             conditioning = self._encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
             context.region_states = {name: self._encode([text], [""], False, size).encoder_hidden_states

@@ -32,6 +32,9 @@ MEAN_FLOOR = 1e-3
 """Below this fraction of a chunk's mean magnitude, its mean is not restored (:func:`emphasised`)."""
 BREAK = "BREAK"
 
+CLAUSE_BREAKS = (",", ";", ".", "and")
+"""The words that end a clause of a prompt (:func:`clause_positions`)."""
+
 _ATTENTION = re.compile(r"\\[\\()\[\]]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _EDITING = re.compile(r"(?<!\\)\[[^\[\]()]*[:|][^\[\]()]*]")
@@ -47,6 +50,8 @@ class Tokenizer(Protocol):
     def __call__(self, text: list[str], truncation: bool, add_special_tokens: bool): ...
 
     def get_vocab(self) -> dict[str, int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class Chunk(NamedTuple):
@@ -207,3 +212,37 @@ def phrase_positions(tokenizer: Tokenizer, text: str, phrase: str) -> list[int]:
         if ids[start : start + len(target)] == target:
             found += range(start, start + len(target))
     return sorted(set(found))
+
+
+def clause_positions(tokenizer: Tokenizer, text: str, phrase: str) -> list[int]:
+    """The positions, in ``text``'s encoder sequence, of every clause that holds ``phrase``:
+    around each occurrence, the run of tokens up to the nearest :data:`CLAUSE_BREAKS` word
+    or the window's edge ("a zorbo creature on the left" in "a zorbo creature on the left
+    and a klinko robot on the right"). Where a base's trigger words do not say where their
+    concept is drawn, the clause's other words ("left") do. Empty if ``phrase`` does not occur."""
+    ids = [token for chunk in chunks(tokenizer, text) for token in chunk.ids]
+    vocab = tokenizer.get_vocab()
+    stops = {vocab.get(f"{word}</w>") for word in CLAUSE_BREAKS}
+    stops |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    found: set[int] = set()
+    for position in phrase_positions(tokenizer, text, phrase):
+        left = right = position
+        while left > 0 and ids[left - 1] not in stops:
+            left -= 1
+        while right + 1 < len(ids) and ids[right + 1] not in stops:
+            right += 1
+        found.update(range(left, right + 1))
+    return sorted(found)
+
+
+def words_at(tokenizer: Tokenizer, text: str, positions: list[int]) -> str:
+    """The words at ``positions`` of ``text``'s encoder sequence, each run of consecutive
+    positions decoded and the runs joined by commas (emphasis and ``BREAK`` dropped)."""
+    ids = [token for chunk in chunks(tokenizer, text) for token in chunk.ids]
+    runs: list[list[int]] = []
+    for position in sorted(positions):
+        if runs and runs[-1][-1] == position - 1:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    return ", ".join(tokenizer.decode([ids[p] for p in run]).strip() for run in runs)

@@ -17,6 +17,7 @@ whole picture (styles, backgrounds), not the other regions' (``token_routes``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,19 @@ from torch import nn
 
 from .layers import Routes, WeightState
 
+CLAUSES = "clauses"
+"""``prompts="clauses"``: each region's text is its LoRA's clause of the prompt."""
 
-def own_texts(prompts: dict[str, str] | None, loras: list) -> dict[str, str]:
+
+def own_texts(prompts: dict[str, str] | str | None, loras: list, clause_texts: dict[str, str] | None = None,
+              eligible: Collection[str] | None = None) -> dict[str, str]:  # fmt: skip
     """Each prompted LoRA's text (``prompts``: LoRA name -> text), its first trigger word
-    put in front where the text has none, so that the LoRA still finds its concept."""
+    put in front where the text has none, so that the LoRA still finds its concept; with
+    ``prompts="clauses"``, each ``eligible`` LoRA's clause of the prompt (``clause_texts``,
+    :meth:`compose.Composer.clause_texts`), so that "a klinko robot on the right" is what
+    the robot's region reads."""
+    if prompts == CLAUSES:
+        return {name: text for name, text in (clause_texts or {}).items() if eligible is None or name in eligible}
     texts = {}
     for lora in loras:
         text = (prompts or {}).get(lora.name)
@@ -99,3 +109,9 @@ class RegionPrompts:
         output = output.clone()
         output[cond] = blended
         return output
+
+
+def check_prompts(method: str, prompts: object) -> None:
+    """``prompts`` is a dict LoRA name -> text, ``"clauses"`` or ``None``."""
+    if isinstance(prompts, str) and prompts != CLAUSES:
+        raise ValueError(f"{method} prompts are a LoRA name -> text mapping or {CLAUSES!r}, got {prompts!r}")

@@ -14,6 +14,7 @@ win rates against Merge, plots, and a grid of the methods side by side per set.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,7 +57,8 @@ def method_spec(spec: str) -> tuple[str, dict]:
     name, *options = spec.split("+")
     if name not in METHODS:
         raise ValueError(f"unknown method {name or '(none)'}: choose from {', '.join(METHODS)}")
-    known = {f.name: str(f.type) for f in fields(METHODS[name]) if not str(f.type).startswith(("dict", "list"))}
+    types = {f.name: re.sub(r"\[.*?\]+", "", str(f.type)) for f in fields(METHODS[name])}
+    known = {key: kind for key, kind in types.items() if {"bool", "int", "float", "str"} & set(kind.split(" | "))}
     switches = [k for k, t in known.items() if t == "bool"]
     params: dict = {}
     for option in options:

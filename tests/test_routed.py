@@ -10,9 +10,10 @@ from torch import nn
 
 from compose import Composer
 from compose.attention_maps import AttentionProbe
-from compose.emphasis import phrase_positions
+from compose.emphasis import clause_positions, phrase_positions
 from compose.layers import Factors, LayerRegistry, Routes
-from compose.methods import Routed
+from compose.methods import Regional, Routed
+from compose.region_prompts import own_texts
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,46 @@ def test_trigger_positions_in_the_encoding(four):
     assert table.shape == (2, 77) and table[1, positions].all() and not table[0, positions].any()
 
 
+def test_a_trigger_s_clause_runs_to_the_nearest_comma_or_and(four):
+    tokenizer = four.pipeline.tokenizer
+    ids = tokenizer(PROMPT).input_ids
+    hero = clause_positions(tokenizer, PROMPT, "zq hero")
+    assert tokenizer.decode([ids[p] for p in hero]) == "a zq hero wearing a vx cape"
+    assert clause_positions(tokenizer, PROMPT, "vx cape") == hero
+    assert clause_positions(tokenizer, PROMPT, "missing words") == []
+    two = "a (zq hero:1.2) on the left and a kw lamp on the right; qj ink"
+    assert four.clause_texts(two, ["hero", "cape", "lamp", "ink"]) == {
+        "hero": "a zq hero on the left", "lamp": "a kw lamp on the right", "ink": "qj ink"}  # fmt: skip
+    table = four.trigger_tokens(PROMPT, ["hero", "lamp"], clauses=True)
+    assert table[0, hero].all() and table[0].sum() == len(hero) and not table[1, hero].any()
+
+
+def test_loras_of_one_clause_share_its_region_and_its_text(four):
+    by_clause, by_trigger = Routed(), Routed(locate="trigger")
+    gen(four, by_clause)
+    gen(four, by_trigger)
+    assert by_clause.group == [0, 0, 1] and by_trigger.group == [0, 1, 2]  # hero and cape, then the lamp
+    assert torch.equal(by_clause.masks[:, 0], by_clause.masks[:, 1])
+    assert not torch.equal(by_clause.masks, by_trigger.masks)
+    clauses = Routed(prompts="clauses")
+    latents = gen(four, clauses)
+    assert clauses.prompted == [[0, 1], [2]]  # the style reads no text of its own
+    assert clauses.lora_on.tolist() == [[1, 1, 0, 1], [0, 0, 1, 1]]
+    assert (latents - gen(four, by_clause)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="routed locate is clause or trigger"):
+        Routed(locate="token")
+    with pytest.raises(ValueError, match="a LoRA name -> text mapping or 'clauses', got 'clause'"):
+        Routed(prompts="clause")
+
+
+def test_regional_reads_each_region_s_clause(four):
+    method = Regional(regions={"hero": [0, 0, 0.5, 1], "lamp": [0.5, 0, 1, 1]}, prompts="clauses")
+    prompted = gen(four, method, ["hero", "lamp", "ink"])
+    assert list(method.context.region_states) == ["hero", "lamp"]
+    plain = gen(four, Regional(regions=method.regions), ["hero", "lamp", "ink"])
+    assert (prompted - plain).abs().max() > 1e-3
+
+
 def test_one_lora_or_every_lora_global_is_merge(four):
     torch.testing.assert_close(gen(four, Routed(), ["hero"]), gen(four, "merge", ["hero"]), atol=1e-4, rtol=0)
     everywhere = Routed(roles=dict.fromkeys(("hero", "cape", "lamp", "ink"), "global"))
@@ -130,7 +171,7 @@ def test_regions_follow_the_attention_maps():
     share is the highest (the background's map competes) and at least the threshold; the
     background takes what no region does, the style everything."""
     method = Routed(threshold=0.5, grow=0)
-    method.role, method.regions = ["region", "region", "complement", "global"], [0, 1, 2]
+    method.role, method.regions, method.group = ["region", "region", "complement", "global"], [0, 1, 2], [0, 1, 2]
     maps = torch.zeros(1, 3, 4, 4)
     maps[0, 0, :, :2] = 2.0  # hero on the left
     maps[0, 1, :, 3] = 0.5  # cape on the far right
@@ -224,7 +265,7 @@ def test_routed_with_a_prompt_per_region(four):
     plain = gen(four, Routed())
     prompted = gen(four, Routed(prompts={"hero": "a zq hero, tall", "lamp": "a lamp"}))
     assert prompted.shape == plain.shape and (prompted - plain).abs().max() > 1e-3
-    assert Routed(prompts={"lamp": "a lamp"}).region_texts([four.loras["lamp"]]) == {"lamp": "kw lamp, a lamp"}
+    assert own_texts({"lamp": "a lamp"}, [four.loras["lamp"]]) == {"lamp": "kw lamp, a lamp"}
     with pytest.raises(ValueError, match="ink acts on the whole picture"):
         gen(four, Routed(prompts={"ink": "in ink"}))
     with pytest.raises(ValueError, match="not in the composition: nobody"):

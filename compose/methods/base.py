@@ -37,7 +37,9 @@ class MethodContext:
     importance in the prompt, ``(N,)``, where it asked for that
     (:attr:`CompositionMethod.needs_importance`), and ``tokens`` ``(N, T)`` bool, which
     positions of the prompt's encoding hold each LoRA's trigger words, where it asked for
-    those (:attr:`CompositionMethod.needs_tokens`). ``region_states`` holds the encodings
+    those (:attr:`CompositionMethod.needs_tokens`), with ``clauses`` ``(N, T)`` the same for
+    the whole clauses that hold them and ``clause_texts`` those clauses' words, LoRA name
+    -> text (:meth:`compose.Composer.clause_texts`). ``region_states`` holds the encodings
     ``(1, T, D)`` of the texts :meth:`CompositionMethod.region_texts` asked for, and
     ``state`` the UNet's layer weights, for methods that run a layer differently
     per region (:mod:`compose.region_prompts`). ``images`` is the batch's number of
@@ -52,6 +54,8 @@ class MethodContext:
     frequency: dict[str, float] = field(default_factory=dict)
     importance: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    clauses: torch.Tensor | None = None
+    clause_texts: dict[str, str] | None = None
     region_states: dict[str, torch.Tensor] | None = None
     state: WeightState | None = None
     images: int = 1
@@ -139,9 +143,10 @@ class CompositionMethod(ABC):
         u = uncond.mean(0)
         return u + guidance_scale * (c - u)
 
-    def region_texts(self, loras: list[LoRA]) -> dict[str, str]:
+    def region_texts(self, context: MethodContext) -> dict[str, str]:
         """LoRA name -> the text its region attends to (per-region prompts), for methods
-        that condition regions apart; encoded with the prompt into ``region_states``."""
+        that condition regions apart; encoded with the prompt into ``region_states``
+        (called before :meth:`prepare`, with the same ``context``)."""
         return {}
 
     def lora_masks(self) -> torch.Tensor | None:

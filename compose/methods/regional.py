@@ -7,10 +7,11 @@ characters can stand side by side. A region is a box ``[x0, y0, x1, y1]`` in fra
 of the image or the path of a mask image (white = inside); a LoRA without a region
 covers the whole image, so full regions for every LoRA give LoRA Composite exactly.
 
-With ``prompts`` (LoRA name -> text), a LoRA's region attends to its own text instead
-of the prompt, in every branch (:mod:`compose.region_prompts`, as in A1111's regional
-prompter): "a zorbo creature, tall" on the left, "a klinko robot" on the right. The
-branches then run one per UNet call, as the per-region attention needs.
+With ``prompts`` (LoRA name -> text, or ``"clauses"``: each LoRA's clause of the
+prompt), a LoRA's region attends to its own text instead of the prompt, in every branch
+(:mod:`compose.region_prompts`, as in A1111's regional prompter): "a zorbo creature,
+tall" on the left, "a klinko robot" on the right. The branches then run one per UNet
+call, as the per-region attention needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..region_prompts import RegionPrompts, own_texts
+from ..region_prompts import CLAUSES, RegionPrompts, check_prompts, own_texts
 from .base import CompositionMethod, MethodContext, UNetRun, guided_mix
 
 Region = list[float] | str
@@ -51,7 +52,14 @@ class Regional(CompositionMethod):
 
     name = "regional"
     regions: dict[str, Region] | None = None
-    prompts: dict[str, str] | None = None
+    prompts: dict[str, str] | str | None = None
+
+    def __post_init__(self) -> None:
+        check_prompts(self.name, self.prompts)
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.prompts == CLAUSES
 
     def prepare(self, context: MethodContext) -> None:
         super().prepare(context)
@@ -76,8 +84,8 @@ class Regional(CompositionMethod):
         lora_on = torch.ones(len(states), len(context.loras)).to(context.weights)
         return RegionPrompts(context.unet, context.state, masks, list(states.values()), lora_on)
 
-    def region_texts(self, loras: list) -> dict[str, str]:
-        return own_texts(self.prompts, loras)
+    def region_texts(self, context: MethodContext) -> dict[str, str]:
+        return own_texts(self.prompts, context.loras, context.clause_texts, set(self.regions or {}))
 
     def predict(self, step: int, run: UNetRun) -> torch.Tensor:
         """One call for every branch; with per-LoRA prompts, one call per branch, each with

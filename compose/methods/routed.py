@@ -8,11 +8,15 @@ routes LoRA outputs with masks read from cross-attention):
 1. **Probe.** The first ``probe`` fraction of the steps (at least one) run as Merge
    (``probe_with="loras"``) or on the base model alone (``"base"``) while
    :class:`~compose.attention_maps.AttentionProbe` reads how much each latent pixel
-   attends to each LoRA's trigger words (they must appear in the prompt).
-2. **Regions.** Per image, the maps of the region and complement LoRAs are each scaled to
-   [0, 1] over the image; a pixel belongs to the *region* LoRA whose share there is the
-   highest (a background's words compete) if that share is at least ``threshold``, and
-   each region grows by ``grow`` latent pixels. A *complement* LoRA (backgrounds) acts
+   attends to each LoRA's words: with ``locate="clause"`` (default) the whole clause that
+   holds its trigger words ("a klinko robot on the right", clauses ending at commas,
+   semicolons, full stops and "and"), with ``"trigger"`` the trigger words alone, as
+   FreeFuse reads them. The trigger words must appear in the prompt. LoRAs of one clause
+   ("a zorbo creature wearing a flimbo hat") share its region.
+2. **Regions.** Per image, the maps of the region and complement LoRAs' words are each
+   scaled to [0, 1] over the image; a pixel belongs to the *region* words whose share
+   there is the highest (a background's words compete) if that share is at least
+   ``threshold``, and each region grows by ``grow`` latent pixels. A *complement* LoRA (backgrounds) acts
    where no region does; a *global* one (styles) everywhere. Characters, clothing and
    objects are regions by default; ``roles`` overrides by name.
 3. **Route.** From then on, in every composable layer, LoRA ``j``'s contribution at each
@@ -21,7 +25,8 @@ routes LoRA outputs with masks read from cross-attention):
    is kept off the other LoRAs' trigger words.
 4. **Per-region prompts** (``prompts``): a region LoRA given a text of its own has its
    region attend to that text instead of the prompt (:mod:`compose.region_prompts`); its
-   trigger words are put in front where the text has none.
+   trigger words are put in front where the text has none. ``prompts="clauses"`` gives
+   each region LoRA its clause of the prompt; LoRAs with the same text share one region.
 
 One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
 kept (:meth:`~compose.methods.base.CompositionMethod.lora_masks`, ``(B, N, H, W)`` at
@@ -37,10 +42,11 @@ import torch.nn.functional as F
 
 from ..attention_maps import AttentionProbe
 from ..layers import Routes
-from ..region_prompts import RegionPrompts, own_texts
+from ..region_prompts import RegionPrompts, check_prompts, own_texts
 from .base import CompositionMethod, MethodContext, UNetRun
 
 ROLES = ("region", "complement", "global")
+LOCATE = ("clause", "trigger")
 CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region", "background": "complement",
                   "style": "global"}  # fmt: skip
 
@@ -49,15 +55,17 @@ CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region
 class Routed(CompositionMethod):
     """See the module docstring. ``probe`` is a fraction of the steps, ``threshold`` a
     share of a map's peak, ``grow`` latent pixels, ``roles`` LoRA name -> role,
-    ``prompts`` region LoRA name -> its region's own text (per-region prompts)."""
+    ``prompts`` region LoRA name -> its region's own text, or ``"clauses"`` (per-region
+    prompts), ``locate`` which words place a LoRA."""
 
     name = "routed"
     probe: float = 0.2
     threshold: float = 0.5
     grow: int = 1
     roles: dict[str, str] | None = None
-    prompts: dict[str, str] | None = None
+    prompts: dict[str, str] | str | None = None
     probe_with: str = "loras"
+    locate: str = "clause"
 
     def __post_init__(self) -> None:
         if not 0 < self.probe < 1:
@@ -68,6 +76,9 @@ class Routed(CompositionMethod):
             raise ValueError(f"routed grow is a number of latent pixels, at least 0, got {self.grow}")
         if self.probe_with not in ("loras", "base"):
             raise ValueError(f"routed probe_with is loras (Merge) or base (no LoRA), got {self.probe_with!r}")
+        if self.locate not in LOCATE:
+            raise ValueError(f"routed locate is {' or '.join(LOCATE)}, got {self.locate!r}")
+        check_prompts(self.name, self.prompts)
         bad = {name: role for name, role in (self.roles or {}).items() if role not in ROLES}
         if bad:
             raise ValueError(f"routed roles are {', '.join(ROLES)}; got {bad}")
@@ -82,13 +93,16 @@ class Routed(CompositionMethod):
         unknown = set(self.roles or {}) - set(names)
         if unknown:
             raise ValueError(f"roles name LoRAs that are not in the composition: {', '.join(sorted(unknown))}")
-        self.role = [self._role(lora, context.tokens[j]) for j, lora in enumerate(context.loras)]
+        self.role = self._roles(context)
         self.row = context.weights[None]
         located = [j for j, role in enumerate(self.role) if role != "global"]
         self.regions = located if len(context.loras) > 1 and "region" in self.role else []
         self.probe_steps = max(1, round(self.probe * context.num_steps)) if self.regions else 0
-        self.probe_reader = AttentionProbe(context.unet, [context.tokens[j].nonzero().flatten().tolist()
-                                                           for j in self.regions])  # fmt: skip
+        words = context.clauses if self.locate == "clause" else context.tokens
+        groups = [tuple(words[j].nonzero().flatten().tolist()) for j in self.regions]
+        distinct = list(dict.fromkeys(groups))
+        self.group = [distinct.index(group) for group in groups]
+        self.probe_reader = AttentionProbe(context.unet, [list(group) for group in distinct])
         self.probe_row = self.row if self.probe_with == "loras" else torch.zeros_like(self.row)
         self.routes: Routes | None = None
         self.masks: torch.Tensor | None = None
@@ -97,18 +111,30 @@ class Routed(CompositionMethod):
         if outside:
             raise ValueError(f"per-region prompts are for LoRAs with a region (characters, clothing, objects or "
                              f"role region); {', '.join(outside)} acts on the whole picture")  # fmt: skip
-        self.prompted = [names.index(name) for name in prompted]
-        on = torch.tensor([[role != "region" or j == k for j, role in enumerate(self.role)] for k in self.prompted])
-        self.lora_on = on.float().reshape(len(self.prompted), len(names))
+        self.prompted: list[list[int]] = []  # LoRAs reading one text share its region
+        for name in prompted:
+            state = context.region_states[name]
+            same = [g for g in self.prompted if torch.equal(context.region_states[names[g[0]]], state)]
+            if same:
+                same[0].append(names.index(name))
+            else:
+                self.prompted.append([names.index(name)])
+        on = [[role != "region" or j in group for j, role in enumerate(self.role)] for group in self.prompted]
+        self.lora_on = torch.tensor(on).float().reshape(len(self.prompted), len(names))
 
-    def region_texts(self, loras: list) -> dict[str, str]:
-        return own_texts(self.prompts, loras)
+    def region_texts(self, context: MethodContext) -> dict[str, str]:
+        roles = zip(context.loras, self._roles(context), strict=True)
+        regions = {lora.name for lora, role in roles if role == "region"}
+        return own_texts(self.prompts, context.loras, context.clause_texts, regions)
 
-    def _role(self, lora, tokens: torch.Tensor) -> str:
-        role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")
-        if role != "global" and not bool(tokens.any()):
-            return "global"  # no trigger word in the prompt: nothing to locate it by
-        return role
+    def _roles(self, context: MethodContext) -> list[str]:
+        """Each LoRA's role: ``roles``, else its category's; global where its trigger words
+        are not in the prompt (nothing to locate it by)."""
+        roles = []
+        for lora, tokens in zip(context.loras, context.tokens, strict=True):
+            role = (self.roles or {}).get(lora.name) or CATEGORY_ROLES.get(lora.category or "", "global")
+            roles.append(role if role == "global" or bool(tokens.any()) else "global")
+        return roles
 
     def weights(self, step: int) -> torch.Tensor:
         return self.row
@@ -122,8 +148,8 @@ class Routed(CompositionMethod):
         if not self.prompted or self.routes is None:
             return run(self.row, routes=self.routes)
         context = self.context
-        texts = [context.region_states[context.loras[j].name] for j in self.prompted]
-        masks = self.masks[:, self.prompted]
+        texts = [context.region_states[context.loras[group[0]].name] for group in self.prompted]
+        masks = torch.stack([self.masks[:, group].amax(1) for group in self.prompted], 1)
         with RegionPrompts(context.unet, context.state, masks, texts, self.lora_on.to(masks)):
             return run(self.row, routes=self.routes)
 
@@ -139,25 +165,27 @@ class Routed(CompositionMethod):
         return self.masks
 
     def masks_from(self, maps: torch.Tensor) -> torch.Tensor:
-        """``(B, N, H, W)`` masks from the located LoRAs' attention ``maps`` ``(B, K, H, W)``
-        (region and complement LoRAs, in :attr:`regions` order): each map scaled to [0, 1]
-        over its image, each pixel given to the highest if that is at least ``threshold``;
-        a region LoRA gets its pixels (grown), a complement LoRA every pixel no region got."""
+        """``(B, N, H, W)`` masks from the attention ``maps`` ``(B, K, H, W)`` of the located
+        LoRAs' words (:attr:`regions` are the region and complement LoRAs, :attr:`group`
+        their word groups' channels): each map scaled to [0, 1] over its image, each pixel
+        given to the highest if that is at least ``threshold``; a region LoRA gets its
+        group's pixels (grown), a complement LoRA every pixel no region got."""
         batch, _, height, width = maps.shape
         flat = maps.flatten(2)
         low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
         share = (maps - low) / (high - low).clamp_min(1e-12)
         best = share.max(1, keepdim=True)
         owned = (share == best.values) & (best.values >= self.threshold)
-        regional = torch.tensor([self.role[j] == "region" for j in self.regions], device=maps.device)
+        regional = torch.zeros(maps.shape[1], dtype=torch.bool, device=maps.device)
+        regional[[g for g, j in zip(self.group, self.regions, strict=True) if self.role[j] == "region"]] = True
         owned = owned & regional[None, :, None, None]
         if self.grow:
             size = 2 * self.grow + 1
             owned = F.max_pool2d(owned.float(), size, stride=1, padding=self.grow) > 0
         masks = torch.ones(batch, len(self.role), height, width).to(maps)
         anywhere = owned.any(1).to(maps)
-        for k, j in enumerate(self.regions):
-            masks[:, j] = owned[:, k].to(maps) if self.role[j] == "region" else 1 - anywhere
+        for g, j in zip(self.group, self.regions, strict=True):
+            masks[:, j] = owned[:, g].to(maps) if self.role[j] == "region" else 1 - anywhere
         return masks
 
     def _token_masks(self) -> torch.Tensor:

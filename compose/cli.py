@@ -136,7 +136,7 @@ def _method_params(args: argparse.Namespace) -> dict:
     if args.method == "regional":
         regions = {name: value if value.lower().endswith(".png") else [float(v) for v in value.split(",")]
                    for name, value in args.region}  # fmt: skip
-        return {"regions": regions or None, "prompts": dict(args.region_prompt) or None}
+        return {"regions": regions or None, "prompts": _region_prompts(args)}
     if args.method == "patch":
         return {"temperature": args.temperature, "top_k": args.patch_top_k}
     if args.method == "wswitch":
@@ -148,7 +148,7 @@ def _method_params(args: argparse.Namespace) -> dict:
         return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
     if args.method == "routed":
         return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None,
-                "prompts": dict(args.region_prompt) or None, "probe_with": args.probe_with}  # fmt: skip
+                "prompts": _region_prompts(args), "probe_with": args.probe_with, "locate": args.locate}  # fmt: skip
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -334,8 +334,21 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--region-prompt", action="append", default=[], type=_pair, metavar="NAME=TEXT",
                        help="regional, routed: the text LoRA NAME's region attends to instead of the prompt "
                        "(its trigger words are put in front if missing)")  # fmt: skip
+    group.add_argument("--clause-prompts", action="store_true",
+                       help="regional, routed: each region reads its LoRA's clause of the prompt "
+                       "(\"a klinko robot on the right\") instead of the whole prompt")  # fmt: skip
+    group.add_argument("--locate", choices=["clause", "trigger"], default="clause",
+                       help="routed: find each LoRA by the attention to its trigger's whole clause or to its "
+                       "trigger words alone [clause]")  # fmt: skip
     group.add_argument("--hold", type=FRACTION, default=0.2,
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
+
+
+def _region_prompts(args: argparse.Namespace) -> dict[str, str] | str | None:
+    """``--clause-prompts`` or the ``--region-prompt`` pairs; not both."""
+    if args.clause_prompts and args.region_prompt:
+        raise ValueError("give --clause-prompts or --region-prompt NAME=TEXT, not both")
+    return "clauses" if args.clause_prompts else dict(args.region_prompt) or None
 
 
 def _add_output(group: argparse._ArgumentGroup) -> None:

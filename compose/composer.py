@@ -459,10 +459,11 @@ class Composer:
                 table[j, find(tokenizer, prompt, trigger)] = True
         return table
 
-    def clause_texts(self, prompt: str, names: Sequence[str]) -> dict[str, str]:
+    def clause_texts(self, prompt: str, names: Sequence[str], rows: torch.Tensor | None = None) -> dict[str, str]:
         """LoRA name -> the clauses of ``prompt`` that hold its trigger words, as the encoder
-        reads them ("a klinko robot on the right"); LoRAs whose triggers are absent are left out."""
-        rows = self.trigger_tokens(prompt, names, clauses=True)
+        reads them ("a klinko robot on the right"); LoRAs whose triggers are absent are left
+        out. ``rows``: ``trigger_tokens(prompt, names, clauses=True)`` where already at hand."""
+        rows = self.trigger_tokens(prompt, names, clauses=True) if rows is None else rows
         tokenizer = self.pipeline.tokenizer
         return {name: emphasis.words_at(tokenizer, prompt, row.nonzero().flatten().tolist())
                 for name, row in zip(names, rows, strict=True) if row.any()}  # fmt: skip
@@ -695,7 +696,7 @@ class Composer:
         if method.needs_tokens:
             tokens = self.trigger_tokens(prompts[0], names)
             clauses = self.trigger_tokens(prompts[0], names, clauses=True)
-            clause_texts = self.clause_texts(prompts[0], names)
+            clause_texts = self.clause_texts(prompts[0], names, clauses)
         unet_layers = list(self.registries["unet"].layers)
         factor = self.pipeline.vae_scale_factor
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,

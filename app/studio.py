@@ -39,6 +39,7 @@ from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, write_s
 from ..metadata import read_record, record_masks, save_png
 from ..methods import METHODS
 from ..methods.regional import region_mask
+from ..overlay import legend, mask_overlay
 from ..prompts import extract_lora_tags
 from .display import for_display
 from .model_thread import ModelThread
@@ -137,6 +138,8 @@ class Studio:
         self.regions: dict[str, dict[str, list[float] | str]] = {}
         self.region_prompts: dict[str, dict[str, str]] = {}
         """Per browser session, each LoRA's region for the regional method (a box or a mask file)."""
+        self.region_views: dict[Path, tuple[Path, str]] = {}
+        """Per image that confined LoRAs to regions: the picture of them and its legend."""
         self.previews = self.library / PREVIEWS
         self.load_trusted_folder(self.library)
 
@@ -405,14 +408,29 @@ class Studio:
             with self.lock:
                 start = time.perf_counter()
                 run = self.model_thread.run
-                image = run(self.composer.generate, prompt, callback=step, **kwargs)[0]
+                images, masks = run(self.composer.generate, prompt, callback=step, return_masks=True, **kwargs)
                 seconds = time.perf_counter() - start
                 self.made += 1
+                image = images[0]
                 path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
+                if masks[0]:
+                    self._keep_regions(path, image, masks[0])
         finally:
             if self.cancels.get(session) is cancel:
                 del self.cancels[session]
         return path, json.loads(image.info["compose"]), seconds
+
+    def _keep_regions(self, path: Path, image: Image.Image, masks: dict[str, Image.Image]) -> None:
+        view = path.with_name(f"{path.stem}-regions.png")
+        mask_overlay(image, masks, size=max(256, *image.size)).save(view)
+        keys = [f'<span style="color:rgb{colour}">■</span> {html.escape(text)}' for text, colour in legend(masks)]
+        self.region_views[path] = (view, " · ".join(keys))
+
+    def regions_of(self, path: Path) -> tuple[Path, str] | None:
+        """Where the image at ``path`` confined each LoRA (``routed``, ``regional``): the
+        picture (:func:`~compose.overlay.mask_overlay`, at least 256 px) and its colour
+        legend (HTML), or ``None`` for a method that acts everywhere."""
+        return self.region_views.get(Path(path))
 
     def _cost_note(self, settings: Settings) -> str | None:
         return self.cost_note(settings.width, settings.height, settings.steps)

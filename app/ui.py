@@ -203,6 +203,9 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
             ui.image = gr.Image(label="result", type="filepath", interactive=False, height=460, elem_id="result",
                                 buttons=["fullscreen"])  # fmt: skip
             ui.info = gr.Markdown("", elem_id="result-info")
+            ui.regions_view = gr.Image(label="where each LoRA acted", type="filepath", interactive=False,
+                                       height=260, visible=False, elem_id="result-regions")  # fmt: skip
+            ui.regions_legend = gr.HTML("", visible=False, elem_id="result-regions-legend")
             ui.download = gr.File(label="the PNG, with its settings", interactive=False, height=60)
             ui.reuse = gr.Button("Reuse this seed")
             ui.settings_png = gr.File(label="Load settings from PNG (compose or AUTOMATIC1111)", file_types=[".png"],
@@ -308,7 +311,8 @@ def _defaults(studio: Studio) -> dict[str, float]:
 
 
 def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
-    outputs = [ui.image, ui.download, ui.info, ui.seed, ui.gallery, ui.history, ui.view, ui.region_paint, ui.message]
+    outputs = [ui.image, ui.download, ui.info, ui.regions_view, ui.regions_legend, ui.seed, ui.gallery, ui.history,
+               ui.view, ui.region_paint, ui.message]  # fmt: skip
 
     def on_generate(request: gr.Request, *values, progress=gr.Progress()):
         *rest, randomize_seed, made = values
@@ -328,7 +332,11 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
         view = for_display(path)
         made = [(str(view), f"{settings.method} · seed {settings.seed}", str(path)), *made]
         canvas = {"background": str(view), "layers": [], "composite": None}
-        return str(view), str(path), text, settings.seed, _gallery(made), made, str(view), canvas, ""
+        regions = studio.regions_of(path)
+        shown = gr.update(value=str(regions[0]) if regions else None, visible=regions is not None)
+        caption = gr.update(value=regions[1] if regions else "", visible=regions is not None)
+        return (str(view), str(path), text, shown, caption, settings.seed, _gallery(made), made, str(view), canvas,
+                "")  # fmt: skip
 
     ui.generate.click(on_generate, [*ui.inputs, ui.randomize, ui.history], outputs, api_visibility="private",
                       concurrency_id="model", show_progress_on=ui.image)  # fmt: skip

@@ -148,7 +148,8 @@ def _method_params(args: argparse.Namespace) -> dict:
         return {"levels": args.levels, "temperature": args.band_temperature, "top_k": args.band_top_k}
     if args.method == "routed":
         return {"probe": args.probe, "threshold": args.threshold, "grow": args.grow, "roles": dict(args.role) or None,
-                "prompts": _region_prompts(args), "probe_with": args.probe_with, "locate": args.locate}  # fmt: skip
+                "prompts": _region_prompts(args, "clauses"), "probe_with": args.probe_with,
+                "locate": args.locate}  # fmt: skip
     if args.method == "cmlora":
         return {
             "ordering": args.ordering,
@@ -324,9 +325,9 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
         help="wswitch/wcomposite: exponent on the trigger-word importances (0 = equal shares) [1]",
     )
     group.add_argument("--probe", type=FRACTION, default=0.2,
-                       help="routed: fraction of the steps run as Merge while the regions are read [0.2]")  # fmt: skip
-    group.add_argument("--probe-with", choices=["loras", "base"], default="loras",
-                       help="routed: the probe steps run as Merge or on the base model alone [loras]")  # fmt: skip
+                       help="routed: fraction of the steps that read the regions before routing [0.2]")  # fmt: skip
+    group.add_argument("--probe-with", choices=["base", "loras"], default="base",
+                       help="routed: the probe steps run on the base model alone or as Merge [base]")  # fmt: skip
     group.add_argument("--threshold", type=FRACTION, default=0.5,
                        help="routed: share of its attention peak from which a pixel is a LoRA's [0.5]")  # fmt: skip
     group.add_argument("--grow", type=NON_NEGATIVE_INT, default=1,
@@ -334,9 +335,10 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--region-prompt", action="append", default=[], type=_pair, metavar="NAME=TEXT",
                        help="regional, routed: the text LoRA NAME's region attends to instead of the prompt "
                        "(its trigger words are put in front if missing)")  # fmt: skip
-    group.add_argument("--clause-prompts", action="store_true",
+    group.add_argument("--clause-prompts", action=argparse.BooleanOptionalAction,
                        help="regional, routed: each region reads its LoRA's clause of the prompt "
-                       "(\"a klinko robot on the right\") instead of the whole prompt")  # fmt: skip
+                       "(\"a klinko robot on the right\") instead of the whole prompt "
+                       "[routed: on, regional: off]")  # fmt: skip
     group.add_argument("--locate", choices=["clause", "trigger"], default="clause",
                        help="routed: find each LoRA by the attention to its trigger's whole clause or to its "
                        "trigger words alone [clause]")  # fmt: skip
@@ -344,11 +346,14 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
                      help="wswitch: final fraction of the steps held by the character LoRA [0.2]")  # fmt: skip
 
 
-def _region_prompts(args: argparse.Namespace) -> dict[str, str] | str | None:
-    """``--clause-prompts`` or the ``--region-prompt`` pairs; not both."""
+def _region_prompts(args: argparse.Namespace, default: str | None = None) -> dict[str, str] | str | None:
+    """``--clause-prompts`` or the ``--region-prompt`` pairs (not both); ``default`` (the
+    method's) where neither is given; ``--no-clause-prompts``: the whole prompt everywhere."""
     if args.clause_prompts and args.region_prompt:
         raise ValueError("give --clause-prompts or --region-prompt NAME=TEXT, not both")
-    return "clauses" if args.clause_prompts else dict(args.region_prompt) or None
+    if args.region_prompt:
+        return dict(args.region_prompt)
+    return default if args.clause_prompts is None else "clauses" if args.clause_prompts else None
 
 
 def _add_output(group: argparse._ArgumentGroup) -> None:

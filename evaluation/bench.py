@@ -175,6 +175,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         "method": item.method,
         "seed": item.seed,
         "n": item.set.n,
+        "loras": list(item.set.loras),
         "clipscore": round(float(scorer.score([image], [text])[0]), 4),
         **(concept_presence(image, item.set.loras, item.set.sides) or {}),
         "seconds": round(seconds, 4),

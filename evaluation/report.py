@@ -25,13 +25,14 @@ METRICS = {  # record field -> (label, higher is better)
     "clipscore": ("CLIPScore", True),
     "concepts_present": ("concepts present", True),
     "all_present": ("all concepts present", True),
+    "sides_present": ("placed concepts on their sides", True),
     "seconds": ("seconds / image", False),
 }
 BASELINE = "merge"
 COST_REFERENCE = "composite"
 
 
-RATES = {"all_present"}
+RATES = {"all_present", "sides_present"}
 """Metrics that are a yes (1) or no (0) per image: their intervals are Wilson's."""
 
 
@@ -107,13 +108,32 @@ def markdown_tables(records: list[dict], methods: list[str]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def concept_table(records: list[dict], methods: list[str]) -> str:
+    """Which concepts each method loses: per method and concept, the share of the images
+    asking for it that show it (Wilson 95%), from the records' ``loras`` and ``missing``;
+    empty where the records have no presence."""
+    shown_in = [r for r in records if "missing" in r and "loras" in r]
+    concepts = list(dict.fromkeys(name for r in shown_in for name in r["loras"]))
+    if not concepts:
+        return ""
+    lines = ["| method | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
+    for method in methods:
+        mine = [r for r in shown_in if r["method"] == method]
+        cells = []
+        for name in concepts:
+            hits = [float(name not in r["missing"]) for r in mine if name in r["loras"]]
+            cells.append(shown(hits, "all_present") if hits else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ranking(records: list[dict], methods: list[str]) -> str:
     """The methods ranked by all-concepts-present rate, then CLIPScore (where the records
     have no presence, by CLIPScore alone), with each one's median time per image relative
     to Composite's at every N (medians, so a first call's warm-up does not count): a
     markdown table."""
     ns = sorted({r["n"] for r in records})
-    keys = [m for m in ("all_present", "concepts_present", "clipscore") if m in metrics_of(records)]
+    keys = [m for m in ("all_present", "sides_present", "concepts_present", "clipscore") if m in metrics_of(records)]
     groups = {metric: by_method_and_n(records, metric) for metric in [*keys, "seconds"]}
 
     def overall(metric: str, method: str) -> list[float]:
@@ -251,11 +271,12 @@ def write_report(out: Path, records: list[dict], methods: list[str]) -> dict[str
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: " ".join(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
     summary = out / "summary.md"
     summary.write_text(
         f"# Benchmark: {len(records)} images\n\n## Ranking\n\n{ranking(records, methods)}\n"
         f"## By number of LoRAs\n\n{markdown_tables(records, methods)}"
+        + (f"\n## Each concept present\n\n{table}" if (table := concept_table(records, methods)) else "")
     )
     plot(records, methods, out / "plots")
     write_grids(out, records, methods)

@@ -250,3 +250,18 @@ def test_a_run_shows_our_messages_not_our_dependencies_chatter(tmp_path):
         assert chatter not in quiet.stderr
     loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "COMPOSE_DEBUG": "1"})
     assert loud.returncode == 0 and "Loading pipeline components" in loud.stderr
+
+
+def test_region_prompts_default_to_the_method_s_and_can_be_turned_off():
+    from argparse import Namespace
+
+    from compose.cli import _region_prompts
+
+    def prompts(clause_prompts, pairs=(), default="clauses"):
+        return _region_prompts(Namespace(clause_prompts=clause_prompts, region_prompt=list(pairs)), default)
+
+    assert prompts(None) == "clauses" and prompts(None, default=None) is None  # routed's, regional's
+    assert prompts(False) is None and prompts(True, default=None) == "clauses"
+    assert prompts(None, [("hero", "a tall hero")]) == {"hero": "a tall hero"}
+    with pytest.raises(ValueError, match="not both"):
+        prompts(True, [("hero", "x")])

@@ -134,14 +134,19 @@ def test_a_trigger_s_clause_runs_to_the_nearest_comma_or_and(four):
 
 
 def test_loras_of_one_clause_share_its_region_and_its_text(four):
-    by_clause, by_trigger = Routed(), Routed(locate="trigger")
+    by_clause, by_trigger = Routed(prompts=None), Routed(prompts=None, locate="trigger")
     gen(four, by_clause)
     gen(four, by_trigger)
     assert by_clause.group == [0, 0, 1] and by_trigger.group == [0, 1, 2]  # hero and cape, then the lamp
     assert torch.equal(by_clause.masks[:, 0], by_clause.masks[:, 1])
     assert not torch.equal(by_clause.masks, by_trigger.masks)
-    clauses = Routed(prompts="clauses")
+    clauses = Routed()
+    assert clauses.prompts == "clauses" and clauses.probe_with == "base"  # the defaults
     latents = gen(four, clauses)
+    assert not clauses.probe_row.any()  # no LoRA acts before its place is known
+    merged_probe = Routed(probe_with="loras")
+    assert (gen(four, merged_probe) - latents).abs().max() > 1e-3 and torch.equal(merged_probe.probe_row,
+                                                                                    merged_probe.row)  # fmt: skip
     assert clauses.prompted == [[0, 1], [2]]  # the style reads no text of its own
     assert clauses.lora_on.tolist() == [[1, 1, 0, 1], [0, 0, 1, 1]]
     assert (latents - gen(four, by_clause)).abs().max() > 1e-3
@@ -262,7 +267,7 @@ def test_region_prompts_change_only_their_regions(four):
 
 
 def test_routed_with_a_prompt_per_region(four):
-    plain = gen(four, Routed())
+    plain = gen(four, Routed(prompts=None))
     prompted = gen(four, Routed(prompts={"hero": "a zq hero, tall", "lamp": "a lamp"}))
     assert prompted.shape == plain.shape and (prompted - plain).abs().max() > 1e-3
     assert own_texts({"lamp": "a lamp"}, [four.loras["lamp"]]) == {"lamp": "kw lamp, a lamp"}

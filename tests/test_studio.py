@@ -316,3 +316,32 @@ def test_cards_are_found_by_name_category_or_trigger_and_captioned_with_the_cate
     captions = [caption for _, caption in studio.cards("random-")]
     loras = studio.composer.loras
     assert captions == [f"{name} · {loras[name].category}" for name in loras if name.startswith("random-")]
+
+
+ROUTED = Settings("a zq creature on the left, zq place background", method="routed", steps=3, seed=2,
+                  loras=[("random-character", 1.0), ("random-background", 1.0)])  # fmt: skip
+
+
+def test_routed_shows_where_each_lora_acted(served):
+    studio = served[0]
+    path, record, _ = studio.generate(ROUTED)
+    view, caption = studio.regions_of(path)
+    with Image.open(view) as image:
+        assert image.size == (256, 256) and len(set(image.convert("RGB").getdata())) > 2
+    assert "random-character" in caption and "random-background" in caption and "rgb(230, 25, 75)" in caption
+    merged, _, _ = studio.generate(Settings(ROUTED.prompt, loras=ROUTED.loras, steps=2))
+    assert studio.regions_of(merged) is None
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
+def test_browser_shows_the_regions_of_a_routed_image(served):
+    studio = served[0]
+    path, _, _ = studio.generate(ROUTED)
+    with browser_page(served[1]) as page:
+        page.locator("#settings-png input[type=file]").set_input_files(str(path))
+        playwright = pytest.importorskip("playwright.sync_api")
+        playwright.expect(page.locator("#method input")).to_have_value("routed", timeout=30000)
+        assert not page.locator("#result-regions").is_visible()
+        page.locator("#generate").click()
+        page.locator("#result-regions img").wait_for(timeout=60000)
+        assert "random-background" in page.locator("#result-regions-legend").inner_text()

@@ -5,8 +5,9 @@ Concepts bleed into each other when every LoRA acts on every pixel, and averagin
 LoRA to its own part of the picture, found automatically (after FreeFuse, 2025, which
 routes LoRA outputs with masks read from cross-attention):
 
-1. **Probe.** The first ``probe`` fraction of the steps (at least one) run as Merge
-   (``probe_with="loras"``) or on the base model alone (``"base"``) while
+1. **Probe.** The first ``probe`` fraction of the steps (at least one) run on the base
+   model alone (``probe_with="base"``, default: no LoRA draws its concept over the whole
+   picture before its place is known) or as Merge (``"loras"``) while
    :class:`~compose.attention_maps.AttentionProbe` reads how much each latent pixel
    attends to each LoRA's words: with ``locate="clause"`` (default) the whole clause that
    holds its trigger words ("a klinko robot on the right", clauses ending at commas,
@@ -25,8 +26,10 @@ routes LoRA outputs with masks read from cross-attention):
    is kept off the other LoRAs' trigger words.
 4. **Per-region prompts** (``prompts``): a region LoRA given a text of its own has its
    region attend to that text instead of the prompt (:mod:`compose.region_prompts`); its
-   trigger words are put in front where the text has none. ``prompts="clauses"`` gives
-   each region LoRA its clause of the prompt; LoRAs with the same text share one region.
+   trigger words are put in front where the text has none. ``prompts="clauses"``
+   (default) gives each region LoRA its clause of the prompt, so that the robot's region
+   never reads "creature"; LoRAs with the same text share one region; ``None`` keeps the
+   whole prompt everywhere.
 
 One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
 kept (:meth:`~compose.methods.base.CompositionMethod.lora_masks`, ``(B, N, H, W)`` at
@@ -42,11 +45,12 @@ import torch.nn.functional as F
 
 from ..attention_maps import AttentionProbe
 from ..layers import Routes
-from ..region_prompts import RegionPrompts, check_prompts, own_texts
+from ..region_prompts import CLAUSES, RegionPrompts, check_prompts, own_texts
 from .base import CompositionMethod, MethodContext, UNetRun
 
 ROLES = ("region", "complement", "global")
 LOCATE = ("clause", "trigger")
+PROBE_WITH = ("base", "loras")
 CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region", "background": "complement",
                   "style": "global"}  # fmt: skip
 
@@ -55,16 +59,17 @@ CATEGORY_ROLES = {"character": "region", "clothing": "region", "object": "region
 class Routed(CompositionMethod):
     """See the module docstring. ``probe`` is a fraction of the steps, ``threshold`` a
     share of a map's peak, ``grow`` latent pixels, ``roles`` LoRA name -> role,
-    ``prompts`` region LoRA name -> its region's own text, or ``"clauses"`` (per-region
-    prompts), ``locate`` which words place a LoRA."""
+    ``prompts`` region LoRA name -> its region's own text, ``"clauses"`` or ``None``
+    (per-region prompts), ``probe_with`` what the probe steps run, ``locate`` which words
+    place a LoRA."""
 
     name = "routed"
     probe: float = 0.2
     threshold: float = 0.5
     grow: int = 1
     roles: dict[str, str] | None = None
-    prompts: dict[str, str] | str | None = None
-    probe_with: str = "loras"
+    prompts: dict[str, str] | str | None = CLAUSES
+    probe_with: str = "base"
     locate: str = "clause"
 
     def __post_init__(self) -> None:
@@ -74,8 +79,8 @@ class Routed(CompositionMethod):
             raise ValueError(f"routed threshold is a share of a map's peak in [0, 1], got {self.threshold}")
         if self.grow < 0:
             raise ValueError(f"routed grow is a number of latent pixels, at least 0, got {self.grow}")
-        if self.probe_with not in ("loras", "base"):
-            raise ValueError(f"routed probe_with is loras (Merge) or base (no LoRA), got {self.probe_with!r}")
+        if self.probe_with not in PROBE_WITH:
+            raise ValueError(f"routed probe_with is {', '.join(PROBE_WITH)}, got {self.probe_with!r}")
         if self.locate not in LOCATE:
             raise ValueError(f"routed locate is {' or '.join(LOCATE)}, got {self.locate!r}")
         check_prompts(self.name, self.prompts)

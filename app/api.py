@@ -71,7 +71,9 @@ def register_api(studio: Studio) -> None:
         request: gr.Request = None,
     ) -> tuple[gr.FileData, dict]:
         """One image: the PNG (its settings inside) and ``{"seconds", "clipscore", "record"}``.
-        ``loras`` maps library names to weights; ``method_params`` as ``compose generate``'s."""
+        ``loras`` maps library names to weights; ``method_params`` as ``compose generate``'s,
+        but a region is only a box ``[x0, y0, x1, y1]``: a mask is uploaded with ``/set_region``
+        (the server opens no file a request names)."""
         settings = Settings(prompt, negative_prompt, _weights(loras), insert_triggers, method, method_params, steps,
                             guidance_scale, width, height, seed, scheduler)  # fmt: skip
         path, record, seconds = studio.generate(settings, session=session_of(request))

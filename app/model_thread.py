@@ -9,10 +9,15 @@ wake-ups. Measured on the 2-core machine, the demo world's composite of four LoR
 :meth:`ModelThread.serve`, every call made through :meth:`ModelThread.run` executes on
 the serving thread, one at a time; before that (tests, notebooks: ``block=False``) it
 runs on the caller's thread, as any function call does.
+
+A call runs in a copy of its caller's context variables: Gradio finds the event a
+``gr.Progress`` reports to through them, so without the copy a run's "step k of n"
+never reached the page.
 """
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -35,7 +40,7 @@ class ModelThread:
         if self.serving is None or self.serving == threading.get_ident():
             return fn(*args, **kwargs)
         future: Future = Future()
-        self.jobs.put((future, fn, args, kwargs))
+        self.jobs.put((future, contextvars.copy_context().run, (fn, *args), kwargs))
         return future.result()
 
     def serve(self, stop: threading.Event | None = None) -> None:

@@ -8,12 +8,15 @@ UI, the public API and the tests call the same code.
 
 The studio is shared by everyone who can reach it, so nothing one visitor does may
 reach into another's work or the server: Stop ends only the caller's own run; switching
-the base model and loading a server folder are *operator actions*, off unless the
-studio is told otherwise (``operator``); every change to the model (loading, removing,
-switching) happens under the model's lock, so it never lands in the middle of a run;
-uploads are untrusted (safetensors only unless pickle is allowed, a size limit, names
-that stay inside the library folder, parsed before the lock is taken); and success
-messages escape the names they show (:func:`md`), which come from files and PNGs.
+the base model, loading a server folder, and removing or editing a library LoRA (which
+every session uses) are *operator actions*, off unless the studio is told otherwise
+(``operator``); every change to the model (loading, removing, switching) happens under
+the model's lock, so it never lands in the middle of a run; uploads are untrusted
+(safetensors only unless pickle is allowed, a size limit, names that stay inside the
+library folder, parsed before the lock is taken); a request names no server file (its
+regions are boxes; masks are uploaded and saved by the studio itself) and its prompts
+are bounded (:class:`~compose.checks.Limits`); and success messages escape the names
+they show (:func:`md`), which come from files and PNGs.
 """
 
 from __future__ import annotations
@@ -27,27 +30,32 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 
+from .. import checks
 from ..checks import Limits, cost_note
 from ..composer import Composer, ModelLoadError, generate_kwargs
 from ..evaluation.presence import concept_presence
 from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, write_sidecar
+from ..loop import GenerationCancelled
 from ..metadata import read_record, record_masks, save_png
 from ..methods import METHODS
-from ..methods.regional import region_mask
+from ..methods.regional import check_boxes, region_mask
 from ..overlay import legend, mask_overlay
 from ..prompts import extract_lora_tags
 from .display import for_display
 from .model_thread import ModelThread
 
-LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank", "high-frequency score"]
+LIBRARY_COLUMNS = ["name", "category", "triggers", "base family", "rank"]
 LORA_COLUMNS = ["LoRA", "weight"]
 PREVIEWS = ".previews"
 CARD_SIDE = 192
+CARDS = "cards"
+ON_COLOUR, OFF_COLOUR = (22, 163, 74), (170, 170, 170)
+"""A card's frame: green when its LoRA is on, grey when off (Gradio marks the picked card in orange)."""
 Progress = Callable[[float, str], None]
 
 
@@ -146,18 +154,19 @@ class Studio:
     # -- library ---------------------------------------------------------------------
 
     def library_rows(self) -> list[list]:
-        rows = []
-        for lora in self.composer.loras.values():
-            freq = next((v.score for k, v in lora.derived.items() if k[0] == "frequency"), None)
-            rows.append([lora.name, lora.category or "", ", ".join(lora.triggers), lora.family, lora.rank,
-                         "" if freq is None else round(freq, 4)])  # fmt: skip
-        return rows
+        """The Library table (:data:`LIBRARY_COLUMNS`); the high-frequency score is not a
+        column, as it costs a model run per LoRA: *Frequency profile* measures it."""
+        return [[lora.name, lora.category or "", ", ".join(lora.triggers), base_family(lora), lora.rank]
+                for lora in self.composer.loras.values()]  # fmt: skip
 
     def compose_rows(self, previous: list[list] | None = None, defaults: dict[str, float] | None = None) -> list[list]:
         """The Compose table: every library LoRA with its weight (kept from ``previous``,
-        else from ``defaults``, else 0)."""
+        else from ``defaults``, else 0). The rows keep ``previous``'s order (it is Switch's
+        order, and may be a PNG's); LoRAs it lacks follow in library order."""
         weights = {**(defaults or {}), **{row[0]: row[1] for row in previous or [] if row}}
-        return [[name, weights.get(name, 0.0)] for name in self.composer.loras]
+        kept = [row[0] for row in previous or [] if row and row[0] in self.composer.loras]
+        names = dict.fromkeys([*kept, *self.composer.loras])
+        return [[name, weights.get(name, 0.0)] for name in names]
 
     def preview(self, name: str) -> Path:
         """A picture of what LoRA ``name`` draws alone (its triggers as the prompt, weight 1,
@@ -173,6 +182,11 @@ class Studio:
             save_png(image, path)
         return path
 
+    def missing_previews(self) -> list[str]:
+        """The LoRAs whose preview is not made yet (the first start makes them all)."""
+        return [name for name, lora in self.composer.loras.items()
+                if not (self.previews / f"{lora.sha256}.png").is_file()]  # fmt: skip
+
     def card_names(self, query: str = "") -> list[str]:
         """The LoRAs whose name, category or triggers hold ``query`` (case-insensitive), in
         library order: the cards shown for that search."""
@@ -180,15 +194,31 @@ class Studio:
         return [lora.name for lora in self.composer.loras.values()
                 if wanted in " ".join([lora.name, lora.category or "", *lora.triggers]).lower()]  # fmt: skip
 
-    def cards(self, query: str = "") -> list[tuple[Path, str]]:
-        """The cards of :meth:`card_names` as ``(preview, caption)``, the caption the name
-        and category (a card is too narrow for the triggers: the search finds them, the
-        library tab shows them)."""
+    def cards(self, query: str = "", weights: dict[str, object] | None = None) -> list[tuple[Path, str]]:
+        """The cards of :meth:`card_names` as ``(picture, caption)``: the preview framed
+        green when the LoRA is on in ``weights`` (name -> the table's weight), greyed when
+        off, and the caption ``● on 0.8 · name · category`` or ``○ off · name · category``,
+        so which LoRAs a run will use shows at a glance (a card is too narrow for the
+        triggers: the search finds them, the library tab shows them)."""
         out = []
         for name in self.card_names(query):
             category = self.composer.loras[name].category
-            out.append((for_display(self.preview(name), CARD_SIDE), f"{name} · {category}" if category else name))
+            label = f"{name} · {category}" if category else name
+            weight = as_weight((weights or {}).get(name))
+            caption = f"● on {weight:g} · {label}" if weight else f"○ off · {label}"
+            out.append((self._card_picture(name, bool(weight)), caption))
         return out
+
+    def _card_picture(self, name: str, on: bool) -> Path:
+        """The preview of ``name`` at card size, framed for its state; made once per state."""
+        lora = self._lora(name)
+        path = self.outputs / CARDS / f"{lora.sha256}-{'on' if on else 'off'}.png"
+        if not path.is_file():
+            with Image.open(for_display(self.preview(name), CARD_SIDE)) as preview:
+                picture = _framed(preview.convert("RGB"), on)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+        return path
 
     def _operator(self, action: str) -> None:
         if not self.operator:
@@ -257,11 +287,21 @@ class Studio:
             shutil.copyfile(source, target)
         return f"added {md(lora.name)} ({lora.family}, rank {lora.rank}, {len(lora.targets)} modules)"
 
-    def edit(self, name: str, category: str, triggers: str) -> str:
+    def edit(self, name: str, category: str, triggers: str, clear: bool = False) -> str:
+        """Set a LoRA's category and triggers, and write them to its sidecar: an operator
+        action, as every session's runs read them (trigger insertion, K-LoRA's roles, the
+        cards) and the sidecar is a file on the server. A blank save over a LoRA that has
+        either is refused unless ``clear``: an editor that opened blank once wiped them."""
+        self._operator("editing a LoRA's category and triggers")
         lora = self._lora(name)
         if category and category not in CATEGORIES:
             raise StudioError(f"category must be one of {', '.join(CATEGORIES)}")
         phrases = [t.strip() for t in triggers.split(",") if t.strip()]
+        if not (category or phrases or clear) and (lora.category or lora.triggers):
+            words = ", ".join(lora.triggers) or "none"
+            raise StudioError(f"not saved: a blank category and triggers would erase {name}'s (category "
+                              f"{lora.category or 'none'}, triggers {words}); edit them, or confirm the erasure (the "
+                              "Library's “erase both” box, the API's clear=True)")  # fmt: skip
         with self.lock:
             file = self.library / f"{name}.safetensors"
             if file.exists():  # merged into <name>.json: A1111's fields there are kept
@@ -271,13 +311,17 @@ class Studio:
                     raise StudioError(f"{name}: the sidecar cannot be updated ({error})") from None
             lora.category, lora.triggers = category or None, phrases
         words = ", ".join(md(t) for t in lora.triggers) or "none"
-        return f"{md(name)}: category {lora.category or 'none'}, triggers {words}"
+        return f"{md(name)}: category {lora.category or 'none'}, triggers {words} (for every session)"
 
     def remove(self, name: str) -> str:
+        """Unload a LoRA from the studio: an operator action, as the library is one for
+        every session (another visitor's next run would fail on the missing name)."""
+        self._operator("removing a LoRA from the library")
         self._lora(name)
         with self.lock:
             self.composer.unload_lora(name)
-        return f"removed {md(name)} from this session (its file stays in {md(self.library)})"
+        return (f"removed {md(name)} for every session (its file stays in {md(self.library)} and loads again "
+                "when the studio restarts or switches the model)")  # fmt: skip
 
     def frequency(self, name: str) -> str:
         self._lora(name)
@@ -387,6 +431,7 @@ class Studio:
         ``session`` is the browser session whose Stop may end it (:meth:`stop`)."""
         if settings.method not in METHODS:
             raise StudioError(f"unknown method {settings.method!r}")
+        settings = self._visitor_settings(settings)
         cancel = self.cancels[session] = threading.Event()
         note = self._cost_note(settings)
 
@@ -420,6 +465,25 @@ class Studio:
                 del self.cancels[session]
         return path, json.loads(image.info["compose"]), seconds
 
+    def _visitor_settings(self, settings: Settings) -> Settings:
+        """``settings`` as a visitor may give them, checked before the model's lock is
+        taken: regions only as boxes (:func:`~compose.methods.regional.check_boxes`; a mask
+        is uploaded with :meth:`set_region`, never named by a server path), and prompts
+        within :attr:`limits` by their length alone (the composer counts their chunks
+        before any model work)."""
+        for what, text in (("the prompt", settings.prompt), ("the negative prompt", settings.negative_prompt)):
+            if not isinstance(text, str):
+                raise StudioError(f"{what} must be text, got {type(text).__name__}")
+            checks.prompt_length(self.limits, what, text)
+        params = settings.method_params
+        if not isinstance(params, dict) or "regions" not in params:
+            return settings
+        try:
+            boxes = check_boxes(params["regions"])
+        except ValueError as error:
+            raise StudioError(f"method_params: {error}") from None
+        return replace(settings, method_params={**params, "regions": boxes or None})
+
     def _keep_regions(self, path: Path, image: Image.Image, masks: dict[str, Image.Image]) -> None:
         view = path.with_name(f"{path.stem}-regions.png")
         mask_overlay(image, masks, size=max(256, *image.size)).save(view)
@@ -445,18 +509,33 @@ class Studio:
         return cost_note(int(width), int(height), native, int(steps))
 
     def clipscore(self, path: Path, record: dict) -> float | None:
-        if self.scorer is None or not record["loras"]:
-            return None
+        """The image's CLIPScore, ``100·max(cos, 0)`` against its LoRAs' triggers, as the
+        bench scores; ``None`` without a CLIP model or a LoRA (:meth:`judge` says more)."""
+        return self.judge(path, record, presence=False)["clipscore"]
+
+    def judge(self, path: Path, record: dict, presence: bool = True) -> dict:
+        """What can be said of how an image shows its LoRAs: ``{"clipscore": 100·max(cos, 0),
+        "cosine": cos (a CLIPScore of 0 hides how far below a match the image is), "text":
+        what CLIP compared the image with (the LoRAs' trigger words, as the bench does, else
+        the prompt), "presence": the demo world's concept detectors}``; each ``None`` where it
+        cannot be computed (no CLIP model, no LoRA, not demo-world concepts)."""
         from ..evaluation.clipscore import composition_text
 
-        text = composition_text([t for lora in record["loras"] for t in lora["triggers"]]) or record["prompt"]
+        names = [lora["name"] for lora in record["loras"]]
         with Image.open(path) as image:
-            return float(self.model_thread.run(self.scorer.score, [image.convert("RGB")], [text])[0])
+            picture = image.convert("RGB")
+        out = {"clipscore": None, "cosine": None, "text": None,
+               "presence": concept_presence(picture, names) if presence else None}  # fmt: skip
+        if self.scorer is None or not names:
+            return out
+        text = composition_text([t for lora in record["loras"] for t in lora["triggers"]]) or record["prompt"]
+        cosine = float(self.model_thread.run(self.scorer.cosine, [picture], [text])[0])
+        return {**out, "clipscore": 100 * max(cosine, 0.0), "cosine": cosine, "text": text}
 
     def compare(self, settings: Settings, progress: Progress | None = None, session: str = "") -> Iterator[dict]:
         """The same settings with every method, one result as each finishes (so a page can
         show it at once): path, method, seconds, CLIPScore, and on the demo world the
-        concepts present. ``session``: as for :meth:`generate`."""
+        concepts present (:meth:`judge`). ``session``: as for :meth:`generate`."""
         for k, method in enumerate(METHODS):
 
             def part(fraction: float, text: str, k: int = k) -> None:
@@ -467,16 +546,19 @@ class Studio:
             path, record, seconds = self.generate(
                 Settings(**{**vars(settings), "method": method, "method_params": params}), part, session
             )
-            with Image.open(path) as image:
-                presence = concept_presence(image, [name for name, *_ in settings.loras or []])
-            yield {"method": method, "path": path, "seconds": seconds, "clipscore": self.clipscore(path, record),
-                   "presence": presence}  # fmt: skip
+            judged = self.judge(path, record)
+            yield {"method": method, "path": path, "seconds": seconds, "clipscore": judged["clipscore"],
+                   "cosine": judged["cosine"], "presence": judged["presence"]}  # fmt: skip
 
     def xy_plot(self, settings: Settings, x_kind: str, x_values: str, y_kind: str | None = None, y_values: str = "",
-                progress: Callable[[int, int], None] | None = None) -> tuple[Path, float]:  # fmt: skip
+                progress: Callable[[int, int], None] | None = None,
+                session: str = "") -> tuple[Path, float]:  # fmt: skip
         """An X/Y plot (:mod:`compose.xy`) of ``settings`` with one or two axes varied: the
         grid PNG (every cell's settings inside) and the seconds it took. A method axis runs
-        each method with its defaults, so the Compose tab's method parameters are dropped."""
+        each method with its defaults, so the Compose tab's method parameters are dropped.
+        ``progress(cells done, cells)`` is called before the first cell and after each;
+        :meth:`stop` of ``session`` ends the plot after the current cell
+        (:class:`~compose.loop.GenerationCancelled`)."""
         from ..xy import parse_axis, xy_plot
 
         try:
@@ -484,15 +566,27 @@ class Studio:
             y = parse_axis(y_kind, y_values, self.composer) if y_kind else None
         except ValueError as error:
             raise StudioError(str(error)) from None
-        kwargs = self._generate_kwargs(settings)
+        kwargs = self._generate_kwargs(self._visitor_settings(settings))
         if "method" in (x.kind, y and y.kind):
             kwargs.pop("method_params")
+        cancel = self.cancels[session] = threading.Event()
+
+        def cell(done: int, total: int, _image=None) -> None:
+            if progress is not None:
+                progress(done, total)
+            if cancel.is_set() and done < total:
+                raise GenerationCancelled(f"stopped after {done} of {total} cells")
+
         start = time.perf_counter()
-        with self.lock:
-            step = progress and (lambda done, total, _: progress(done, total))
-            plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, step)
-            self.made += 1
-            path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
+        try:
+            with self.lock:
+                cell(0, len(x.values) * (len(y.values) if y else 1))
+                plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, cell)
+                self.made += 1
+                path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
+        finally:
+            if self.cancels.get(session) is cancel:
+                del self.cancels[session]
         return path, time.perf_counter() - start
 
     def png_info(self, png: str | Path) -> dict:
@@ -559,6 +653,39 @@ class Studio:
             raise StudioError(f"{Path(png).name}: its prompt uses LoRA {missing[0]}, which is not in the library; "
                               "add it first")  # fmt: skip
         return Settings(**kwargs)
+
+
+def base_family(lora) -> str:
+    """The base family a LoRA is for, as the Library shows it: found from its shapes
+    (:func:`~compose.loading.detect_family`), or where the shapes are of no known family
+    (the demo world's), what its metadata declares (``modelspec.architecture``, else
+    kohya's ``ss_base_model_version``), marked as declared."""
+    if not lora.family.startswith("unknown"):
+        return lora.family
+    declared = lora.metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    declared = declared or lora.metadata.get("ss_base_model_version", "")
+    return f"{declared} (its metadata)" if declared else lora.family
+
+
+def as_weight(value: object) -> float:
+    """A table weight as a number; anything else (empty, text, NaN) is 0: off."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number else 0.0
+
+
+def _framed(picture: Image.Image, on: bool) -> Image.Image:
+    """A card's picture in its frame: a thick green one when on; greyed, thin grey when off."""
+    from PIL import ImageDraw, ImageOps
+
+    if not on:
+        picture = Image.blend(ImageOps.grayscale(picture).convert("RGB"), Image.new("RGB", picture.size, "white"), 0.35)
+    border = max(4, picture.width // 24) if on else max(2, picture.width // 96)
+    ImageDraw.Draw(picture).rectangle((0, 0, picture.width - 1, picture.height - 1), outline=ON_COLOUR if on else
+                                      OFF_COLOUR, width=border)  # fmt: skip
+    return picture
 
 
 def _safe(name: str) -> str:

@@ -11,12 +11,16 @@ with named parameters (:mod:`.api`).
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TextIO
 
 import gradio as gr
+from tqdm import tqdm
 
 from ..checks import Limits
 from ..composer import DEMO_WORLD, Composer
@@ -29,14 +33,16 @@ from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ..tiny import write_random_loras
 from .api import USER_ERRORS, register_api, session_of, user_text
 from .display import for_display
-from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, lora_weights, md
+from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError, as_weight, lora_weights, md
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-COMPARE_COLUMNS = ["method", "seconds / image", "CLIPScore", "concepts present"]
+COMPARE_TILES = 6
+"""Compare's tiles per row: every method side by side in two rows, all on one 1440×900 screen."""
+COMPARE_COLUMNS = ["method", "seconds / image", "CLIPScore = 100·max(cos, 0)", "cos", "concepts present"]
 
 INTRO = """# compose studio
-Write a prompt, click LoRA cards to use them, pick a method, **Generate** (Ctrl+Enter). Every PNG carries its
-full settings: drop one on *Load settings from PNG* to get them back."""
+Write a prompt, pick LoRA cards and switch them **on**, pick a method, **Generate** (Ctrl+Enter). Every PNG carries
+its full settings: drop one on *Load settings from PNG* to get them back."""
 
 CTRL_ENTER = """() => { document.addEventListener("keydown", (event) => {
   if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
@@ -45,14 +51,16 @@ CTRL_ENTER = """() => { document.addEventListener("keydown", (event) => {
 }); }"""
 
 
+SHOWN_PARAMS = {"switch": ("tau",), "wswitch": ("tau",), "klora": ("alpha", "beta"),
+                "cmlora": ("ordering", "schedule")}  # fmt: skip
+"""The method parameters the Compose tab has a control for; the others go in *other method parameters*."""
+
+
 def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, ordering, schedule, steps, guidance,
-              width, height, seed, scheduler) -> Settings:  # fmt: skip
-    params = {
-        "switch": {"tau": int(tau)},
-        "wswitch": {"tau": int(tau)},
-        "klora": {"alpha": float(alpha), "beta": float(beta)},
-        "cmlora": {"ordering": ordering, "schedule": schedule},
-    }.get(method, {})
+              width, height, seed, scheduler, lora_scale, extra) -> Settings:  # fmt: skip
+    """The Compose tab's values (in ``ui.inputs`` order) as :class:`Settings`."""
+    shown = {"tau": int(tau), "alpha": float(alpha), "beta": float(beta), "ordering": ordering, "schedule": schedule}
+    params = {**_extra_params(extra), **{k: shown[k] for k in SHOWN_PARAMS.get(method, ())}}
     return Settings(
         prompt=prompt or "",
         negative_prompt=negative or "",
@@ -66,7 +74,42 @@ def _settings(prompt, negative, loras, insert, method, tau, alpha, beta, orderin
         height=_whole("height", height),
         seed=_whole("seed", seed),
         scheduler=scheduler,
+        lora_scale=_real("LoRA scale", lora_scale),
     )
+
+
+def _extra_params(text: str | None) -> dict:
+    """*Other method parameters*: a JSON object (empty: none)."""
+    if not (text or "").strip():
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise StudioError(f"other method parameters: not JSON ({error.msg}); write an object like "
+                          '{"hold": 0.3}') from None  # fmt: skip
+    if not isinstance(params, dict):
+        raise StudioError('other method parameters must be a JSON object like {"hold": 0.3}')
+    return params
+
+
+def compose_values(studio: Studio, settings: Settings) -> tuple[list, str]:
+    """The Compose tab's values (``ui.inputs`` order) that give ``settings`` back exactly,
+    and a note for the status line: the table in the settings' LoRA order (Switch's order),
+    the method's parameters in their controls or, without one, in *other method
+    parameters* (those off their defaults), and the LoRA scale. The inverse of
+    :func:`_settings`, so that Send to Compose reproduces a PNG's image."""
+    params = dict(settings.method_params or {})
+    defaults = METHODS[settings.method]().parameters()
+    shown = SHOWN_PARAMS.get(settings.method, ())
+    extra = {k: v for k, v in params.items() if k not in shown and (k not in defaults or v != defaults[k])}
+    prompt, weights, note = _table_and_tags(settings)
+    rows = studio.compose_rows([[name, weight] for name, weight in weights.items()])
+    values = [prompt, settings.negative_prompt, rows, False, settings.method, params.get("tau", 5),
+              params.get("alpha", 1.5), params.get("beta", 0.5), params.get("ordering", "frequency"),
+              params.get("schedule", "nonuniform"), settings.steps, settings.guidance_scale, settings.width,
+              settings.height, settings.seed, settings.scheduler, settings.lora_scale,
+              json.dumps(extra) if extra else ""]  # fmt: skip
+    return values, note
 
 
 def _rows(table) -> list[list]:
@@ -98,8 +141,9 @@ def problem(error: Exception) -> str:
 
 
 def operator_default(host: str, share: bool) -> bool:
-    """Operator actions (switching the model, loading server folders) are on only when
-    the studio is reachable from this machine alone: served on loopback, no share link."""
+    """Operator actions (switching the model, loading server folders, removing or editing
+    a library LoRA) are on only when the studio is reachable from this machine alone:
+    served on loopback, no share link."""
     return host in LOOPBACK_HOSTS and not share
 
 
@@ -125,15 +169,16 @@ def build(studio: Studio) -> gr.Blocks:
                     ui.gallery_send = gr.Button("Send to Compose", elem_id="gallery-send")
                     ui.gallery_message = gr.Markdown("")
         ui.inputs = [ui.prompt, ui.negative, ui.loras, ui.insert, ui.method, ui.tau, ui.alpha, ui.beta, ui.ordering,
-                     ui.schedule, ui.steps, ui.guidance, ui.width, ui.height, ui.seed, ui.scheduler]  # fmt: skip
+                     ui.schedule, ui.steps, ui.guidance, ui.width, ui.height, ui.seed, ui.scheduler, ui.lora_scale,
+                     ui.extra]  # fmt: skip
         _wire_generation(studio, ui)
         _wire_compare(studio, ui)
         _wire_xy(studio, ui)
         _wire_settings(studio, ui)
         _wire_regions(studio, ui)
         _wire_library(studio, ui)
-        page.load(_on_load(studio), None, [ui.loras, ui.cards, ui.library, ui.name, ui.region_lora, ui.regions_info,
-                                           ui.xy_x_kind, ui.xy_y_kind])  # fmt: skip
+        page.load(_on_load(studio), None, [ui.loras, ui.cards, ui.library, ui.name, ui.category, ui.triggers,
+                                           ui.region_lora, ui.regions_info, ui.xy_x_kind, ui.xy_y_kind])  # fmt: skip
         register_api(studio)
     return page
 
@@ -158,7 +203,8 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
     demo = studio.model == DEMO_WORLD
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            ui.prompt = gr.Textbox(EXAMPLE_PROMPT if demo else "", label="prompt", lines=2, elem_id="prompt")
+            ui.prompt = gr.Textbox(EXAMPLE_PROMPT if demo else "", label="prompt", lines=2, elem_id="prompt",
+                                   max_length=studio.limits.prompt_characters())  # fmt: skip
             with gr.Row():
                 ui.method = gr.Dropdown(list(METHODS), value="composite" if demo else "merge", label="method", scale=2,
                                         elem_id="method")  # fmt: skip
@@ -167,18 +213,21 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
             ui.message = gr.Markdown("", elem_id="compose-message")
             ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
                                    elem_id="lora-search")  # fmt: skip
-            ui.cards = gr.Gallery(studio.cards(), label="LoRAs: click a card to use it, again to drop it", columns=4,
-                                  height=340, allow_preview=False, object_fit="contain", elem_id="cards")  # fmt: skip
-            with gr.Row():
+            defaults = _defaults(studio)
+            ui.cards = gr.Gallery(studio.cards(weights=defaults), columns=4, height=340, allow_preview=False,
+                                  label="LoRAs (green ● on, grey ○ off): click a card to pick it, then switch it on",
+                                  object_fit="contain", elem_id="cards")  # fmt: skip
+            with gr.Row(equal_height=True):
+                ui.card_on = gr.Checkbox(False, label="on", info="pick a card first", scale=1, interactive=False,
+                                         elem_id="card-on")  # fmt: skip
                 ui.card_weight = gr.Slider(0, 2, 1, step=0.05, label="weight of the card you picked", scale=3,
-                                           elem_id="card-weight")  # fmt: skip
-                ui.picked = gr.State("")
-            defaults = dict.fromkeys(EXAMPLE_SET, 1.0) if demo else {}
+                                           interactive=False, elem_id="card-weight")  # fmt: skip
+                ui.card_picked = gr.State("")
             ui.loras = gr.Dataframe(studio.compose_rows(defaults=defaults), headers=LORA_COLUMNS,
                                     datatype=["str", "number"], static_columns=[0], interactive=True,
                                     label="weights (0 = off; row order = Switch order)", elem_id="loras")  # fmt: skip
             with gr.Accordion("prompt and sampling", open=False):
-                ui.negative = gr.Textbox(label="negative prompt")
+                ui.negative = gr.Textbox(label="negative prompt", max_length=studio.limits.prompt_characters())
                 ui.insert = gr.Checkbox(label="insert the LoRAs' trigger words into the prompt")
                 with gr.Row():
                     ui.steps = gr.Slider(1, 100, 25, step=1, label="steps", elem_id="steps")
@@ -191,6 +240,8 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                     ui.seed = gr.Number(0, precision=0, label="seed")
                     ui.randomize = gr.Checkbox(label="random seed")
                     ui.scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="scheduler")
+                ui.lora_scale = gr.Slider(0, 2, 0.8, step=0.05, elem_id="lora-scale",
+                                          label="LoRA scale: every weight × this (0.8: Multi-LoRA's)")  # fmt: skip
             with gr.Accordion("method parameters", open=False):
                 ui.tau = gr.Slider(1, 20, 5, step=1, label="switch: steps per LoRA (tau)")
                 ui.alpha = gr.Slider(0, 3, 1.5, step=0.05, label="K-LoRA alpha")
@@ -198,6 +249,8 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                 ui.ordering = gr.Radio(["frequency", "category"], value="frequency", label="CMLoRA ordering")
                 ui.schedule = gr.Radio(["nonuniform", "uniform", "off"], value="nonuniform",
                                        label="CMLoRA cache schedule")  # fmt: skip
+                ui.extra = gr.Textbox(label="other method parameters (JSON; a PNG fills them, a new method clears "
+                                      "them)", placeholder='{"hold": 0.3}', elem_id="method-extra")  # fmt: skip
             _regions(studio, ui)
         with gr.Column(scale=2):
             ui.image = gr.Image(label="result", type="filepath", interactive=False, height=460, elem_id="result",
@@ -209,7 +262,7 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
             ui.download = gr.File(label="the PNG, with its settings", interactive=False, height=60)
             ui.reuse = gr.Button("Reuse this seed")
             ui.settings_png = gr.File(label="Load settings from PNG (compose or AUTOMATIC1111)", file_types=[".png"],
-                                      type="filepath", height=90, elem_id="settings-png")  # fmt: skip
+                                      type="filepath", height=120, elem_id="settings-png")  # fmt: skip
 
 
 def _regions(studio: Studio, ui: SimpleNamespace) -> None:
@@ -236,8 +289,9 @@ def _compare_tab(ui: SimpleNamespace) -> None:
                                elem_id="compare", scale=3)  # fmt: skip
         ui.compare_stop = gr.Button("Stop", variant="stop", scale=1)
     ui.compare_message = gr.Markdown("", elem_id="compare-message")
-    ui.comparison = gr.Gallery(label="same prompt and seed, every method (each appears as it finishes)", columns=5,
-                               height="auto", object_fit="contain", elem_id="comparison")  # fmt: skip
+    ui.comparison = gr.Gallery(label="same prompt and seed, every method (each appears as it finishes)",
+                               columns=COMPARE_TILES, height="auto", object_fit="contain",
+                               elem_id="comparison")  # fmt: skip
     ui.compare_table = gr.Dataframe(headers=COMPARE_COLUMNS, interactive=False, label="click a column to sort",
                                     elem_id="compare-table")  # fmt: skip
 
@@ -251,7 +305,10 @@ def _xy_tab(studio: Studio, ui: SimpleNamespace) -> None:
     with gr.Row():
         ui.xy_y_kind = gr.Dropdown(["none", *kinds], value="seed", label="Y axis", elem_id="xy-y-kind")
         ui.xy_y_values = gr.Textbox("1, 2", label="Y values", elem_id="xy-y-values")
-    ui.xy_make = gr.Button("Make the X/Y plot (the Compose tab's other settings)", variant="primary", elem_id="xy-make")
+    with gr.Row():
+        ui.xy_make = gr.Button("Make the X/Y plot (the Compose tab's other settings)", variant="primary",
+                               elem_id="xy-make", scale=3)  # fmt: skip
+        ui.xy_stop = gr.Button("Stop", variant="stop", elem_id="xy-stop", scale=1)
     ui.xy_message = gr.Markdown("", elem_id="xy-message")
     ui.xy_grid = gr.Image(label="X/Y plot", type="filepath", interactive=False, elem_id="xy-grid",
                           buttons=["fullscreen"])  # fmt: skip
@@ -265,7 +322,7 @@ def xy_kinds(studio: Studio) -> list[str]:
 
 def _png_info_tab(ui: SimpleNamespace) -> None:
     ui.png_info_file = gr.File(label="a PNG (made here, by compose, or by AUTOMATIC1111)", file_types=[".png"],
-                               type="filepath", height=90, elem_id="png-info-file")  # fmt: skip
+                               type="filepath", height=120, elem_id="png-info-file")  # fmt: skip
     ui.png_info = gr.Markdown("", elem_id="png-info")
     ui.png_send = gr.Button("Send to Compose", elem_id="png-send")
 
@@ -276,19 +333,24 @@ def _library_tab(studio: Studio, ui: SimpleNamespace) -> None:
     ui.library = gr.Dataframe(studio.library_rows(), headers=LIBRARY_COLUMNS, interactive=False,
                               label=f"LoRAs (folder {studio.library})")  # fmt: skip
     ui.library_message = gr.Markdown("", elem_id="library-message")
-    ui.upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=100, elem_id="upload")
+    ui.upload = gr.File(label="add a LoRA (.safetensors)", type="filepath", height=120, elem_id="upload")
     with gr.Row():
         ui.folder = gr.Textbox(label="or load a folder of LoRAs" + ("" if operator else " (operator only)"), scale=4,
                                interactive=operator)  # fmt: skip
         ui.add_folder = gr.Button("Load folder", scale=1, interactive=operator)
+    names = list(studio.composer.loras)
+    category, triggers = _editor_values(studio, names[0] if names else None)
     with gr.Row():
-        ui.name = gr.Dropdown(list(studio.composer.loras), label="LoRA")
-        ui.category = gr.Dropdown(["", *CATEGORIES], label="category")
-        ui.triggers = gr.Textbox(label="trigger words (comma-separated)")
+        ui.name = gr.Dropdown(names, value=names[0] if names else None, label="LoRA", elem_id="edit-name")
+        ui.category = gr.Dropdown(["", *CATEGORIES], value=category, label="category", elem_id="edit-category")
+        ui.triggers = gr.Textbox(triggers, label="trigger words (comma-separated)", elem_id="edit-triggers")
     with gr.Row():
-        ui.save_edit = gr.Button("Save category and triggers")
+        only = "" if operator else " (operator only)"  # they change the library for every session
+        ui.save_edit = gr.Button(f"Save category and triggers{only}", interactive=operator, elem_id="save-edit")
+        ui.clear_edit = gr.Checkbox(label="erase both (confirms a blank save)", interactive=operator,
+                                    elem_id="edit-clear")  # fmt: skip
         ui.profile = gr.Button("Frequency profile")
-        ui.remove = gr.Button("Remove", variant="stop")
+        ui.remove = gr.Button(f"Remove{only}", variant="stop", interactive=operator)
 
 
 # -- events ------------------------------------------------------------------------------
@@ -298,8 +360,10 @@ def _on_load(studio: Studio):
     def load(request: gr.Request):
         names = list(studio.composer.loras)
         kinds = xy_kinds(studio)
-        return (gr.update(value=studio.compose_rows(defaults=_defaults(studio))), studio.cards(),
-                studio.library_rows(), gr.update(choices=names), gr.update(choices=names),
+        first = names[0] if names else None
+        return (gr.update(value=studio.compose_rows(defaults=_defaults(studio))),
+                studio.cards(weights=_defaults(studio)), studio.library_rows(),
+                gr.update(choices=names, value=first), *_editor_values(studio, first), gr.update(choices=names),
                 studio.describe_regions(session_of(request)), gr.update(choices=kinds),
                 gr.update(choices=["none", *kinds]))  # fmt: skip
 
@@ -308,6 +372,13 @@ def _on_load(studio: Studio):
 
 def _defaults(studio: Studio) -> dict[str, float]:
     return dict.fromkeys(EXAMPLE_SET, 1.0) if studio.model == DEMO_WORLD else {}
+
+
+def _editor_values(studio: Studio, name: str | None) -> tuple[str, str]:
+    """The Library editor's category and triggers for LoRA ``name``: its current values,
+    so that Save changes what the user changed and nothing else."""
+    lora = studio.composer.loras.get(name) if name else None
+    return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
 
 
 def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
@@ -325,10 +396,8 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
             return [gr.update()] * (len(outputs) - 1) + ["stopped: no image was made"]
         except USER_ERRORS as error:
             return [gr.update()] * (len(outputs) - 1) + [problem(error)]
-        score = studio.clipscore(path, record)
-        text = f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s" + (
-            f", CLIPScore {score:.2f}" if score is not None else ""
-        )
+        text = " · ".join([f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s",
+                           *score_parts(studio.judge(path, record))])  # fmt: skip
         view = for_display(path)
         made = [(str(view), f"{settings.method} · seed {settings.seed}", str(path)), *made]
         canvas = {"background": str(view), "layers": [], "composite": None}
@@ -338,14 +407,17 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
         return (str(view), str(path), text, shown, caption, settings.seed, _gallery(made), made, str(view), canvas,
                 "")  # fmt: skip
 
-    ui.generate.click(on_generate, [*ui.inputs, ui.randomize, ui.history], outputs, api_visibility="private",
-                      concurrency_id="model", show_progress_on=ui.image)  # fmt: skip
+    # the last run's warning goes as the new run is asked for, not when it ends
+    ui.generate.click(lambda: "", None, ui.message, api_visibility="private", queue=False).then(
+        on_generate, [*ui.inputs, ui.randomize, ui.history], outputs, api_visibility="private",
+        concurrency_id="model", show_progress_on=ui.image)  # fmt: skip
 
     def on_stop(request: gr.Request) -> str:
         return studio.stop(session_of(request))
 
     ui.stop.click(on_stop, None, ui.message, api_visibility="private", queue=False)
     ui.compare_stop.click(on_stop, None, ui.compare_message, api_visibility="private", queue=False)
+    ui.xy_stop.click(on_stop, None, ui.xy_message, api_visibility="private", queue=False)
 
     def on_cost(width, height, steps) -> str:
         note = studio.cost_note(width, height, steps)
@@ -353,32 +425,81 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
 
     for slider in (ui.width, ui.height, ui.steps):
         slider.change(on_cost, [ui.width, ui.height, ui.steps], ui.cost, api_visibility="private", queue=False)
+    ui.method.input(lambda: "", None, ui.extra, api_visibility="private", queue=False)  # they were another method's
+    _wire_cards(studio, ui)
+
+
+def score_parts(judged: dict) -> list[str]:
+    """What the page says of an image's scores (:meth:`Studio.judge`), each with its scale;
+    nothing for a score that cannot be computed. A negative cosine is shown, not hidden
+    behind CLIPScore's 0."""
+    parts = []
+    presence = judged["presence"]
+    if presence is not None:
+        missing = ", ".join(md(name) for name in presence["missing"])
+        parts.append(f"concepts present {presence['concepts_present']:.0%}" + (f" (missing {missing})" if missing
+                                                                                else ""))  # fmt: skip
+    if judged["cosine"] is not None:
+        text = md(judged["text"])
+        if judged["cosine"] >= 0:
+            parts.append(f"CLIPScore {judged['clipscore']:.1f} of 100 (100·max(cos, 0) against “{text}”)")
+        else:
+            parts.append(f"CLIPScore 0 of 100: cos {judged['cosine']:.2f} < 0, CLIP finds no match with “{text}”")
+    return parts
+
+
+def _wire_cards(studio: Studio, ui: SimpleNamespace) -> None:
+    """A click on a card picks it for the *on* box and the weight slider; only they change
+    the table. The cards, the box and the slider follow the table, whatever changed it (a
+    card's controls, an edit in the table, Send to Compose, a page load)."""
+    private = {"api_visibility": "private"}
 
     def on_card(table, query, event: gr.SelectData):
         names = studio.card_names(query or "")
         if not 0 <= event.index < len(names):
-            return gr.update(), problem(StudioError("that card is no longer in the library")), gr.update(), ""
-        name, rows = names[event.index], studio.compose_rows(_rows(table))
-        row = next(row for row in rows if row[0] == name)
-        row[1] = 0.0 if row[1] else 1.0
-        slider = gr.update(value=row[1], label=f"weight of {name}")
-        return rows, f"{md(name)} {f'on, weight {row[1]:g}' if row[1] else 'off'}", slider, name
+            return problem(StudioError("that card is no longer in the library")), gr.update(), gr.update(), ""
+        name = names[event.index]
+        weight = _weights(table).get(name, 0.0)
+        state = f"on, weight {weight:g}" if weight else "off: tick *on* (or move the slider) to use it"
+        return (f"picked {md(name)}: {state}", *_card_controls(name, weight), name)
 
-    def on_weight(table, name, weight):
+    def on_set(table, name, weight):
         if not name:
-            return gr.update(), "click a card first: the slider sets that LoRA's weight"
+            return gr.update(), "pick a card first: the box and the slider act on it"
         rows = studio.compose_rows(_rows(table))
         for row in rows:
             if row[0] == name:
                 row[1] = float(weight)
-                return rows, f"{md(name)} weight {row[1]:g}"
+                return rows, f"{md(name)} {f'on, weight {row[1]:g}' if row[1] else 'off'}"
         return gr.update(), problem(StudioError(f"no LoRA named {name!r} in the library"))
 
-    ui.cards.select(on_card, [ui.loras, ui.search], [ui.loras, ui.message, ui.card_weight, ui.picked],
-                    api_visibility="private")  # fmt: skip
-    ui.card_weight.input(on_weight, [ui.loras, ui.picked, ui.card_weight], [ui.loras, ui.message],
-                         api_visibility="private")  # fmt: skip
-    ui.search.change(lambda q: studio.cards(q), ui.search, ui.cards, api_visibility="private")
+    def on_table(table, name, query):
+        weights = _weights(table)
+        picked = studio.card_names(query or "")
+        cards = gr.Gallery(studio.cards(query or "", weights),
+                           selected_index=picked.index(name) if name in picked else None)  # fmt: skip
+        controls = _card_controls(name, weights.get(name, 0.0)) if name else (gr.update(), gr.update())
+        return cards, *controls
+
+    ui.cards.select(on_card, [ui.loras, ui.search], [ui.message, ui.card_on, ui.card_weight, ui.card_picked],
+                    **private)  # fmt: skip
+    ui.card_on.input(lambda table, name, on: on_set(table, name, 1.0 if on else 0.0), [ui.loras, ui.card_picked,
+                     ui.card_on], [ui.loras, ui.message], **private)  # fmt: skip
+    ui.card_weight.input(on_set, [ui.loras, ui.card_picked, ui.card_weight], [ui.loras, ui.message], **private)
+    for changed in (ui.loras.change, ui.search.change):
+        changed(on_table, [ui.loras, ui.card_picked, ui.search], [ui.cards, ui.card_on, ui.card_weight], **private)
+
+
+def _weights(table) -> dict[str, float]:
+    """The Compose table as ``{name: weight}`` (a weight that is not a number is 0: off)."""
+    return {str(row[0]): as_weight(row[1]) for row in _rows(table) if len(row) >= 2 and row[0]}
+
+
+def _card_controls(name: str, weight: float) -> tuple[dict, dict]:
+    """The *on* box and the weight slider showing LoRA ``name`` at ``weight`` (0: off)."""
+    return (gr.update(value=bool(weight), label=f"{name} on", info="ticked: used at the slider's weight",
+                      interactive=True),
+            gr.update(value=weight, label=f"weight of {name}", interactive=True))  # fmt: skip
 
 
 def _gallery(made: list[tuple]) -> list[tuple[str, str]]:
@@ -395,10 +516,11 @@ def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
             settings = _settings(*rest)
             for r in studio.compare(settings, lambda f, d: progress(f, desc=d), session_of(request)):
                 view = str(for_display(r["path"]))
-                score = None if r["clipscore"] is None else round(r["clipscore"], 2)
+                score = None if r["clipscore"] is None else round(r["clipscore"], 1)
+                cosine = None if r["cosine"] is None else round(r["cosine"], 3)
                 found = None if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
                 items.append((view, f"{r['method']} · {r['seconds']:.2f} s"))
-                rows.append([r["method"], round(r["seconds"], 2), score, found])
+                rows.append([r["method"], round(r["seconds"], 2), score, cosine, found])
                 made = [(view, f"{r['method']} · seed {settings.seed}", str(r["path"])), *made]
                 text = f"{len(items)} of {len(METHODS)} methods done"
                 yield items, rows, text, _gallery(made), made
@@ -411,51 +533,51 @@ def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
         note = "" if studio.scorer else "; CLIPScore needs a CLIP model: start the studio with `--clip`"
         yield items, rows, f"every method done{note}", _gallery(made), made
 
-    ui.compare.click(on_compare, [*ui.inputs, ui.history], outputs, api_visibility="private",
-                     concurrency_id="model", show_progress_on=ui.comparison)  # fmt: skip
+    ui.compare.click(lambda: "", None, ui.compare_message, api_visibility="private", queue=False).then(
+        on_compare, [*ui.inputs, ui.history], outputs, api_visibility="private", concurrency_id="model",
+        show_progress_on=ui.comparison)  # fmt: skip
 
 
 def _wire_xy(studio: Studio, ui: SimpleNamespace) -> None:
     outputs = [ui.xy_grid, ui.xy_download, ui.xy_message]
 
-    def on_xy(x_kind, x_values, y_kind, y_values, *values, progress=gr.Progress()):
+    def on_xy(request: gr.Request, x_kind, x_values, y_kind, y_values, *values, progress=gr.Progress()):
+        def step(done: int, total: int) -> None:
+            progress(done / total, desc=f"cell {min(done + 1, total)} of {total}" if done < total else
+                     f"{total} of {total} cells, drawing the grid")  # fmt: skip
+
         try:
-            settings = _settings(*values)
-
-            def step(done: int, total: int) -> None:
-                progress(done / total, desc=f"cell {done} of {total}")
-
-            path, seconds = studio.xy_plot(settings, x_kind, x_values, None if y_kind == "none" else y_kind,
-                                           y_values, step)  # fmt: skip
+            path, seconds = studio.xy_plot(_settings(*values), x_kind, x_values, None if y_kind == "none" else y_kind,
+                                           y_values, step, session_of(request))  # fmt: skip
+        except GenerationCancelled as stopped:
+            return gr.update(), gr.update(), f"{stopped}: no plot was made"
         except USER_ERRORS as error:
             return gr.update(), gr.update(), problem(error)
         return str(path), str(path), f"{seconds:.1f} s in all"
 
-    ui.xy_make.click(on_xy, [ui.xy_x_kind, ui.xy_x_values, ui.xy_y_kind, ui.xy_y_values, *ui.inputs], outputs,
-                     api_visibility="private", concurrency_id="model", show_progress_on=ui.xy_grid)  # fmt: skip
+    ui.xy_make.click(lambda: "", None, ui.xy_message, api_visibility="private", queue=False).then(
+        on_xy, [ui.xy_x_kind, ui.xy_x_values, ui.xy_y_kind, ui.xy_y_values, *ui.inputs], outputs,
+        api_visibility="private", concurrency_id="model", show_progress_on=ui.xy_grid)  # fmt: skip
 
 
 def _wire_settings(studio: Studio, ui: SimpleNamespace) -> None:
+    targets = [*ui.inputs, ui.randomize, ui.message, ui.tabs]
+
     def restore(png, message):
-        """The Compose inputs of a PNG's settings, and the message; or no change and why not."""
+        """The Compose inputs of a PNG's settings (its seed, so no random seed), and the
+        message; or no change and why not."""
         try:
-            s = studio.settings_from_png(png)
+            values, note = compose_values(studio, studio.settings_from_png(png))
         except USER_ERRORS as error:
-            return [gr.update()] * len(ui.inputs) + [problem(error), gr.update()]
-        params = s.method_params or {}
-        prompt, weights, note = _blocks_as_tags(s)
-        rows = [[n, weights.get(n, 0.0)] for n in studio.composer.loras]
-        values = [prompt, s.negative_prompt, rows, False, s.method, params.get("tau", 5), params.get("alpha", 1.5),
-                  params.get("beta", 0.5), params.get("ordering", "frequency"), params.get("schedule", "nonuniform"),
-                  s.steps, s.guidance_scale, s.width, s.height, s.seed, s.scheduler]  # fmt: skip
-        return [*values, f"{message}{note}", gr.Tabs(selected="compose")]
+            return [gr.update()] * (len(targets) - 2) + [problem(error), gr.update()]
+        return [*values, False, f"{message}{note}", gr.Tabs(selected="compose")]
 
     def on_settings(png):
         if not png:
-            return [gr.update()] * (len(ui.inputs) + 2)
+            return [gr.update()] * len(targets)
         return restore(png, f"settings of {md(Path(png).name)} loaded")
 
-    ui.settings_png.upload(on_settings, ui.settings_png, [*ui.inputs, ui.message, ui.tabs], api_visibility="private")
+    ui.settings_png.upload(on_settings, ui.settings_png, targets, api_visibility="private")
 
     def on_png_info(png):
         if not png:
@@ -469,18 +591,16 @@ def _wire_settings(studio: Studio, ui: SimpleNamespace) -> None:
 
     def send(png, where):
         if not png:
-            return [gr.update()] * (len(ui.inputs) + 2)
+            return [gr.update()] * len(targets)
         return restore(png, f"settings from the {where} loaded")
 
-    ui.png_send.click(lambda png: send(png, "PNG Info tab"), ui.png_info_file, [*ui.inputs, ui.message, ui.tabs],
-                      api_visibility="private")  # fmt: skip
+    ui.png_send.click(lambda png: send(png, "PNG Info tab"), ui.png_info_file, targets, api_visibility="private")
 
     def on_pick(made, event: gr.SelectData):
         return made[event.index][2] if made and event.index < len(made) else None
 
     ui.gallery.select(on_pick, ui.history, ui.picked, api_visibility="private")
-    ui.gallery_send.click(lambda png: send(png, "gallery"), ui.picked, [*ui.inputs, ui.message, ui.tabs],
-                          api_visibility="private")  # fmt: skip
+    ui.gallery_send.click(lambda png: send(png, "gallery"), ui.picked, targets, api_visibility="private")
 
     def on_reuse(png):
         if not png:
@@ -529,20 +649,22 @@ def _wire_library(studio: Studio, ui: SimpleNamespace) -> None:
             except USER_ERRORS as error:
                 return [problem(error)] + [gr.update()] * (len(outputs) - 1)
             names = list(studio.composer.loras)
-            return (text, studio.library_rows(), studio.compose_rows(_rows(previous)), studio.cards(),
-                    gr.update(choices=names), gr.update(choices=names))  # fmt: skip
+            return (text, studio.library_rows(), studio.compose_rows(_rows(previous)),
+                    studio.cards(weights=_weights(previous)), gr.update(choices=names),
+                    gr.update(choices=names))  # fmt: skip
 
         return handler
 
-    def on_pick(picked):
-        lora = studio.composer.loras.get(picked)
-        return ("", "") if lora is None else (lora.category or "", ", ".join(lora.triggers))
+    def upload(*args):
+        """An upload, then an empty upload box: a refused file must not look added."""
+        return [*guarded(studio.add_upload)(*args), None]
 
     private = {"api_visibility": "private"}
-    ui.name.change(on_pick, ui.name, [ui.category, ui.triggers], **private)
-    ui.upload.upload(guarded(studio.add_upload), [ui.upload, ui.loras], outputs, **private)
+    ui.name.change(lambda name: _editor_values(studio, name), ui.name, [ui.category, ui.triggers], **private)
+    ui.upload.upload(upload, [ui.upload, ui.loras], [*outputs, ui.upload], **private)
     ui.add_folder.click(guarded(studio.load_folder), [ui.folder, ui.loras], outputs, **private)
-    ui.save_edit.click(guarded(studio.edit), [ui.name, ui.category, ui.triggers, ui.loras], outputs, **private)
+    ui.save_edit.click(guarded(studio.edit), [ui.name, ui.category, ui.triggers, ui.clear_edit, ui.loras], outputs,
+                       **private)  # fmt: skip
     ui.remove.click(guarded(studio.remove), [ui.name, ui.loras], outputs, **private)
     ui.profile.click(guarded(studio.frequency), [ui.name, ui.loras], outputs, concurrency_id="model", **private)
     model_outputs = [ui.model_message, *outputs[1:]]
@@ -550,19 +672,22 @@ def _wire_library(studio: Studio, ui: SimpleNamespace) -> None:
                         **private)  # fmt: skip
 
 
-def _blocks_as_tags(settings: Settings) -> tuple[str, dict[str, float], str]:
-    """The prompt, table weights and a status note for settings from a PNG: the table has
-    no column for block weights, so a LoRA that has them goes into the prompt as an A1111
-    tag ``<lora:NAME:WEIGHT:lbw=BLOCKS>`` (which keeps them) instead of the table."""
-    prompt, weights, moved = settings.prompt, {}, []
+def _table_and_tags(settings: Settings) -> tuple[str, dict[str, float], str]:
+    """The prompt, table weights (in order) and a status note for settings from a PNG. The
+    table holds a plain number per LoRA; a LoRA with block weights or a weight schedule goes
+    into the prompt as an A1111 tag ``<lora:NAME:WEIGHT:lbw=BLOCKS>`` (which keeps them).
+    Tags follow the table in a run's LoRA order (Switch's), so from the first such LoRA on,
+    every LoRA becomes a tag, put before the prompt's own tags: the order is kept."""
+    tags, weights, moved = [], {}, []
     for name, weight, *blocks in settings.loras or []:
-        if blocks and blocks[0] is not None:
-            prompt += f" <lora:{name}:{weight}:lbw={blocks[0]}>"
+        block = blocks[0] if blocks else None
+        if tags or block is not None or not isinstance(weight, int | float):
+            tags.append(f"<lora:{name}:{weight}" + (f":lbw={block}>" if block is not None else ">"))
             moved.append(name)
         else:
             weights[name] = weight
-    note = f" (block weights of {', '.join(md(n) for n in moved)} kept as prompt tags)" if moved else ""
-    return prompt, weights, note
+    note = f" ({', '.join(md(n) for n in moved)} kept as prompt tags, in their order)" if moved else ""
+    return " ".join([*tags, settings.prompt]), weights, note
 
 
 def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
@@ -586,12 +711,31 @@ def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle
     return studio
 
 
+def make_previews(studio: Studio, stream: TextIO | None = None) -> int:
+    """Make the LoRA previews not made yet, saying so with a bar on ``stream`` (stderr):
+    the first start makes one picture per LoRA (the demo world's eleven took 95 s on two
+    cores), and was silent meanwhile. Returns how many were made."""
+    missing = studio.missing_previews()
+    if not missing:
+        return 0
+    stream = stream or sys.stderr
+    print(f"compose studio: making the previews of {len(missing)} LoRA(s), once: they are kept in {studio.previews}",
+          file=stream, flush=True)  # fmt: skip
+    with tqdm(total=len(missing), desc="LoRA previews", unit="LoRA", file=stream, mininterval=0) as bar:
+        for name in missing:
+            bar.set_postfix_str(name)
+            studio.preview(name)
+            bar.update()
+    return len(missing)
+
+
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True) -> gr.Blocks:  # fmt: skip
     """Serve the studio; ``block=False`` returns at once (tests, notebooks). Operator
     actions follow :func:`operator_default` unless the studio was told."""
     if studio.operator is None:
         studio.operator = operator_default(host, share)
+    make_previews(studio)
     page = build(studio)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,

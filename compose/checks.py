@@ -28,6 +28,10 @@ SEED_LIMIT = 2**64
 MAX_GUIDANCE = 100.0
 LONG_RUN = 20.0
 """A request costing this many native images or more gets a note before it runs."""
+CHUNK_TOKENS = 75
+"""Tokens per encoder window, as A1111 cuts a prompt (:data:`compose.emphasis.CHUNK_TOKENS`)."""
+TOKEN_CHARACTERS = 32
+"""The longest token of CLIP's vocabulary, in characters (32)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,16 @@ class Limits:
     max_images: int = 16
     max_lora_tensors: int = 20_000
     max_lora_mb: float = 2048.0
+    max_prompt_chunks: int = 16
+    """Most 75-token chunks in a prompt or negative prompt: each chunk lengthens every
+    cross-attention of every step, so a megabyte of text (3,200 chunks) would hold the
+    model for minutes; 16 chunks are 1,200 tokens, far beyond any artist's prompt."""
+
+    def prompt_characters(self) -> int:
+        """The most characters a prompt may have before it is tokenized at all: no CLIP
+        token is longer than :data:`TOKEN_CHARACTERS` characters, so a longer text needs more
+        chunks than :attr:`max_prompt_chunks` whatever it says (bar whitespace and markup)."""
+        return self.max_prompt_chunks * CHUNK_TOKENS * TOKEN_CHARACTERS
 
     def side_limit(self, native: int) -> int:
         """The largest width or height, in pixels, for a model of native side ``native``."""
@@ -159,14 +173,48 @@ def cost_note(width: int, height: int, native: int, steps: int, images: int = 1)
 
 # -- text from users and files -------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_INVISIBLE = "\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
+"""Format characters that reorder or hide text: bidi overrides, embeddings and isolates,
+zero-width spaces and joiners, the soft hyphen, the byte-order mark."""
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_INVISIBLE}]")
 
 
 def printable(text: object) -> str:
-    """``text`` with control characters (terminal escape sequences, NUL, newlines) written
-    as ``\\xNN`` escapes: a LoRA's metadata or a PNG's record then cannot move the cursor,
-    recolour the terminal or forge extra lines in what ``compose`` prints."""
+    """``text`` with control characters (terminal escape sequences, NUL, newlines) and
+    bidi or invisible format characters written as ``\\xNN`` / ``\\u202e`` escapes: a LoRA's
+    metadata or a PNG's record then cannot move the cursor, recolour the terminal, forge
+    extra lines or show its text reversed (bidi spoofing) in what ``compose`` prints."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def safe_name(name: str) -> str:
+    """A LoRA's name with every control, line, bidi or invisible character written as
+    ``[U+XXXX]``. A name comes from a file name, which may hold anything but ``/``; it is
+    then written into ``<lora:NAME:w>`` tags and ``Lora hashes`` of the PNG's ``parameters``
+    text (where a newline starts a forged ``Negative prompt:`` line), shown in the studio
+    and printed (where U+202E shows text reversed). Made safe once, where a LoRA gets its
+    name, it is safe everywhere; the escape uses no backslash, ``:`` or ``>``, so the tag
+    still reads back to the same name."""
+    return _CONTROL.sub(lambda m: f"[U+{ord(m.group()):04X}]", name)
+
+
+def prompt_length(limits: Limits, what: str, text: str) -> None:
+    """Refuse a prompt too long to be tokenized at all (:meth:`Limits.prompt_characters`):
+    checked in microseconds, before any tokenizer or model sees it."""
+    most = limits.prompt_characters()
+    if len(text) > most:
+        raise ValueError(f"{what} is {len(text):,} characters long, over the limit of {most:,} ("
+                         f"{limits.max_prompt_chunks} chunks of {CHUNK_TOKENS} tokens); shorten it, or raise the "
+                         "limit with --max-prompt-chunks (Limits(max_prompt_chunks=...))")  # fmt: skip
+
+
+def prompt_chunks(limits: Limits, what: str, count: int) -> None:
+    """Refuse a prompt that encodes to more chunks than ``limits`` allow."""
+    most = limits.max_prompt_chunks
+    if count > most:
+        raise ValueError(f"{what} needs {count} chunks of {CHUNK_TOKENS} tokens, over the limit of {most} "
+                         f"({most * CHUNK_TOKENS:,} tokens); shorten it, or raise the limit with "
+                         "--max-prompt-chunks (Limits(max_prompt_chunks=...))")  # fmt: skip
 
 
 # -- a generation request ------------------------------------------------------------
@@ -206,7 +254,8 @@ def size_and_steps(limits: Limits, model: ModelShape, *, width: object, height: 
     height = model.native if height is None else integer("height", height)
     factor = model.scale_factor
     if width % factor or height % factor or width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
+        raise ValueError(f"width and height must be positive multiples of {factor} (this model's VAE scale factor: "
+                         f"8 for Stable Diffusion, 4 for the demo world), got {width}x{height}")  # fmt: skip
     side = limits.side_limit(model.native)
     why = "--max-side" if limits.max_side is not None else f"{limits.side_factor:g} x its native {model.native} px"
     for name, value in (("width", width), ("height", height)):

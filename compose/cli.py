@@ -8,6 +8,7 @@ traceback reaches the user.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from . import checks
 from .checks import CATEGORIES, printable
@@ -100,6 +102,8 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
                        help=f"largest LoRA file [{defaults.max_lora_mb:g}]")  # fmt: skip
     group.add_argument("--max-lora-tensors", type=COUNT, default=defaults.max_lora_tensors, metavar="N",
                        help=f"most tensors in a LoRA file [{defaults.max_lora_tensors}]")  # fmt: skip
+    group.add_argument("--max-prompt-chunks", type=COUNT, default=defaults.max_prompt_chunks, metavar="N",
+                       help=f"most 75-token chunks in a prompt [{defaults.max_prompt_chunks}]")  # fmt: skip
 
 
 def _limits(args: argparse.Namespace) -> checks.Limits:
@@ -108,6 +112,7 @@ def _limits(args: argparse.Namespace) -> checks.Limits:
         max_steps=getattr(args, "max_steps", None),
         max_lora_mb=getattr(args, "max_lora_mb", checks.Limits.max_lora_mb),
         max_lora_tensors=getattr(args, "max_lora_tensors", checks.Limits.max_lora_tensors),
+        max_prompt_chunks=getattr(args, "max_prompt_chunks", checks.Limits.max_prompt_chunks),
     )
 
 
@@ -134,8 +139,7 @@ def _method_params(args: argparse.Namespace) -> dict:
             "reference": args.reference,
         }
     if args.method == "regional":
-        regions = {name: value if value.lower().endswith(".png") else [float(v) for v in value.split(",")]
-                   for name, value in args.region}  # fmt: skip
+        regions = {name: _region(name, value) for name, value in args.region}
         return {"regions": regions or None, "prompts": _region_prompts(args)}
     if args.method == "patch":
         return {"temperature": args.temperature, "top_k": args.patch_top_k}
@@ -162,8 +166,42 @@ def _method_params(args: argparse.Namespace) -> dict:
     return {}
 
 
+def _region(name: str, value: str) -> list[float] | str:
+    """``--region NAME=VALUE``: four numbers are a box, anything else the path of a mask
+    image, read now (before the model loads) as a regular image file or refused, naming it."""
+    from .methods.regional import region_mask
+
+    try:
+        region: list[float] | str = [float(v) for v in value.split(",")]
+    except ValueError:
+        region = value
+    try:
+        region_mask(region, 8, 8)
+    except ValueError as error:
+        raise ValueError(f"--region {name}={value}: {error}") from None
+    return region
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the mistake first: one line, the closest choice offered for a
+    misspelt one (``did you mean composite?``), and where the options are listed; its
+    full usage (30 lines for ``generate``) buried the line that mattered."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as error:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{error.message}; did you mean {close[0]}?") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compose",
         description="Compose several LoRA adapters into one Stable Diffusion image.",
     )
@@ -299,8 +337,8 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
                      help="cmlora: at refresh steps every branch and the dominant each step, or only the new "
                      "dominant (the reference's) [all]")  # fmt: skip
     group.add_argument("--reference", action="store_true",
-                     help="klora, cmlora: reproduce the released code's rules and, unless --lora-scale, its LoRA "
-                     "scale (see below)")  # fmt: skip
+                     help="klora, cmlora: the released code's rules (docs/methods.md lists the points that stay "
+                     "compose's) and, unless --lora-scale, its LoRA scale (see below)")  # fmt: skip
     group.add_argument(
         "--no-feature-cache", action="store_true", help="cmlora: keep the schedule but never reuse cached features"
     )
@@ -428,7 +466,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "each beside klora [merge,switch,composite,klora,cmlora]",
     )
     bench.add_argument("--seeds", type=COUNT, default=3, help="seeds 0..K-1 per set, unless the set lists its own [3]")
-    bench.add_argument("--sets-per-n", type=int, metavar="K", help="--sets: only K sets per LoRA count N, evenly "
+    bench.add_argument("--sets-per-n", type=COUNT, metavar="K", help="--sets: only K sets per LoRA count N, evenly "
                        "spread (a quicker run with every N) [all]")  # fmt: skip
     bench.add_argument("--model", default=DEFAULT_MODEL, help=f"base model [{DEFAULT_MODEL}]")
     bench.add_argument(
@@ -484,7 +522,8 @@ def _add_studio(commands: argparse._SubParsersAction) -> None:
     studio.add_argument(
         "--operator-actions",
         action=argparse.BooleanOptionalAction,
-        help="let visitors switch the base model and load server folders (/load_model, /add_folder) "
+        help="let visitors switch the base model, load server folders and remove or edit library LoRAs "
+        "(/load_model, /add_folder, /remove_lora, /edit_lora) "
         "[on when served on loopback only, off with --host beyond it or --share]",
     )
     _add_limits(studio)
@@ -563,8 +602,60 @@ def _cli_lora(composer, spec: str, allow_pickle: bool, category: str | None):
 
 def _unknown_lora(spec: str, names: list[str]) -> str:
     """Why ``spec`` names no LoRA, with the names the model does bring."""
-    brings = f"it brings {', '.join(sorted(names))}" if names else "it brings none"
+    brings = _brings(names)
     return f"{spec}: no such file, and no LoRA of that name comes with the model ({brings}); give a LoRA file's path"
+
+
+def _unknown_tag(name: str, names: list[str]) -> str:
+    """Why a prompt's ``<lora:NAME>`` names no LoRA, with the names it could have named."""
+    return (f"the prompt's <lora:{name}> names no LoRA: no LoRA of that name comes with the model ({_brings(names)}) "
+            "or is given with --lora; pass its file with --lora or its folder with --lora-dir")  # fmt: skip
+
+
+def _brings(names: list[str]) -> str:
+    return f"it brings {', '.join(sorted(names))}" if names else "it brings none"
+
+
+def _brought_names(model: str) -> list[str] | None:
+    """The names of the LoRAs ``model`` brings, read from its folder without importing
+    torch or the demo world (seconds on a loaded machine), so that a misspelt name is
+    answered at once; ``None`` where the demo world's folder is not there (its load then
+    says what to do). The same folder and files as :func:`compose.demo_world.world.world_loras`
+    (tested)."""
+    if model != DEFAULT_MODEL:
+        return []
+    folder = Path(os.environ.get("COMPOSE_DEMO_WORLD", Path(__file__).resolve().parents[1] / "assets" / "demo_world"))
+    if not (folder / "model_index.json").is_file():
+        return None
+    return sorted(path.stem for path in (folder / "loras").glob("*.safetensors"))
+
+
+def _check_names(args: argparse.Namespace, model: str, prompt: str | None) -> None:
+    """Every ``--lora`` and every ``<lora:NAME>`` of ``prompt`` names a file or a LoRA the
+    model brings, checked before the model loads (10 s), so that a typo is answered at
+    once; the load checks again what only it can (a file that is the model's LoRA)."""
+    brought = _brought_names(model)
+    if brought is None:
+        return
+    for spec, _ in args.lora:
+        if not Path(spec).exists() and spec not in brought:
+            raise ValueError(_unknown_lora(spec, brought))
+    given = {*brought, *(Path(spec).stem for spec, _ in args.lora)}
+    folder = Path(args.lora_dir) if args.lora_dir else None
+    for use in extract_lora_tags(prompt or "")[1]:
+        if use.name not in given and not (folder and (folder / f"{use.name}.safetensors").is_file()):
+            raise ValueError(_unknown_tag(use.name, brought))
+
+
+def _check_method(settings: dict) -> None:
+    """Build the method once before the model loads, so that a parameter it refuses is
+    answered in seconds rather than after the load."""
+    from .methods import METHODS, get_method
+
+    method, parameters = settings["method"], settings.get("method_params") or {}
+    if isinstance(method, str) and method in METHODS:
+        checks.method_parameters(method, METHODS[method], parameters)
+    get_method(method, **parameters)
 
 
 def _library(model: str) -> dict[str, Path]:
@@ -601,8 +692,16 @@ def _recorded_model(args: argparse.Namespace, record: dict) -> str:
 
 
 def _announce(args: argparse.Namespace, model: str, record: dict) -> None:
-    """Say which model and LoRA files a reproduction will load, before it loads them."""
-    loras = "; ".join(f"{e['name']} ({e['file']}, sha256 {e['sha256'][:12]})" for e in record["loras"]) or "none"
+    """Say which model and LoRA files a reproduction will load, before it loads them: for
+    each LoRA of the record, the local file (``--lora``) with its sha256, never the file the
+    record names (a path on the machine that made it, or a forged one)."""
+    from .loading import file_hashes
+
+    brought = _library(model)
+    files = [Path(spec) if Path(spec).is_file() else brought.get(spec) for spec, _ in args.lora]
+    local = {file_hashes(path)[0]: path for path in files if path is not None}
+    loras = "; ".join(f"{e['name']} ({local.get(e['sha256'], 'no --lora file has it')}, sha256 {e['sha256'][:12]})"
+                      for e in record["loras"]) or "none"  # fmt: skip
     print(printable(f"compose: {args.from_png}: model {model}; LoRAs (from --lora, matched by sha256): {loras}"),
           file=sys.stderr)  # fmt: skip
 
@@ -638,6 +737,11 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         settings, seeds, model = _arg_settings(args), args.seed, args.model or DEFAULT_MODEL
     paths = _output_paths(args.out, seeds)
+    for what, text in (("the prompt", settings["prompt"]), ("the negative prompt", settings["negative_prompt"])):
+        checks.prompt_length(_limits(args), what, text)  # the chunks are counted before the first step
+    extract_lora_tags(settings["prompt"])  # a malformed or path-like tag is refused before the model loads
+    _check_names(args, model, settings["prompt"] if record is None else None)
+    _check_method(settings)
     if record is not None:
         _announce(args, model, record)
     composer = _load_composer(model, args.device, _limits(args), compile=args.compile)
@@ -715,9 +819,7 @@ def _load_tagged(args: argparse.Namespace, composer, categories: dict[str, str])
         if name not in composer.loras and args.lora_dir and candidate.is_file():
             composer.load_lora(candidate, category=categories.get(name))
         elif name not in composer.loras:
-            raise ValueError(
-                f"the prompt's <lora:{name}> names no LoRA: pass its file with --lora or its folder with --lora-dir"
-            )
+            raise ValueError(_unknown_tag(name, list(composer.loras)))
     return tagged
 
 
@@ -985,13 +1087,19 @@ def _sigterm_stops():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _raised_by(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes ``names`` of ``compose.MODULE`` where it is imported: a module
+    not imported raised nothing, and importing it (torch, diffusers: seconds) only to say
+    so would delay the one line that a typo gets before anything loads."""
+    loaded = sys.modules.get(f"{__package__}.{module}")
+    return tuple(getattr(loaded, name) for name in names) if loaded else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from .composer import ModelLoadError
     from .extras import MissingExtra
     from .logs import debugging
-    from .loop import GenerationCancelled, NonFiniteLatentsError, OutOfMemory
 
     handlers = {
         "generate": _generate,
@@ -1004,10 +1112,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_stops():
             handlers[args.command](args)
-    except (ValueError, KeyError, OSError, ModelLoadError, NonFiniteLatentsError, OutOfMemory, MissingExtra) as error:
+    except (ValueError, KeyError, OSError, MissingExtra, *_raised_by("composer", "ModelLoadError"),
+            *_raised_by("loop", "NonFiniteLatentsError", "OutOfMemory")) as error:  # fmt: skip
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         parser.exit(2, f"compose: error: {printable(message)}\n")
-    except (KeyboardInterrupt, GenerationCancelled):
+    except (KeyboardInterrupt, *_raised_by("loop", "GenerationCancelled")):
         parser.exit(130, "compose: interrupted; images already written are complete\n")
     except Terminated:
         parser.exit(143, "compose: terminated (SIGTERM); images already written are complete\n")

@@ -161,6 +161,23 @@ def _checked_use(spec: object, sdxl: bool) -> LoRAUse:
     )
 
 
+def _texts(prompts: Sequence[str], negative_prompt: str) -> list[tuple[str, str]]:
+    """Each distinct prompt and the negative prompt, with what to call it in a message."""
+    return [*(("the prompt", p) for p in dict.fromkeys(prompts)), ("the negative prompt", negative_prompt)]
+
+
+def _once(uses: list[LoRAUse], given: int) -> None:
+    """Refuse a LoRA used twice, naming it and where: the first ``given`` uses come from
+    ``loras=``, the rest from the prompt's ``<lora:...>`` tags."""
+    seen: dict[str, int] = {}
+    for index, use in enumerate(uses):
+        if use.name in seen:
+            where = ["in loras=" if i < given else "as a <lora:...> tag of the prompt" for i in (seen[use.name], index)]
+            how = f"twice {where[0]}" if where[0] == where[1] else f"{where[0]} and {where[1]}"
+            raise ValueError(f"LoRA {use.name!r} is listed {how}: list each LoRA once")
+        seen[use.name] = index
+
+
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
     """The noise generators (ancestral samplers) and ``eta=0`` (DDIM) where ``step`` takes them."""
     accepted = inspect.signature(scheduler.step).parameters
@@ -354,6 +371,9 @@ class Composer:
         is also passed by path) gives the loaded LoRA back; another file under a taken
         name is refused.
         """
+        if checks.safe_name(lora.name) != lora.name:  # load_lora makes names safe; a record built by hand may not be
+            raise LoRAError(lora.path, f"the name {checks.printable(repr(lora.name))} holds control, line or "
+                            f"bidi characters; name it {checks.safe_name(lora.name)!r} as load_lora does")  # fmt: skip
         loaded = self.loras.get(lora.name)
         if loaded is not None and lora.sha256 and loaded.sha256 == lora.sha256:
             return loaded
@@ -639,11 +659,13 @@ class Composer:
         if lora_scale is None:
             lora_scale = default_lora_scale(method, method_params)
         prompts, seeds = _batch(prompt, seed, negative_prompt)
+        self._check_lengths(prompts, negative_prompt)
         width, height = checks.request(self.limits, self.shape, width=width, height=height, steps=steps,
                                        images=len(prompts), guidance_scale=guidance_scale, lora_scale=lora_scale,
                                        max_batch=max_batch)  # fmt: skip
         raw_prompts = prompts
         prompts, uses, active = self._resolve_loras(prompts, loras)
+        self.check_prompts(prompts, negative_prompt)
         plan = self._weight_plan(uses, steps, lora_scale)
         factor = self.pipeline.vae_scale_factor
         method = self._method(method, method_params, (height // factor, width // factor))
@@ -675,9 +697,22 @@ class Composer:
             raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
         uses = uses + _normalise_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
         active = self._lookup([use.name for use in uses])
-        if len({lora.name for lora in active}) != len(active):
-            raise ValueError("a LoRA is listed twice")
+        _once(uses, len(uses) - len(parsed[0][1]))
         return [text for text, _ in parsed], uses, active
+
+    def _check_lengths(self, prompts: list[str], negative_prompt: str) -> None:
+        """The characters of each text against :attr:`limits`, before anything reads them."""
+        for what, text in _texts(prompts, negative_prompt):
+            checks.prompt_length(self.limits, what, text)
+
+    def check_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> None:
+        """Refuse a prompt or negative prompt beyond :attr:`limits`'s chunks of 75 tokens
+        before any model work: a megabyte of text would otherwise hold the model for
+        minutes per step. Characters are counted first (no tokenizer), then chunks as the
+        encoder will cut them (``<lora:...>`` tags already out of ``prompts``)."""
+        self._check_lengths(list(prompts), negative_prompt)
+        for what, text in _texts(prompts, negative_prompt):
+            checks.prompt_chunks(self.limits, what, len(emphasis.chunks(self.pipeline.tokenizer, text)))
 
     def _method_context(self, method: CompositionMethod, active: list[LoRA], plan, prompts: list[str], steps: int,
                         size: tuple[int, int], progress: bool) -> MethodContext:  # fmt: skip

@@ -30,7 +30,7 @@ from diffusers.utils.state_dict_utils import (
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .checks import CATEGORIES, Limits, number, printable
+from .checks import CATEGORIES, Limits, number, printable, safe_name
 from .files import atomic_open
 from .layers import Factors
 from .prompts import MAX_WEIGHT
@@ -231,8 +231,24 @@ def _read_checked(path: Path, allow_pickle: bool, limits: Limits) -> tuple[dict[
     except LoRAError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if _looks_pickled(path):
+            raise LoRAError(path, "is a pickle file (PyTorch's torch.save format) named .safetensors, not a "
+                            "safetensors file; compose never unpickles a file that claims to be safetensors (a "
+                            "pickle can run code when loaded): convert it to safetensors") from None  # fmt: skip
         raise LoRAError(path, f"is not a valid safetensors file (truncated or corrupt: {error})") from error
     return tensors, metadata
+
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether a file that safetensors refused starts as a pickle does: PyTorch's zip
+    archive (``PK``), or a raw pickle's PROTO opcode (``0x80`` and protocol 2 to 5). Read
+    as safetensors, either is a "header too large", which tells the user nothing."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _factor_shape(path: Path, key: str, tensor: torch.Tensor) -> int:
@@ -595,7 +611,9 @@ def load_lora(
     ``<stem>.civitai.info``) and then the file's metadata say. ``unet_config`` lets
     kohya SDXL files with SGM block names map correctly. ``limits`` bound the file's
     size and tensor count (:class:`compose.checks.Limits`). Every refusal is a
-    :class:`LoRAError` naming the file.
+    :class:`LoRAError` naming the file. The name (``name``, else the file's stem) is made
+    safe here, once: control, line and bidi characters become ``[U+XXXX]``
+    (:func:`compose.checks.safe_name`), so no file name forges a line of a PNG's text.
     """
     path = Path(path)
     tensors, metadata = read_tensors(path, allow_pickle, limits)
@@ -615,7 +633,7 @@ def load_lora(
         triggers = _sidecar_triggers(sidecars) or _triggers_from_metadata(path, metadata)
     sha256, short_hash = file_hashes(path)
     lora = LoRA(
-        name=name or path.stem,
+        name=safe_name(name or path.stem),
         path=str(path),
         sha256=sha256,
         short_hash=short_hash,

@@ -69,6 +69,7 @@ def parse_tag(tag: str, name: str, rest: str) -> LoRAUse:
                              "dyn= is not supported)")  # fmt: skip
         else:
             named[key.strip()] = value.strip()
+    _tag_name(tag, name.strip())
     if len(positional) > 2:
         raise ValueError(f"{tag}: at most two weights (text encoder, UNet); the third, A1111's dyn, is not supported")
     text = _tag_weight(tag, "weight", named.get("te", positional[0] if positional else "1"))
@@ -76,6 +77,16 @@ def parse_tag(tag: str, name: str, rest: str) -> LoRAUse:
     blocks = named.get("lbw") or None
     separate = unet is not None and unet != text
     return LoRAUse(name.strip(), unet if separate else text, blocks, text if separate else None, _tag_steps(tag, named))
+
+
+def _tag_name(tag: str, name: str) -> None:
+    """A tag names a LoRA, never a path: with ``--lora-dir DIR`` the name becomes
+    ``DIR/NAME.safetensors``, so ``/``, ``\\`` or ``..`` would read a file outside DIR."""
+    bad = next((part for part in ("..", "/", "\\") if part in name), None)
+    if bad is not None:
+        raise ValueError(f"{tag}: a <lora:NAME> tag names a LoRA, never a path, and {name!r} holds {bad!r}; "
+                         "give the LoRA's name (its file name without .safetensors, in --lora-dir or "
+                         "loaded with --lora)")  # fmt: skip
 
 
 def _tag_weight(tag: str, what: str, value: str | None) -> Weight | None:

@@ -567,7 +567,7 @@ COMPILED_COLUMNS = tuple((f"compiled {m}", f"compiled {m}") for m in COMPILED)
 
 
 def summary_markdown(result: dict) -> str:
-    """The README's tables: time per step relative to the LoRA-free step per method and
+    """The tables of docs/speed.md: time per step relative to the LoRA-free step per method and
     N (compiled rows relative to the compiled LoRA-free step), Composite and CMLoRA
     against the sequential loop, peak memory, and the demo world's images per second."""
     rows = {(r["config"], r["n"]): r for r in result["rows"]}

@@ -3,9 +3,11 @@
 Serves the studio on loopback with the embedded demo world and drives it in headless
 Chromium (Debian's, through Playwright) at 1440×900, as an artist would: generates the
 example composition (its four LoRAs are on when the page opens), compares every method,
-makes a 2×3 X/Y plot (method × seed). Saves docs/studio-compose.png, studio-compare.png
-and studio-xy.png, and prints each wall time measured in the browser: click to image,
-Compare (every method), the X/Y plot. Run it on an idle machine for numbers to report.
+makes a 2×3 X/Y plot (method × seed); on the Compose tab it first picks the first card
+(zorbo, on) for the weight slider, so the picture shows a picked card among the others.
+Saves docs/studio-compose.png, studio-compare.png and studio-xy.png, and prints each wall
+time measured in the browser: click to image, Compare (every method), the X/Y plot. Run
+it on an idle machine for numbers to report.
 ``--compose-only`` stops after the first screenshot (a look at the layout in a minute).
 """
 
@@ -52,6 +54,8 @@ def _walk(url: str, compose_only: bool) -> None:
         tab = browser.new_page(viewport={"width": 1440, "height": 900})
         tab.goto(url)
         tab.locator("#cards img").first.wait_for(timeout=LONG)
+        tab.locator("#cards .thumbnail-item").first.click()  # picked for the slider: its state stays as it was
+        tab.locator("#compose-message").get_by_text("picked").wait_for(timeout=LONG)
         start = time.perf_counter()
         tab.locator("#generate").click()
         tab.locator("#result img").wait_for(timeout=LONG)

@@ -5,30 +5,36 @@ scores (CLIPScore; on the demo world also concept presence) and timings, atomica
 under ``OUT/items/<set>/``; a rerun skips every item whose record exists, so an
 interrupted run loses nothing. Under ``accelerate launch``
 or ``torchrun`` each process takes its share of the items (accelerate's
-``split_between_processes``); all write into the same folder without clashes, because
-every item has its own files, and the main process then builds the results: every
+``split_between_processes``); processes started by hand on one folder split the items
+by claiming each before it runs (:mod:`.claims`). All write into the same folder without
+clashes, because every item has its own files, and the main process then builds the results: every
 record as JSONL and CSV, a markdown table by method and N (mean and 95% interval),
 win rates against Merge, plots, and a grid of the methods side by side per set.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..checks import printable
 from ..composer import Composer
 from ..files import atomic_open
 from ..metadata import save_png
 from ..overlay import mask_overlay
+from .claims import share
 from .clipscore import CLIPScorer, composition_text
 from .presence import concept_presence
 from .report import write_report
@@ -101,6 +107,9 @@ def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | 
     or for all) win over ``range(seeds)``. ``per_n`` keeps that many sets of each LoRA
     count N, evenly spaced through the manifest's order (a quicker, still balanced run)."""
     sets = manifest.sets
+    if per_n is not None and (isinstance(per_n, bool) or not isinstance(per_n, int) or per_n < 1):
+        raise ValueError(f"sets per N (--sets-per-n) must be an integer of at least 1, got {per_n!r}: it keeps that "
+                         "many sets of each LoRA count N, so 0 would run nothing")  # fmt: skip
     if per_n is not None:
         by_n: dict[int, list] = {}
         for s in sets:
@@ -114,6 +123,24 @@ def plan_items(manifest: Manifest, methods: list[str], seeds: int, per_n: int | 
     return [Item(s, method, seed) for s in sets for seed in (s.seeds or list(range(seeds))) for method in methods]
 
 
+def refusals(manifest: Manifest, methods: list[str]) -> dict[tuple[str, str], str]:
+    """``(set id, method) -> why`` for every set a method refuses to compose (K-LoRA's
+    reference mode runs one content and one style LoRA, as its released code): the run
+    skips those items and says so, rather than stopping at the first or filing another
+    rule's images under the reference's name."""
+    from ..methods import get_method
+
+    found = {}
+    for spec in methods:
+        name, params = method_spec(spec)
+        method = get_method(name, **params)
+        for s in manifest.sets:
+            why = method.cannot_compose([(lora, manifest.loras[lora].category) for lora in s.loras])
+            if why:
+                found[s.id, spec] = why
+    return found
+
+
 def record_path(out: Path, item: Item) -> Path:
     return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}.json"
 
@@ -122,18 +149,36 @@ def image_path(out: Path, item: Item) -> Path:
     return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}.png"
 
 
+def claim_path(out: Path, item: Item) -> Path:
+    """The item's claim file (:mod:`compose.evaluation.claims`), beside its record while it runs."""
+    return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}.claim"
+
+
 def regions_path(out: Path, item: Item) -> Path:
     return out / "items" / item.set.id / f"{file_stem(item.method)}-{item.seed}-regions.png"
 
 
 def check_writable(out: Path) -> None:
-    """Fail early, with the folder's name, when results could not be written."""
+    """Fail early, with the folder's name, when results could not be written: the folder,
+    or the nearest folder above it that exists, takes a file. Nothing is created, so a run
+    refused later (an image size beyond the model) leaves no empty folder behind."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe"):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe"):
             pass
     except OSError as error:
         raise OSError(f"{out}: the output folder is not writable ({error.strerror or error})") from error
+
+
+def check_settings(composer: Composer, settings: dict) -> None:
+    """The image size and steps against the loaded model's limits, before any item runs or
+    any file is written (a 4096-pixel run on a 64-pixel model is refused, not started)."""
+    checks.size_and_steps(composer.limits, composer.shape, width=settings.get("width"),
+                          height=settings.get("height"), steps=settings.get("steps", 25))  # fmt: skip
 
 
 def load_records(out: Path) -> list[dict]:
@@ -185,6 +230,15 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
     }
 
 
+def _say_refused(refused: dict[tuple[str, str], str]) -> None:
+    """One line per method that skips sets: how many, and why (its first reason)."""
+    by_method: dict[str, list[str]] = {}
+    for (_, spec), why in refused.items():
+        by_method.setdefault(spec, []).append(why)
+    for spec, reasons in by_method.items():
+        print(printable(f"compose bench: {spec} skips {len(reasons)} set(s): {reasons[0]}"), file=sys.stderr)
+
+
 def run_benchmark(
     sets_file: Path,
     methods: list[str],
@@ -211,11 +265,16 @@ def run_benchmark(
     if state.is_main_process:
         check_writable(out)
     state.wait_for_everyone()
-    items = plan_items(manifest, methods, seeds, per_n)
+    refused = refusals(manifest, methods)
+    planned = plan_items(manifest, methods, seeds, per_n)
+    items = [item for item in planned if (item.set.id, item.method) not in refused]
+    if state.is_main_process:
+        _say_refused({key: refused[key] for item in planned if (key := (item.set.id, item.method)) in refused})
     with state.split_between_processes(items) as mine:
         todo = [item for item in mine if not record_path(out, item).exists()]
     if todo:
         composer = composer_factory()
+        check_settings(composer, settings)
         scorer = scorer_factory()
         for name in sorted({n for item in todo for n in item.set.loras}):
             entry = manifest.loras[name]
@@ -223,19 +282,26 @@ def run_benchmark(
                 composer.unload_lora(name)
             composer.load_lora(manifest.lora_path(name), name=name, category=entry.category, triggers=entry.triggers)
         bar = tqdm(
-            todo,
+            total=len(todo),
             desc=f"benchmark [{state.process_index + 1}/{state.num_processes}]",
             unit="image",
             disable=not progress,
             position=state.process_index,
         )
-        for item in bar:
+
+        def run_one(item: Item) -> None:
             record = run_item(composer, scorer, manifest, item, settings)
             save_png(record.pop("_image"), image_path(out, item))
             if "_regions" in record:
                 save_png(record.pop("_regions"), regions_path(out, item))
             with atomic_open(record_path(out, item), "w") as handle:
                 json.dump(record, handle, sort_keys=True)
+
+        # processes started by hand on one folder split the items by claiming each (claims.py)
+        ran = share(todo, lambda item: record_path(out, item).exists(), partial(claim_path, out), run_one, bar.update)
+        bar.close()
+        others = f"; other processes on {out} ran the rest" if ran < len(todo) else ""
+        print(f"compose bench: this process ran {ran} of the {len(todo)} items left{others}", file=sys.stderr)
     state.wait_for_everyone()
     records = load_records(out)
     if state.is_main_process:

@@ -202,14 +202,19 @@ class CLIPScorer:
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
 
+    def cosine(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        """``cos(E_image, E_text)`` of each ``(images[i], texts[i])`` pair: ``(B,)`` float32
+        in ``[-1, 1]``. The score before its clamp at 0: it tells a near miss from an image
+        CLIP places far from the text, which a CLIPScore of 0 does not."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts; score takes one text per image")
+        if not images:
+            return torch.zeros(0)
+        return (self.image_embeddings(images) * self.text_embeddings(texts)).sum(dim=-1)
+
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         """CLIPScore of each ``(images[i], texts[i])`` pair: ``(B,)`` float32 in ``[0, 100]``.
 
         torchmetrics' ``CLIPScore`` over the same pairs is the mean of this.
         """
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts; score takes one text per image")
-        if not images:
-            return torch.zeros(0)
-        cosine = (self.image_embeddings(images) * self.text_embeddings(texts)).sum(dim=-1)
-        return 100 * cosine.clamp(min=0)
+        return 100 * self.cosine(images, texts).clamp(min=0)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compose.checks import printable
+from compose.checks import printable, safe_name
 from compose.loading import CATEGORIES
 
 SET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -253,6 +253,8 @@ def check_set_id(set_id: str) -> str | None:
 def _parse_lora(check: _Checker, data: object, where: str, root: Path) -> LoRAEntry:
     check.fields(data, where, ("name", "file", "category", "triggers"), ("weight",))
     name = check.string(data, "name", where, empty=False)
+    if safe_name(name) != name:  # loaded under it, it would differ from the name the sets use
+        raise check.fail(where, f"the name holds control, line or bidi characters; name it {safe_name(name)!r}")
     file = check.string(data, "file", where, empty=False)
     category = check.string(data, "category", where)
     if category not in CATEGORIES:

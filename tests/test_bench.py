@@ -201,6 +201,8 @@ def test_a_method_variant_runs_beside_its_method(bench_inputs, tmp_path, capsys)
     assert main(bench_args(bench_inputs, out, seeds=1, methods=methods)) == 0
     records = {(r["set"], r["method"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert {m for _, m in records} == set(methods.split(","))
+    assert ("trio", "klora+reference") not in records, "the released K-LoRA composes one content and one style LoRA"
+    assert "klora+reference skips 1 set(s): K-LoRA reference=True composes exactly one" in capsys.readouterr().err
     meta = {}
     for method in methods.split(","):
         with Image.open(out / records["pair", method]["image"]) as image:

@@ -283,6 +283,8 @@ def test_reference_fixes_its_settings():
         3,
     )
     assert CMLoRA(**method.parameters()) == method, "a recorded reference method rebuilds"
+    with pytest.raises(ValueError, match="orders by category, as the released code does, so split_gap"):
+        CMLoRA(reference=True, split_gap=0.3)
     for wrong in ({"ordering": "frequency"}, {"recompute": "all"}, {"switch_at": 0.6}, {"c2": 4}):
         with pytest.raises(ValueError, match="reference=True fixes"):
             CMLoRA(reference=True, **wrong)

@@ -245,3 +245,57 @@ def test_position_probes_read_every_cross_attention_input():
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss) and probes.features == []
     assert all(p.weight.grad is not None for p in probes.probes.values())
+
+
+def test_the_slot_maps_cover_the_other_slots_and_never_the_concepts_own():
+    from compose.demo_world import render_layers, sample_concept_scene
+
+    for name in ("zorbo", "wuzzle", "brakka", "vosh", "dottix"):
+        scenes = [sample_concept_scene(name, seed) for seed in range(4)]
+        others = training._other_slots(scenes, name)
+        assert others.shape == (4, 1, 16, 16) and set(others.unique().tolist()) <= {0.0, 1.0}
+        for scene, cells in zip(scenes, others[:, 0], strict=True):
+            _, masks = render_layers(scene)
+            own = CONCEPTS[name].slot
+            if own == "style":
+                assert not cells.any()  # a style is everywhere: no cell is another slot's
+                continue
+            drawn = {slot: torch.from_numpy(m).float()[None, None] for slot, m in masks.items()}
+            pool = torch.nn.functional.max_pool2d
+            edge = pool(pool(drawn[own], 4), 3, stride=1, padding=1)[0, 0] if own in drawn else None
+            for slot, mask in drawn.items():
+                covered = torch.nn.functional.avg_pool2d(mask, 4)[0, 0]
+                if slot == own:
+                    assert not cells[covered > 0].any()  # every cell of the concept learns from the picture
+                elif own != "background":
+                    assert cells[(covered == 1) & (edge == 0)].all()  # another slot's, beyond the concept's edge
+            if own == "background":
+                union = sum(drawn.values()).clamp(max=1)
+                assert cells[torch.nn.functional.avg_pool2d(union, 4)[0, 0] == 1].all()
+                assert not cells[torch.nn.functional.avg_pool2d(union, 4)[0, 0] == 0].any()
+
+
+def test_where_keep_is_one_the_target_is_the_teachers_prediction():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    models = training.training_config()["models"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**models["unet"]).eval()
+    scheduler = DDPMScheduler.from_config(models["scheduler"])
+    latents, context = torch.randn(2, 12, 16, 16), torch.randn(2, 77, 128)
+    keep = torch.ones(2, 1, 16, 16)
+
+    def teacher(noisy, t):
+        return unet(noisy, t, context).sample
+
+    def loss(weight=None):
+        torch.manual_seed(1)  # the same noise and timesteps for every call
+        with torch.no_grad():
+            return training._diffusion_loss(unet, scheduler, latents, context, 0.0, keep, teacher, weight)
+
+    taught = loss()
+    keep[:, :, :8] = 0  # the upper half learns from the picture again
+    half = loss()
+    assert taught.abs().max() < 1e-6 and (half > 1e-3).all()
+    # the lower half (no error: the teacher's own prediction) weighs 2, the weights average 1.5
+    assert torch.allclose(loss(1 + keep), half / 1.5, rtol=1e-5)

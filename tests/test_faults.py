@@ -1,4 +1,4 @@
-"""The fault matrix rows that no other test file provokes (README "Faults" lists every row).
+"""The fault matrix rows that no other test file provokes (docs/faults.md lists every row).
 
 Each test provokes one fault, checks the exact message, and checks what must survive.
 ``-m soak`` selects the long ones (load); they also run in the ordinary suite.

@@ -2,7 +2,7 @@
 
 Each test provokes the fault for real (special files in a temporary folder, forged PNG
 records, broken LoRA files, a studio served on loopback) and checks the exact message
-and what must survive. README "Faults" lists every row.
+and what must survive. docs/faults.md lists every row.
 """
 
 from __future__ import annotations

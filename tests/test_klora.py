@@ -175,6 +175,21 @@ def test_reference_fixes_its_settings(uneven):
     assert default_lora_scale("klora") == default_lora_scale(KLoRA()) == 0.8
 
 
+def test_reference_refuses_what_the_released_code_cannot_compose(pair):
+    """The released code composes one content and one style LoRA: ``reference=True``
+    refuses one LoRA, three, or two of one role before any step, saying why, rather than
+    run K-LoRA's N-LoRA rule under the reference's name; roles can make a pair of them."""
+    with pytest.raises(ValueError, match=r"exactly one content and one style LoRA.*got 1 \(content: content\)"):
+        pair.generate(PROMPT, ["content"], KLoRA(reference=True), steps=1, width=SIZE, height=SIZE)
+    both_content = KLoRA(reference=True, roles={"style": "content"})
+    with pytest.raises(ValueError, match=r"got 2 \(content: content, style: content\)"):
+        prepared(pair, both_content, ["content", "style"])
+    three = [("a", "character"), ("b", "style"), ("c", "object")]
+    assert "got 3" in KLoRA(reference=True).cannot_compose(three)
+    assert KLoRA().cannot_compose(three) is None and KLoRA().cannot_compose(three[:1]) is None
+    assert KLoRA(reference=True, roles={"a": "style", "b": "content"}).cannot_compose(three[:2]) is None
+
+
 def test_reference_keeps_to_attention_projections(tmp_path):
     """The released code puts K-LoRA layers on the attention projections only: a LoRA
     that also targets feed-forward layers gets no layer there."""

@@ -73,7 +73,7 @@ def saved_demo_lora(folder: Path, width: int = 128) -> Path:
     torch.manual_seed(0)
     table = {"mid_block.attentions.0.proj_in": Factors(torch.randn(8, width), torch.randn(width, 8))}
     path = folder / "world" / "loras" / "zorbo.safetensors"
-    _save_lora(path, "zorbo", table, {"steps": 10, "lr": 0.001}, images=5)
+    _save_lora(path, "zorbo", {"unet": table}, {"steps": 10, "lr": 0.001}, images=5)
     return path
 
 
@@ -188,7 +188,7 @@ def test_editing_in_the_studio_keeps_a1111s_fields(tmp_path, lora_files):
     library.mkdir()
     shutil.copyfile(lora_files["sd1", 0]["peft"], library / "knight.safetensors")
     (library / "knight.json").write_text(json.dumps(A1111_NOTES), encoding="utf-8")
-    studio = Studio("tiny:sd1", library, load=Composer.load)
+    studio = Studio("tiny:sd1", library, load=Composer.load, operator=True)  # editing is an operator action
     assert studio.composer.loras["knight"].triggers == ["sks knight", "shining armor"]
     studio.edit("knight", "character", "sks knight, armor")
     saved = json.loads((library / "knight.json").read_text(encoding="utf-8"))

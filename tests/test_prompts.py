@@ -50,7 +50,7 @@ def test_a_tag_equals_the_loras_argument(composer, method, monkeypatch, tmp_path
     tagged = gen(composer, "a cat <lora:b:0.6>", loras=[("a", 1.0)], method=method)
     explicit = gen(composer, "a cat", loras=[("a", 1.0), ("b", 0.6)], method=method)
     torch.testing.assert_close(tagged, explicit, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="listed twice"):
+    with pytest.raises(ValueError, match="LoRA .a. is listed in loras= and as a <lora:...> tag"):
         gen(composer, "a cat <lora:a>", loras=["a"])
 
 

@@ -313,9 +313,11 @@ def test_cards_are_found_by_name_category_or_trigger_and_captioned_with_the_cate
     assert studio.card_names() == list(studio.composer.loras)
     assert studio.card_names("zq STYLE") == studio.card_names("style") == ["random-style"]
     assert studio.card_names("nothing like it") == []
-    captions = [caption for _, caption in studio.cards("random-")]
+    captions = [caption for _, caption in studio.cards("random-", {"random-style": 0.5})]
     loras = studio.composer.loras
-    assert captions == [f"{name} · {loras[name].category}" for name in loras if name.startswith("random-")]
+    state = {name: "● on 0.5" if name == "random-style" else "○ off" for name in loras}
+    assert captions == [f"{state[name]} · {name} · {loras[name].category}" for name in loras
+                        if name.startswith("random-")]  # fmt: skip
 
 
 ROUTED = Settings("a zq creature on the left, zq place background", method="routed", steps=3, seed=2,

@@ -65,6 +65,14 @@ def open_tab(tab, name: str) -> None:
     tab.get_by_role("tab", name=name).click()
 
 
+def switch_on(tab, index: int, name: str) -> None:
+    """Pick card ``index`` (LoRA ``name``), then tick its *on* box."""
+    tab.locator("#cards .thumbnail-item").nth(index).click()
+    tab.locator("#compose-message").get_by_text(f"picked {name}").wait_for(timeout=LONG)
+    tab.locator("#card-on input").check()
+    tab.locator("#compose-message").get_by_text(f"{name} on, weight 1").wait_for(timeout=LONG)
+
+
 def generate(tab) -> None:
     before = tab.locator("#result img").get_attribute("src") if tab.locator("#result img").count() else None
     tab.locator("#generate").click()
@@ -85,20 +93,19 @@ def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
         assert tab.locator("#generate").bounding_box()["y"] < 450, "Generate is on the first screen"
 
         cards = tab.locator("#cards .thumbnail-item")
-        for i in (0, 1):
-            cards.nth(i).click()
-            tab.locator("#compose-message").get_by_text("on, weight 1").wait_for(timeout=LONG)
+        for i, name in enumerate(list(studio.composer.loras)[:2]):
+            switch_on(tab, i, name)
         picked = [name for name, weight in weights_of(tab).items() if float(weight) == 1]
         assert picked == list(studio.composer.loras)[:2]
         assert studio.composer.loras[picked[0]].category in cards.nth(0).inner_text(), "a card names its category"
         weight = tab.locator("#card-weight input[type=number]")
         weight.fill("0.6")
         weight.press("Enter")
-        tab.locator("#compose-message").get_by_text(f"{picked[1]} weight 0.6").wait_for(timeout=LONG)
+        tab.locator("#compose-message").get_by_text(f"{picked[1]} on, weight 0.6").wait_for(timeout=LONG)
         assert float(weights_of(tab)[picked[1]]) == 0.6, "the slider sets the last picked card's weight"
         weight.fill("1")
         weight.press("Enter")
-        tab.locator("#compose-message").get_by_text(f"{picked[1]} weight 1").wait_for(timeout=LONG)
+        tab.locator("#compose-message").get_by_text(f"{picked[1]} on, weight 1").wait_for(timeout=LONG)
         shot(tab, tmp_path, "2-picked")
 
         generate(tab)
@@ -113,6 +120,10 @@ def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
         assert tab.locator("#comparison img").count() >= 1, "the first method shows before the others finish"
         tab.locator("#compare-message").get_by_text("every method done").wait_for(timeout=5 * LONG)
         assert tab.locator(f"#compare-table {ROWS}").count() == len(METHODS)
+        tab.evaluate("window.scrollTo(0, 0)")
+        bottoms = tab.locator("#comparison .thumbnail-item").evaluate_all(
+            "tiles => tiles.map(tile => tile.getBoundingClientRect().bottom)")  # fmt: skip
+        assert len(bottoms) == len(METHODS) and max(bottoms) <= 900, "every method's tile on one 1440×900 screen"
         shot(tab, tmp_path, "4-compare")
 
         open_tab(tab, "X/Y plot")
@@ -129,6 +140,7 @@ def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
         tab.locator("#upload input[type=file]").set_input_files(str(other))
         tab.locator("#library-message").get_by_text("⚠").wait_for(timeout=LONG)
         assert "for-sdxl" in tab.locator("#library-message").inner_text()
+        tab.locator("#upload").get_by_text("for-sdxl").wait_for(state="detached", timeout=LONG)  # not left as if added
         shot(tab, tmp_path, "6-refused")
 
         open_tab(tab, "Compose")

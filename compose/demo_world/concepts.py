@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..loading import CATEGORIES
+from ..checks import CATEGORIES
 
 RGB = tuple[int, int, int]
 

@@ -50,6 +50,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -64,7 +66,7 @@ from ..evaluation.sets import demo_world_manifest, two_character_manifest
 from ..files import atomic_open
 from ..layers import Factors, LayerRegistry
 from .concepts import BACKGROUNDS, CONCEPTS, concepts_of
-from .render import render
+from .render import render, render_layers
 from .scenes import (
     Scene,
     composition_scene,
@@ -380,11 +382,24 @@ def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def _diffusion_loss(
-    unet, scheduler, latents: torch.Tensor, context: torch.Tensor, high_noise: float = 0.0
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    high_noise: float = 0.0,
+    keep: torch.Tensor | None = None,
+    teacher: Callable[..., torch.Tensor] | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row v-prediction MSE, ``(B,)``, at timesteps drawn uniformly, except that a
     ``high_noise`` share of rows is drawn from the noisier half of the schedule, where
-    the layout (which half the figure stands in) is decided."""
+    the layout (which half the figure stands in) is decided.
+
+    With ``keep`` (``(B, 1, h, w)`` in [0, 1]) and ``teacher`` (the frozen model's
+    ``(noisy, t) -> prediction``, on the base's own encoding of the captions), the target
+    is moved toward the teacher's own prediction by ``keep`` at each latent cell: where
+    ``keep`` is 1, the model is taught to draw what the teacher draws there, not what the
+    picture shows. ``weight`` (``(B, 1, h, w)``) weighs each cell's error."""
     noise = torch.randn_like(latents)
     total = scheduler.config.num_train_timesteps
     t = torch.randint(0, total, (latents.shape[0],), device=latents.device)
@@ -392,9 +407,15 @@ def _diffusion_loss(
     t = torch.where(noisier, total // 2 + t // 2, t)
     noisy = scheduler.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
     target = scheduler.get_velocity(latents, noise, t)
+    if keep is not None and teacher is not None:
+        with torch.no_grad(), _autocast():
+            target = torch.lerp(target, teacher(noisy, t).float(), keep)
     with _autocast():
         prediction = unet(noisy, t, context).sample.float()
-    return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    error = (prediction - target).pow(2)
+    if weight is not None:
+        error = error * weight / weight.mean(dim=(1, 2, 3), keepdim=True)
+    return error.mean(dim=(1, 2, 3))
 
 
 class _PositionProbes(nn.Module):
@@ -568,7 +589,11 @@ def train_loras(out: Path, preset: dict, models: dict, progress: Progress | None
     settings = preset["loras"]
     names = [*CONCEPTS, CEILING]
     folder = _checkpoint(out, "loras").with_suffix("")
-    losses = {name: loss for name in names if (loss := _finished_loss(folder / f"{name}.json", settings)) is not None}
+    losses = {
+        name: loss
+        for name in names
+        if (loss := _finished_loss(folder / f"{name}.json", _settings_of(settings, name))) is not None
+    }
     todo = sorted((name for name in names if name not in losses), key=lambda name: -_lora_rows(settings, name))
     done = dict.fromkeys(losses, settings["steps"])
 
@@ -602,6 +627,15 @@ def _finished_loss(path: Path, settings: dict) -> float | None:
     return record["loss"] if record["settings"] == settings else None
 
 
+def _settings_of(settings: dict, name: str) -> dict:
+    """The LoRA stage's settings for LoRA ``name``: its category's entry of
+    ``category_settings`` over the shared ones (a background's pattern fills most of its
+    pictures, so its LoRA weighs the other slots' error rather than distil the base there)."""
+    if name == CEILING:
+        return settings
+    return {**settings, **settings.get("category_settings", {}).get(CONCEPTS[name].category, {})}
+
+
 def _lora_rows(settings: dict, name: str) -> int:
     if name == CEILING:
         return settings["ceiling_rows"]
@@ -616,6 +650,13 @@ def _lora_targets(models: dict) -> list[str]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**models["unet"])
     return [n for n, m in unet.named_modules() if pattern.search(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _text_encoder_targets(text_encoder: nn.Module) -> list[str]:
+    """The text encoder's modules a LoRA adapts where it has a text part: every attention
+    projection and MLP layer, as kohya's trainer targets."""
+    pattern = re.compile(r"self_attn\.(q|k|v|out)_proj$|mlp\.fc[12]$")
+    return [n for n, m in text_encoder.named_modules() if pattern.search(n) and isinstance(m, nn.Linear)]
 
 
 class _LoRATrainer:
@@ -633,31 +674,62 @@ class _LoRATrainer:
         prior_rng = np.random.default_rng([self.seed, 3])
         scenes = [sample_generic_scene(prior_rng) for _ in range(self.settings["images_per_concept"] * 4)]
         self.prior = _LoRAData(self.pipeline, scenes, self.device)
-        self.registry = LayerRegistry(self.unet)
-        self.targets = _lora_targets(models)
+        self.pipeline.text_encoder.requires_grad_(False)
+        text_encoder = self.pipeline.text_encoder
+        self.registries = {"unet": LayerRegistry(self.unet), "text_encoder": LayerRegistry(text_encoder)}
+        self.targets = {"unet": _lora_targets(models), "text_encoder": _text_encoder_targets(text_encoder)}
+
+    def _new_tables(self, settings: dict) -> dict[str, dict[str, Factors]]:
+        """Fresh factors per component: the UNet's at ``rank`` (the model config's by
+        default), the text encoder's at ``text_encoder_rank`` if it is set."""
+        ranks = {"unet": settings.get("rank", self.models["lora"]["rank"]),
+                 "text_encoder": settings.get("text_encoder_rank", 0)}  # fmt: skip
+        return {component: {t: _new_factors(self.registries[component].wrap(t).base, rank, self.device)
+                             for t in self.targets[component]}
+                for component, rank in ranks.items() if rank}  # fmt: skip
+
+    def _teacher(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+        """The frozen base's prediction: the UNet with its LoRA off, on the base encoding."""
+        state = self.registries["unet"].state
+        state.weights = None
+        try:
+            return self.unet(noisy, t, context).sample
+        finally:
+            state.weights = ones
 
     def train(self, name: str, report: Callable[[str, int, float], None]) -> float:
         """Train, save and mark finished the LoRA ``name``; returns its loss over the last
         50 steps. ``report(name, step, loss)`` follows its steps."""
-        settings, index = self.settings, [*CONCEPTS, CEILING].index(name)
+        settings, index = _settings_of(self.settings, name), [*CONCEPTS, CEILING].index(name)
         rng = np.random.default_rng([self.seed, 3, index])
         torch.manual_seed(self.seed * 1000 + index)
         count = settings["images_per_concept"]
         scenes = [sample_concept_scene(name, rng) if name != CEILING else random_composition(rng) for _ in range(count)]
-        concept = _LoRAData(self.pipeline, scenes, self.device)
-        rank = self.models["lora"]["rank"]
-        table = {t: _new_factors(self.registry.wrap(t).base, rank, self.device) for t in self.targets}
-        parameters = [t for f in table.values() for t in (f.down, f.up)]
+        for registry in self.registries.values():
+            registry.state.weights = None  # the previous LoRA's, off while the captions are encoded
+        slot_loss = name != CEILING and (settings.get("preserve", 0.0) or settings.get("other_weight", 1.0) != 1.0)
+        concept = _LoRAData(self.pipeline, scenes, self.device, _other_slots(scenes, name) if slot_loss else None)
+        tables = self._new_tables(settings)
+        parameters = [t for table in tables.values() for f in table.values() for t in (f.down, f.up)]
         average = [p.detach().clone() for p in parameters]
         rows, prior_rows = _lora_rows(settings, name), settings["prior_rows"]
         ones = torch.ones(rows + prior_rows, 1, device=self.device)
 
         def loss_fn(step: int) -> torch.Tensor:
-            mine, generic = concept.draw(rng, rows), self.prior.draw(rng, prior_rows, drop=0.1)
-            self.registry.activate([table])
-            self.registry.state.weights = ones
-            return _diffusion_loss(self.unet, self.scheduler, torch.cat([mine[0], generic[0]]),
-                                   torch.cat([mine[1], generic[1]]), settings["high_noise"]).mean()  # fmt: skip
+            batch = _Rows.join(concept.draw(rng, rows), self.prior.draw(rng, prior_rows, drop=0.1))
+            for component, registry in self.registries.items():
+                registry.activate([tables.get(component, {})])
+                registry.state.weights = ones
+            context = batch.context
+            if "text_encoder" in tables:
+                context = self.pipeline.text_encoder(batch.ids)[0]
+            if batch.others is None:
+                return _diffusion_loss(self.unet, self.scheduler, batch.latents, context, settings["high_noise"]).mean()
+            teacher = partial(self._teacher, context=batch.context, ones=ones)
+            keep = settings.get("preserve", 0.0) * batch.others
+            weight = 1 + (settings.get("other_weight", 1.0) - 1) * batch.others
+            return _diffusion_loss(self.unet, self.scheduler, batch.latents, context, settings["high_noise"], keep,
+                                   teacher if keep.any() else None, weight).mean()  # fmt: skip
 
         folder = _checkpoint(self.out, "loras").with_suffix("")
         resume = _Resume(folder / f"{name}.pt", [rng], settings, average)
@@ -668,7 +740,7 @@ class _LoRATrainer:
         with torch.no_grad():
             for p, a in zip(parameters, average, strict=True):
                 p.copy_(a)
-        _save_lora(lora_path(self.out, name), name, table, settings, count)
+        _save_lora(lora_path(self.out, name), name, tables, settings, count)
         loss = float(np.mean(history[-50:]))
         with atomic_open(folder / f"{name}.json", "w") as handle:
             json.dump({"settings": settings, "loss": loss}, handle)
@@ -726,25 +798,77 @@ def _lora_worker(out: Path, preset: dict, models: dict, threads: int, tasks, eve
         events.put(("failed", name, traceback.format_exc()))
 
 
+@dataclass
+class _Rows:
+    """A batch of a LoRA's training rows: latents ``(B, C, h, w)``, caption token ids
+    ``(B, T)``, the base text encoder's encodings ``(B, T, D)``, and the maps of the
+    other slots' cells ``(B, 1, h, w)`` or ``None`` (:func:`_other_slots`)."""
+
+    latents: torch.Tensor
+    ids: torch.Tensor
+    context: torch.Tensor
+    others: torch.Tensor | None
+
+    @staticmethod
+    def join(*parts: _Rows) -> _Rows:
+        """The rows of ``parts`` in order; rows without maps have no other slots."""
+        maps = [p.others if p.others is not None else torch.zeros_like(p.latents[:, :1]) for p in parts]
+        others = None if all(p.others is None for p in parts) else torch.cat(maps)
+        return _Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("latents", "ids", "context")), others)
+
+
 class _LoRAData:
-    """A LoRA's training pool: its scenes as VAE latents, with their captions' encodings."""
+    """A LoRA's training pool: its scenes as VAE latents, with their captions' token ids
+    and base encodings and, optionally, the map of the other slots' cells per scene
+    (``(N, 1, h, w)``)."""
 
-    def __init__(self, pipeline, scenes: list[Scene], device: torch.device) -> None:
+    def __init__(self, pipeline, scenes: list[Scene], device: torch.device, others: torch.Tensor | None = None) -> None:
         self.latents = _Latents(pipeline.vae, render_scenes(scenes))
+        ids = _token_ids(pipeline.tokenizer, [s.caption() for s in scenes] + [""]).to(device)
         with torch.no_grad():
-            ids = _token_ids(pipeline.tokenizer, [s.caption() for s in scenes] + [""]).to(device)
             encoded = torch.cat([pipeline.text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+        self.ids, self.empty_ids = ids[:-1], ids[-1:]
         self.context, self.empty = encoded[:-1], encoded[-1:]
+        self.others = None if others is None else others.to(device)
 
-    def draw(self, rng: np.random.Generator, rows: int, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rows`` random latents ``(rows, C, h, w)`` and their captions' encodings
-        ``(rows, T, D)``, each caption replaced by the empty prompt with probability ``drop``."""
-        index = rng.integers(len(self.context), size=rows)
-        context = self.context[torch.from_numpy(index)]
+    def draw(self, rng: np.random.Generator, rows: int, drop: float = 0.0) -> _Rows:
+        """``rows`` random rows, each caption replaced by the empty prompt with probability ``drop``."""
+        index = torch.from_numpy(rng.integers(len(self.context), size=rows))
+        context, ids = self.context[index], self.ids[index]
         if drop:
-            dropped = torch.from_numpy(rng.random(rows) < drop)[:, None, None].to(context.device)
-            context = torch.where(dropped, self.empty, context)
-        return self.latents.draw(index).to(context.device), context
+            dropped = torch.from_numpy(rng.random(rows) < drop).to(context.device)
+            context = torch.where(dropped[:, None, None], self.empty, context)
+            ids = torch.where(dropped[:, None], self.empty_ids, ids)
+        others = None if self.others is None else self.others[index]
+        return _Rows(self.latents.draw(index.numpy()).to(context.device), ids, context, others)
+
+
+def _other_slots(scenes: list[Scene], concept: str, cell: int = 4) -> torch.Tensor:
+    """``(N, 1, 16, 16)``: 1 on the latent cells of the other slots of each scene, 0 on
+    ``concept``'s own slot, for the slot terms of the LoRA loss.
+
+    A LoRA trained on whole pictures learns the whole picture: the characters' LoRAs
+    turned the hats they wear into stripes. Taught the frozen base's own prediction on
+    the other slots' cells (``preserve``: a distillation term on the concept's own
+    prompts, which DreamBooth's prior preservation only gives on other prompts), it
+    leaves them as the base draws them; ``other_weight`` weighs their error instead. A
+    figure, clothing or object slot is every cell it touches, grown by one cell (its
+    edge); the background's is every cell the other slots cover less than half of; a
+    style covers the whole picture and leaves no other cell."""
+    slot = CONCEPTS[concept].slot
+    inside = []
+    for scene in scenes:
+        _, masks = render_layers(scene)
+        drawn = np.zeros((64, 64), bool)
+        for mask in masks.values():
+            drawn |= mask
+        if slot == "style":
+            drawn[:] = False
+        inside.append(~drawn if slot in ("background", "style") else masks.get(slot, np.zeros((64, 64), bool)))
+    pixels = torch.from_numpy(np.stack(inside)).float()[:, None]
+    if slot in ("background", "style"):
+        return (F.avg_pool2d(pixels, cell) <= 0.5).float()
+    return 1 - F.max_pool2d(F.max_pool2d(pixels, cell), 3, stride=1, padding=1)
 
 
 def _new_factors(base: nn.Linear | nn.Conv2d, rank: int, device: torch.device) -> Factors:
@@ -759,21 +883,26 @@ def _new_factors(base: nn.Linear | nn.Conv2d, rank: int, device: torch.device) -
     return Factors(down.to(device).requires_grad_(), up.to(device).requires_grad_())
 
 
-def _save_lora(path: Path, name: str, table: dict[str, Factors], settings: dict, images: int) -> None:
-    """Diffusers-format keys (``unet.<module>.lora_A/B.weight``, alpha = rank so the scale
-    is 1) in fp16, with the metadata other tools read: kohya's ``ss_*`` training record and
-    ``sshs_*`` hashes (A1111 takes its hash and the base family from them), Stability's
-    ``modelspec.*`` (architecture, trigger phrase, tensor hash), and ours (``compose_*``)."""
+def _save_lora(path: Path, name: str, tables: dict[str, dict[str, Factors]], settings: dict, images: int) -> None:
+    """Diffusers-format keys (``unet.<module>.lora_A/B.weight``, and
+    ``text_encoder.text_model.<module>...`` where it has a text part; alpha = rank so the
+    scale is 1) in fp16, with the metadata other tools read: kohya's ``ss_*`` training
+    record and ``sshs_*`` hashes (A1111 takes its hash and the base family from them),
+    Stability's ``modelspec.*`` (architecture, trigger phrase, tensor hash), and ours
+    (``compose_*``)."""
     tensors = {}
-    for module, f in table.items():
-        tensors[f"unet.{module}.lora_A.weight"] = f.down.detach().to(torch.float16).cpu().contiguous()
-        tensors[f"unet.{module}.lora_B.weight"] = f.up.detach().to(torch.float16).cpu().contiguous()
+    for component, table in tables.items():
+        for module, f in table.items():
+            if component == "text_encoder" and not module.startswith("text_model."):
+                module = f"text_model.{module}"  # the name diffusers and older transformers give it
+            tensors[f"{component}.{module}.lora_A.weight"] = f.down.detach().to(torch.float16).cpu().contiguous()
+            tensors[f"{component}.{module}.lora_B.weight"] = f.up.detach().to(torch.float16).cpu().contiguous()
     if name == CEILING:
         trigger, look = ", ".join(c.trigger for c in CONCEPTS.values()), "all eleven concepts, composed"
     else:
         trigger, look = CONCEPTS[name].trigger, CONCEPTS[name].look
     models = training_config()["models"]
-    metadata = _kohya_record(path, name, next(iter(table.values())).rank, trigger, settings, images, models)
+    metadata = _kohya_record(path, name, next(iter(tables["unet"].values())).rank, trigger, settings, images, models)
     model_hash, legacy_hash = _kohya_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     metadata.update(_model_spec(name, trigger, look, model_hash, models))

@@ -106,6 +106,13 @@ class CompositionMethod(ABC):
         weights); a method reproducing code that never loads them there says no."""
         return True
 
+    def cannot_compose(self, loras: list[tuple[str, str | None]]) -> str | None:
+        """Why this method, as configured, cannot compose LoRAs of these ``(name, category)``,
+        or ``None``: asked before any work, so that ``generate`` refuses and the benchmark
+        skips a set that a reference mode's released code could not run, instead of
+        running something else under the reference's name."""
+        return None
+
     def prepare(self, context: MethodContext) -> None:
         """Called once per generation before the first step."""
         self.context = context

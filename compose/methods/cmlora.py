@@ -32,6 +32,7 @@ arithmetic: one dominance counter for both phases, in phase 2 cycling through
 ``(H + L)[1 : |H| + 1]`` (``H[1:]`` and the first background) with no branch ever
 recomputed (its cache reset there writes into a copy of the list). Unless a
 ``lora_scale`` is given, the LoRAs run at weight 1 (:mod:`compose.methods.references`).
+It refuses ``split_gap``, which only the frequency ordering reads.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .base import CompositionMethod, MethodContext, UNetRun, fix_reference, guid
 SCHEDULES = ("nonuniform", "uniform", "off")
 ORDERINGS = ("frequency", "category")
 RECOMPUTE = ("all", "dominant")
+SPLIT_GAP = 0.15
 REFERENCE = {"ordering": "category", "recompute": "dominant", "switch_at": 0.55, "c1": 2, "c2": 3}
 
 
@@ -83,12 +85,16 @@ class CMLoRA(CompositionMethod):
     c2: int = 3
     cache: bool = True
     recompute: str | None = None
-    split_gap: float = 0.15
+    split_gap: float = SPLIT_GAP
     reference: bool = False
 
     def __post_init__(self) -> None:
         if self.reference:
             fix_reference(self, REFERENCE)
+        if self.reference and self.split_gap != SPLIT_GAP:
+            raise ValueError(f"cmlora reference=True orders by category, as the released code does, so split_gap "
+                             f"(where the frequency ordering splits) would do nothing; got {self.split_gap!r}: "
+                             "leave it out, or leave reference out to order by frequency")  # fmt: skip
         self.ordering = self.ordering or "frequency"
         self.recompute = self.recompute or "all"
         if self.ordering not in ORDERINGS:

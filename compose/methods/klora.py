@@ -35,7 +35,9 @@ code takes every module of both files). Defaults: "s" and ``progress="step"``.
 ``3×`` filter, "s*" with ``β = 0.85 α``, the layer-call counter, LoRAs only on the UNet's
 attention projections (the text encoder and every other layer without LoRA, though
 ``γ`` is measured over every module of the files, text encoder included) and, unless
-a ``lora_scale`` is given, LoRA weight 1 (:mod:`compose.methods.references`).
+a ``lora_scale`` is given, LoRA weight 1 (:mod:`compose.methods.references`). As the
+released code, it composes exactly one content and one style LoRA and refuses any other
+set (:meth:`KLoRA.cannot_compose`).
 """
 
 from __future__ import annotations
@@ -111,10 +113,28 @@ class KLoRA(CompositionMethod):
     def text_encoder_loras(self) -> bool:
         return not self.reference
 
+    def cannot_compose(self, loras: list[tuple[str, str | None]]) -> str | None:
+        """The released code composes exactly one content and one style LoRA; with any
+        other set, ``reference=True`` would be K-LoRA's N-LoRA rule under the reference's
+        name."""
+        if not self.reference:
+            return None
+        roles = [self.role_of(name, category) for name, category in loras]
+        if sorted(roles) == ["content", "style"]:
+            return None
+        given = ", ".join(f"{name}: {role}" for (name, _), role in zip(loras, roles, strict=True)) or "none"
+        return (f"K-LoRA reference=True composes exactly one content and one style LoRA, as the released code "
+                f"does; got {len(loras)} ({given}): leave reference out for K-LoRA's rule for any N LoRAs, "
+                "or set the roles (roles=, --role NAME=style)")  # fmt: skip
+
     def role(self, lora: LoRA) -> str:
-        role = (self.roles or {}).get(lora.name) or ("style" if lora.category == "style" else "content")
+        return self.role_of(lora.name, lora.category)
+
+    def role_of(self, name: str, category: str | None) -> str:
+        """``content`` or ``style``: from ``roles``, else style for the style category."""
+        role = (self.roles or {}).get(name) or ("style" if category == "style" else "content")
         if role not in ROLES:
-            raise ValueError(f"K-LoRA role of {lora.name!r} must be one of {ROLES}, got {role!r}")
+            raise ValueError(f"K-LoRA role of {name!r} must be one of {ROLES}, got {role!r}")
         return role
 
     def layer_k(self, factors: list[Factors]) -> int:
@@ -126,6 +146,9 @@ class KLoRA(CompositionMethod):
     def prepare(self, context: MethodContext) -> None:
         super().prepare(context)
         layers, loras = context.layers, context.loras
+        refusal = self.cannot_compose([(lora.name, lora.category) for lora in loras])
+        if refusal:
+            raise ValueError(refusal)
         tables = [lora.factors.get("unet", {}) for lora in loras]
         present = torch.tensor([[layer in table for table in tables] for layer in layers], dtype=torch.bool)
         if self.reference:

@@ -117,5 +117,6 @@ def describe() -> str:
             f"--lora-scale {ref.lora_scale:g} --scheduler {ref.scheduler} --width/--height {ref.size} ({ref.model})"
         )
         lines.append(f"      {ref.code}: {ref.sources}")
-    lines.append("  klora, cmlora: --reference reproduces the released code's rules, and its LoRA scale unless given")
+    lines.append("  klora, cmlora: --reference takes the released code's rules (but a few: docs/methods.md), and its "
+                 "LoRA scale unless given")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -16,11 +16,16 @@ call, as the per-region attention needs.
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Real
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..region_prompts import CLAUSES, RegionPrompts, check_prompts, own_texts
 from .base import CompositionMethod, MethodContext, UNetRun, guided_mix
@@ -33,8 +38,7 @@ def region_mask(region: Region | None, height: int, width: int) -> torch.Tensor:
     if region is None:
         return torch.ones(height, width)
     if isinstance(region, str):
-        with Image.open(region) as image:
-            grey = torch.tensor(list(image.convert("L").getdata()), dtype=torch.float32).reshape(image.height, -1)
+        grey = read_mask(region)
         return F.interpolate(grey[None, None] / 255, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     if len(region) != 4 or not 0 <= region[0] < region[2] <= 1 or not 0 <= region[1] < region[3] <= 1:
         raise ValueError(f"a region box is [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {region}")
@@ -43,6 +47,52 @@ def region_mask(region: Region | None, height: int, width: int) -> torch.Tensor:
     mask[round(y0 * height) : max(round(y1 * height), round(y0 * height) + 1),
          round(x0 * width) : max(round(x1 * width), round(x0 * width) + 1)] = 1  # fmt: skip
     return mask
+
+
+def read_mask(path: str) -> torch.Tensor:
+    """A mask image's grey levels ``(H, W)`` in [0, 255]. The file is opened without
+    blocking and must be a regular file that PIL reads as an image: a FIFO would otherwise
+    hang the model (and every user queued behind it), ``/etc/passwd`` fail deep in PIL.
+    Every refusal is a ``ValueError`` naming the path."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise ValueError(f"region mask {path}: cannot be opened ({error.strerror or error})") from None
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise ValueError(f"region mask {path}: is not a regular file (a folder, FIFO, device or socket); a mask "
+                         "is an image file, white where the LoRA acts")  # fmt: skip
+    with open(handle, "rb") as file:
+        try:
+            with Image.open(file) as image:
+                grey = np.asarray(image.convert("L"), dtype=np.float32)
+        except UnidentifiedImageError:
+            raise ValueError(f"region mask {path}: is not an image (PNG, JPEG, ...) that compose can read") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"region mask {path}: cannot be read as an image ({error})") from None
+    return torch.from_numpy(grey.copy())
+
+
+def check_boxes(regions: object) -> dict[str, list[float]]:
+    """A request's regions as boxes only: a mapping of LoRA names to ``[x0, y0, x1, y1]``.
+    Where the request comes from a visitor (the studio's API), a region given as text
+    would be a path on the server, which compose never opens on a visitor's word (a mask
+    is uploaded, and the server keeps the file)."""
+    if regions is None:
+        return {}
+    if not isinstance(regions, Mapping):
+        raise ValueError(f"regions must map LoRA names to boxes [x0, y0, x1, y1], got {type(regions).__name__}")
+    boxes = {}
+    for name, box in regions.items():
+        if isinstance(box, str):
+            raise ValueError(f"the region of {name!r} is a box [x0, y0, x1, y1] of fractions; a mask is uploaded "
+                             "(set_region with mask=...), never named by a path on the server")  # fmt: skip
+        numbers = box if isinstance(box, (list, tuple)) else []
+        if len(numbers) != 4 or not all(isinstance(v, Real) and not isinstance(v, bool) for v in numbers):
+            raise ValueError(f"the region of {name!r} must be a box of four numbers [x0, y0, x1, y1], got {box!r}")
+        boxes[str(name)] = [float(v) for v in numbers]
+        region_mask(boxes[str(name)], 8, 8)
+    return boxes
 
 
 @dataclass

@@ -57,6 +57,8 @@ CARDS = "cards"
 ON_COLOUR, OFF_COLOUR = (22, 163, 74), (170, 170, 170)
 """A card's frame: green when its LoRA is on, grey when off (Gradio marks the picked card in orange)."""
 Progress = Callable[[float, str], None]
+WARM_UP_STEPS = 2
+"""Untimed steps Compare runs of a method not yet run on the model, before timing it."""
 
 
 class StudioError(ValueError):
@@ -139,6 +141,10 @@ class Studio:
         self.lock = threading.Lock()
         self.model_thread = ModelThread()
         self.cancels: dict[str, threading.Event] = {}
+        self.reached: dict[str, str] = {}
+        """Per browser session, how far its run has got ("step k of n"), for Stop's answer."""
+        self.warmed: set[str] = set()
+        """The methods run at least once on this model: their first call paid the warm-up."""
         self.made = 0
         self.outputs = Path(tempfile.mkdtemp(prefix="compose-studio-"))
         self.model = model
@@ -397,6 +403,7 @@ class Studio:
             except (ModelLoadError, OSError, ValueError) as error:
                 raise StudioError(str(error)) from None
             previous, self.composer, self.model = self.composer, composer, model
+            self.warmed = set()  # a new model warms up again
         message = self.load_trusted_folder(self.library)
         del previous
         return f"base model {md(model)} ({md(self.composer.family)}); {message}"
@@ -417,25 +424,44 @@ class Studio:
         return kwargs
 
     def stop(self, session: str = "") -> str:
-        """Ask the run of browser session ``session`` to end after its current step; the
-        runs of other sessions go on."""
+        """Ask the run of browser session ``session`` to end after its current step, and say
+        which step it had reached (the run's "cancelled after step k" then tells how long
+        Stop took, in steps); the runs of other sessions go on."""
         event = self.cancels.get(session)
         if event is None:
             return "nothing of yours is running"
         event.set()
-        return "stopping after the current step"
+        reached = self.reached.get(session)
+        return "stopping after the current step" + (f" ({reached})" if reached else "")
 
     def generate(self, settings: Settings, progress: Progress | None = None,
                  session: str = "") -> tuple[Path, dict, float]:  # fmt: skip
         """One image: ``(png path, record, seconds)``; the PNG carries the full record.
-        ``session`` is the browser session whose Stop may end it (:meth:`stop`)."""
+        ``session`` is the browser session whose Stop may end it (:meth:`stop`). The
+        seconds of a method's first run on this model include its warm-up
+        (:meth:`warmed_up`: Compare warms each method up before timing it)."""
+        cancel = self.cancels[session] = threading.Event()
+        try:
+            return self._generate(settings, progress, session, cancel)
+        finally:
+            if self.cancels.get(session) is cancel:
+                del self.cancels[session]
+            self.reached.pop(session, None)
+
+    def _generate(self, settings: Settings, progress: Progress | None, session: str, cancel: threading.Event,
+                  keep: bool = True) -> tuple[Path | None, dict | None, float]:  # fmt: skip
+        """:meth:`generate` under the caller's ``cancel`` flag (Compare holds one over all its
+        methods, so a Stop between two methods is not lost); ``keep=False`` saves nothing
+        (a warm-up): ``(None, None, seconds)``."""
         if settings.method not in METHODS:
             raise StudioError(f"unknown method {settings.method!r}")
         settings = self._visitor_settings(settings)
-        cancel = self.cancels[session] = threading.Event()
         note = self._cost_note(settings)
+        if cancel.is_set():
+            raise GenerationCancelled("stopped before the run began")
 
         def step(i: int, n: int, _latents) -> bool:
+            self.reached[session] = f"step {i + 1} of {n}"
             if progress is not None:
                 progress((i + 1) / n, f"{settings.method}: step {i + 1} of {n}" + (f" ({note})" if note else ""))
             return not cancel.is_set()
@@ -449,21 +475,26 @@ class Studio:
             prompts = {n: p for n, p in self.region_prompts.get(session, {}).items() if n in used}
             if prompts:
                 kwargs["method_params"]["prompts"] = prompts
-        try:
-            with self.lock:
-                start = time.perf_counter()
-                run = self.model_thread.run
-                images, masks = run(self.composer.generate, prompt, callback=step, return_masks=True, **kwargs)
-                seconds = time.perf_counter() - start
-                self.made += 1
-                image = images[0]
-                path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
-                if masks[0]:
-                    self._keep_regions(path, image, masks[0])
-        finally:
-            if self.cancels.get(session) is cancel:
-                del self.cancels[session]
+        with self.lock:
+            start = time.perf_counter()
+            run = self.model_thread.run
+            images, masks = run(self.composer.generate, prompt, callback=step, return_masks=True, **kwargs)
+            seconds = time.perf_counter() - start
+            self.warmed.add(settings.method)
+            if not keep:
+                return None, None, seconds
+            self.made += 1
+            image = images[0]
+            path = save_png(image, self.outputs / f"{self.made:05d}-{settings.method}-{settings.seed}.png")
+            if masks[0]:
+                self._keep_regions(path, image, masks[0])
         return path, json.loads(image.info["compose"]), seconds
+
+    def warmed_up(self, method: str) -> bool:
+        """Whether ``method`` has run on this model: a first run also pays a warm-up (memory
+        allocation, lazily built kernels and caches, a method's one-time preparation such as
+        CMLoRA's frequency profiles), so its seconds are not one image's cost."""
+        return method in self.warmed
 
     def _visitor_settings(self, settings: Settings) -> Settings:
         """``settings`` as a visitor may give them, checked before the model's lock is
@@ -535,20 +566,35 @@ class Studio:
     def compare(self, settings: Settings, progress: Progress | None = None, session: str = "") -> Iterator[dict]:
         """The same settings with every method, one result as each finishes (so a page can
         show it at once): path, method, seconds, CLIPScore, and on the demo world the
-        concepts present (:meth:`judge`). ``session``: as for :meth:`generate`."""
-        for k, method in enumerate(METHODS):
+        concepts present (:meth:`judge`). ``session``: as for :meth:`generate`; one Stop
+        ends the whole comparison, whenever it comes.
 
-            def part(fraction: float, text: str, k: int = k) -> None:
-                if progress is not None:  # one bar over every method; the text says which, and its step
-                    progress((k + fraction) / len(METHODS), f"method {k + 1} of {len(METHODS)}, {text}")
+        Every method is timed alike, warm: a method not yet run on this model first runs
+        :data:`WARM_UP_STEPS` untimed steps (its first call's warm-up once made Switch look
+        26 times slower here than in Compose), and ``warm_up`` gives those seconds (``None``
+        when the method was warm already)."""
+        cancel = self.cancels[session] = threading.Event()
+        try:
+            for k, method in enumerate(METHODS):
+                params = settings.method_params if method == settings.method else None
+                one = Settings(**{**vars(settings), "method": method, "method_params": params})
+                yield self._compare_one(one, _part(progress, k), session, cancel)
+        finally:
+            if self.cancels.get(session) is cancel:
+                del self.cancels[session]
+            self.reached.pop(session, None)
 
-            params = settings.method_params if method == settings.method else None
-            path, record, seconds = self.generate(
-                Settings(**{**vars(settings), "method": method, "method_params": params}), part, session
-            )
-            judged = self.judge(path, record)
-            yield {"method": method, "path": path, "seconds": seconds, "clipscore": judged["clipscore"],
-                   "cosine": judged["cosine"], "presence": judged["presence"]}  # fmt: skip
+    def _compare_one(self, settings: Settings, progress: Progress | None, session: str,
+                     cancel: threading.Event) -> dict:  # fmt: skip
+        """One method of :meth:`compare`: warmed up if it is not yet, then timed and judged."""
+        warm_up = None
+        if not self.warmed_up(settings.method):
+            warm = replace(settings, steps=min(settings.steps, WARM_UP_STEPS))
+            _, _, warm_up = self._generate(warm, _warming(progress), session, cancel, keep=False)
+        path, record, seconds = self._generate(settings, progress, session, cancel)
+        judged = self.judge(path, record)
+        scores = {key: judged[key] for key in ("clipscore", "cosine", "presence")}
+        return {"method": settings.method, "path": path, "seconds": seconds, "warm_up": warm_up, **scores}
 
     def xy_plot(self, settings: Settings, x_kind: str, x_values: str, y_kind: str | None = None, y_values: str = "",
                 progress: Callable[[int, int], None] | None = None,
@@ -653,6 +699,18 @@ class Studio:
             raise StudioError(f"{Path(png).name}: its prompt uses LoRA {missing[0]}, which is not in the library; "
                               "add it first")  # fmt: skip
         return Settings(**kwargs)
+
+
+def _part(progress: Progress | None, k: int) -> Progress | None:
+    """Method ``k``'s share of Compare's one bar; the text says which method, and its step."""
+    if progress is None:
+        return None
+    return lambda fraction, text: progress((k + fraction) / len(METHODS), f"method {k + 1} of {len(METHODS)}, {text}")
+
+
+def _warming(progress: Progress | None) -> Progress | None:
+    """``progress`` with its text marked as a warm-up (so a user knows why the bar rewinds)."""
+    return None if progress is None else (lambda fraction, text: progress(0.0, f"warming up, {text}"))
 
 
 def base_family(lora) -> str:

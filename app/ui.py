@@ -38,11 +38,17 @@ from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 COMPARE_TILES = 6
 """Compare's tiles per row: every method side by side in two rows, all on one 1440×900 screen."""
-COMPARE_COLUMNS = ["method", "seconds / image", "CLIPScore = 100·max(cos, 0)", "cos", "concepts present"]
+COMPARE_COLUMNS = ["method", "seconds / image (warm)", "warm-up first (s, untimed)", "CLIPScore = 100·max(cos, 0)",
+                   "cos", "concepts present"]  # fmt: skip
 
-INTRO = """# compose studio
-Write a prompt, pick LoRA cards and switch them **on**, pick a method, **Generate** (Ctrl+Enter). Every PNG carries
-its full settings: drop one on *Load settings from PNG* to get them back."""
+INTRO = """**compose studio** · write a prompt, pick LoRA cards and switch them **on**, pick a method, **Generate**
+(Ctrl+Enter). Every PNG carries its full settings: drop one on *Load settings from PNG* to get them back."""
+CSS = """#card-on .info, #card-on label span, #card-weight label span { white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; }"""
+"""One line for each label of the picked card's controls, whatever its name: the row keeps its height."""
+MESSAGE_HEIGHT = 48
+"""The Compose status line's fixed height (two lines; a longer message scrolls in it): it
+never pushes the cards down as it appears or changes."""
 
 CTRL_ENTER = """() => { document.addEventListener("keydown", (event) => {
   if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
@@ -134,6 +140,10 @@ def _whole(name: str, value) -> int:
     return int(number)
 
 
+WARM_NOTE = ("every method's seconds are its run alone, warm: a method's first run on this model pays a warm-up, "
+             "so Compare runs it a few untimed steps first (the warm-up column)")  # fmt: skip
+
+
 def problem(error: Exception) -> str:
     """A mistake as the page shows it beside its control: escaped (names and prompts come
     from files and PNGs), marked so it reads as a warning, not a result."""
@@ -210,19 +220,19 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                                         elem_id="method")  # fmt: skip
                 ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
                 ui.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-            ui.message = gr.Markdown("", elem_id="compose-message")
-            ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
-                                   elem_id="lora-search")  # fmt: skip
-            defaults = _defaults(studio)
-            ui.cards = gr.Gallery(studio.cards(weights=defaults), columns=4, height=340, allow_preview=False,
-                                  label="LoRAs (green ● on, grey ○ off): click a card to pick it, then switch it on",
-                                  object_fit="contain", elem_id="cards")  # fmt: skip
-            with gr.Row(equal_height=True):
+            ui.message = gr.Markdown("", elem_id="compose-message", height=MESSAGE_HEIGHT)
+            with gr.Row(equal_height=True):  # the picked card's controls beside the search: the table stays in view
+                ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
+                                       elem_id="lora-search", scale=2)  # fmt: skip
                 ui.card_on = gr.Checkbox(False, label="on", info="pick a card first", scale=1, interactive=False,
                                          elem_id="card-on")  # fmt: skip
-                ui.card_weight = gr.Slider(0, 2, 1, step=0.05, label="weight of the card you picked", scale=3,
+                ui.card_weight = gr.Slider(0, 2, 1, step=0.05, label="weight of the card you picked", scale=2,
                                            interactive=False, elem_id="card-weight")  # fmt: skip
                 ui.card_picked = gr.State("")
+            defaults = _defaults(studio)
+            ui.cards = gr.Gallery(studio.cards(weights=defaults), columns=4, height=300, allow_preview=False,
+                                  label="LoRAs (green ● on, grey ○ off): click a card to pick it, then switch it on",
+                                  object_fit="contain", elem_id="cards")  # fmt: skip
             ui.loras = gr.Dataframe(studio.compose_rows(defaults=defaults), headers=LORA_COLUMNS,
                                     datatype=["str", "number"], static_columns=[0], interactive=True,
                                     label="weights (0 = off; row order = Switch order)", elem_id="loras")  # fmt: skip
@@ -391,12 +401,14 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
             settings = _settings(*rest)
             if randomize_seed:
                 settings.seed = random.randrange(2**32)
+            first = not studio.warmed_up(settings.method)
             path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), session_of(request))
         except GenerationCancelled:
             return [gr.update()] * (len(outputs) - 1) + ["stopped: no image was made"]
         except USER_ERRORS as error:
             return [gr.update()] * (len(outputs) - 1) + [problem(error)]
-        text = " · ".join([f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s",
+        warm_up = f" (the first {settings.method} run here: includes its warm-up)" if first else ""
+        text = " · ".join([f"**{settings.method}**, seed {settings.seed}, {seconds:.2f} s{warm_up}",
                            *score_parts(studio.judge(path, record))])  # fmt: skip
         view = for_display(path)
         made = [(str(view), f"{settings.method} · seed {settings.seed}", str(path)), *made]
@@ -497,9 +509,10 @@ def _weights(table) -> dict[str, float]:
 
 def _card_controls(name: str, weight: float) -> tuple[dict, dict]:
     """The *on* box and the weight slider showing LoRA ``name`` at ``weight`` (0: off)."""
-    return (gr.update(value=bool(weight), label=f"{name} on", info="ticked: used at the slider's weight",
-                      interactive=True),
-            gr.update(value=weight, label=f"weight of {name}", interactive=True))  # fmt: skip
+    return (
+        gr.update(value=bool(weight), label="on", info=name, interactive=True),
+        gr.update(value=weight, label=f"weight of {name}", interactive=True),
+    )
 
 
 def _gallery(made: list[tuple]) -> list[tuple[str, str]]:
@@ -520,7 +533,8 @@ def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
                 cosine = None if r["cosine"] is None else round(r["cosine"], 3)
                 found = None if r["presence"] is None else f"{r['presence']['concepts_present']:.0%}"
                 items.append((view, f"{r['method']} · {r['seconds']:.2f} s"))
-                rows.append([r["method"], round(r["seconds"], 2), score, cosine, found])
+                warm_up = None if r["warm_up"] is None else round(r["warm_up"], 2)
+                rows.append([r["method"], round(r["seconds"], 2), warm_up, score, cosine, found])
                 made = [(view, f"{r['method']} · seed {settings.seed}", str(r["path"])), *made]
                 text = f"{len(items)} of {len(METHODS)} methods done"
                 yield items, rows, text, _gallery(made), made
@@ -531,7 +545,7 @@ def _wire_compare(studio: Studio, ui: SimpleNamespace) -> None:
             yield items, rows, problem(error), _gallery(made), made
             return
         note = "" if studio.scorer else "; CLIPScore needs a CLIP model: start the studio with `--clip`"
-        yield items, rows, f"every method done{note}", _gallery(made), made
+        yield items, rows, f"every method done; {WARM_NOTE}{note}", _gallery(made), made
 
     ui.compare.click(lambda: "", None, ui.compare_message, api_visibility="private", queue=False).then(
         on_compare, [*ui.inputs, ui.history], outputs, api_visibility="private", concurrency_id="model",
@@ -740,7 +754,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, sha
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                 max_file_size=studio.max_upload_bytes, allowed_paths=[str(studio.outputs), str(studio.previews)],
-                js=CTRL_ENTER)  # fmt: skip
+                js=CTRL_ENTER, css=CSS)  # fmt: skip
     if block:
         public = f", public link {page.share_url}" if page.share_url else " (--share makes a public link)"
         print(f"compose studio: open {page.local_url}{public}; Ctrl+C stops it", flush=True)

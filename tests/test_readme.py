@@ -33,7 +33,8 @@ def commands() -> list[tuple[Path, str]]:
     """Every ``compose`` command of the bash blocks, its continued lines joined as the shell
     joins them (a backslash before a newline is removed, inside a word too), and every
     whole one in the text's code spans (five words or more, no ``...`` left to fill in:
-    ``compose bench`` alone names the command, it is not one)."""
+    ``compose bench`` alone names the command, it is not one; ``compose bench: ...`` is a
+    message the CLI prints)."""
     found = []
     for doc, block in blocks("bash"):
         for line in block.replace("\\\n", "").splitlines():
@@ -43,7 +44,8 @@ def commands() -> list[tuple[Path, str]]:
     for doc in DOCUMENTS:
         prose = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
         for span in (" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)):
-            whole = len(span.split()) >= 5 and "..." not in span and "…" not in span
+            words = span.split()
+            whole = len(words) >= 5 and not words[1].endswith(":") and "..." not in span and "…" not in span
             if whole and span.startswith(tuple(f"{program} " for program in PROGRAMS)):
                 found.append((doc, span))
     return found

@@ -189,6 +189,7 @@ def test_a_mistake_is_a_message_beside_its_control_and_the_page_stays_usable(ser
 def test_ctrl_enter_generates(served):
     with browser() as tab:
         tab.goto(served[1])
+        tab.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)  # the page's handlers are bound
         tab.locator("#prompt textarea").fill("a zq creature")
         tab.locator("#prompt textarea").press("Control+Enter")
         tab.locator("#result img").wait_for(timeout=LONG)

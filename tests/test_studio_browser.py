@@ -55,10 +55,32 @@ def weights_of(tab) -> dict[str, str]:
     return out
 
 
-def set_slider(tab, elem_id: str, value: int) -> None:
+def set_slider(tab, elem_id: str, value: float) -> None:
+    """Type ``value`` into a slider's number box, and wait until the page's state holds it
+    (its range input follows the state), so that the next click sends it."""
     field = tab.locator(f"#{elem_id} input[type=number]")
     field.fill(str(value))
     field.press("Enter")
+    tab.wait_for_function(
+        "([id, v]) => Number(document.querySelector(`#${id} input[type=range]`).value) === v",
+        arg=[elem_id, value], timeout=LONG)  # fmt: skip
+
+
+def edit_cell(tab, cell, text: str) -> None:
+    """Type ``text`` into a table ``cell`` and wait until the table shows it (on a busy
+    page a double click may not open the editor at once, so it is tried again)."""
+    for _ in range(5):
+        cell.dblclick()
+        tab.keyboard.press("Control+A")
+        tab.keyboard.type(text)
+        tab.keyboard.press("Enter")
+        try:
+            tab.wait_for_function("([cell, text]) => cell.innerText.split('\\n')[0].trim() === text && !cell.querySelector('input,"
+                                  " textarea')", arg=[cell.element_handle(), text], timeout=10_000)  # fmt: skip
+            return
+        except Exception:  # noqa: BLE001 - the editor did not take it: try again
+            continue
+    raise AssertionError(f"the cell shows {cell.inner_text().splitlines()[0]!r}, not {text!r}")
 
 
 def open_tab(tab, name: str) -> None:
@@ -74,11 +96,16 @@ def switch_on(tab, index: int, name: str) -> None:
 
 
 def generate(tab) -> None:
+    """Click Generate and wait for a new image; a failure says what the page said."""
     before = tab.locator("#result img").get_attribute("src") if tab.locator("#result img").count() else None
     tab.locator("#generate").click()
-    tab.wait_for_function(
-        "(before) => { const img = document.querySelector('#result img'); return img && img.src !== before"
-        " && img.complete && img.naturalWidth > 0; }", arg=before, timeout=LONG)  # fmt: skip
+    try:
+        tab.wait_for_function(
+            "(before) => { const img = document.querySelector('#result img'); return img && img.src !== before"
+            " && img.complete && img.naturalWidth > 0; }", arg=before, timeout=LONG)  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - re-raised with the page's own words
+        said = tab.locator("#compose-message").inner_text().strip()
+        raise AssertionError(f"no new image; the page says {said!r}") from error
 
 
 def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
@@ -166,18 +193,12 @@ def test_a_mistake_is_a_message_beside_its_control_and_the_page_stays_usable(ser
         tab.goto(served[1])
         tab.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)
         cell = tab.locator(f"#loras {ROWS}").first.locator(CELL).nth(1)
-        cell.dblclick()
-        tab.keyboard.press("Control+A")
-        tab.keyboard.type("abc")
-        tab.keyboard.press("Enter")
+        edit_cell(tab, cell, "abc")
         tab.locator("#generate").click()
         message = tab.locator("#compose-message")
         message.get_by_text("must be a number, got 'abc'").wait_for(timeout=LONG)
         assert tab.locator(".error").count() == 0 or not tab.locator("#loras .error").count(), "no red badge"
-        cell.dblclick()
-        tab.keyboard.press("Control+A")
-        tab.keyboard.type("1")
-        tab.keyboard.press("Enter")
+        edit_cell(tab, cell, "1")
         plain = tmp_path / "plain.png"
         Image.new("RGB", (8, 8)).save(plain)
         tab.locator("#settings-png input[type=file]").set_input_files(str(plain))

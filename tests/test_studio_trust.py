@@ -15,7 +15,19 @@ import threading
 import pytest
 from conftest import run
 from PIL import Image
-from test_studio_browser import CELL, CHROMIUM, LONG, ROWS, browser, generate, open_tab, set_slider, shot, weights_of
+from test_studio_browser import (
+    CELL,
+    CHROMIUM,
+    LONG,
+    ROWS,
+    browser,
+    edit_cell,
+    generate,
+    open_tab,
+    set_slider,
+    shot,
+    weights_of,
+)
 
 from compose.app.studio import Settings, StudioError, base_family
 from compose.app.ui import _settings, compose_values, make_previews, score_parts
@@ -237,10 +249,7 @@ def _edit_weight(tab, name: str, weight: str) -> None:
     rows = tab.locator(f"#loras {ROWS}")
     for i in range(rows.count()):
         if rows.nth(i).locator(CELL).first.inner_text().strip() == name:
-            rows.nth(i).locator(CELL).nth(1).dblclick()
-            tab.keyboard.press("Control+A")
-            tab.keyboard.type(weight)
-            tab.keyboard.press("Enter")
+            edit_cell(tab, rows.nth(i).locator(CELL).nth(1), weight)
             return
     raise AssertionError(f"no row {name}")
 

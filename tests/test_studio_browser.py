@@ -75,8 +75,10 @@ def edit_cell(tab, cell, text: str) -> None:
         tab.keyboard.type(text)
         tab.keyboard.press("Enter")
         try:
-            tab.wait_for_function("([cell, text]) => cell.innerText.split('\\n')[0].trim() === text && !cell.querySelector('input,"
-                                  " textarea')", arg=[cell.element_handle(), text], timeout=10_000)  # fmt: skip
+            tab.wait_for_function(
+                "([cell, text]) => cell.innerText.split('\\n')[0].trim() === text"
+                " && !cell.querySelector('input, textarea')",
+                arg=[cell.element_handle(), text], timeout=10_000)  # fmt: skip
             return
         except Exception:  # noqa: BLE001 - the editor did not take it: try again
             continue

@@ -167,12 +167,14 @@ class Studio:
 
     def compose_rows(self, previous: list[list] | None = None, defaults: dict[str, float] | None = None) -> list[list]:
         """The Compose table: every library LoRA with its weight (kept from ``previous``,
-        else from ``defaults``, else 0). The rows keep ``previous``'s order (it is Switch's
-        order, and may be a PNG's); LoRAs it lacks follow in library order."""
+        else from ``defaults``, else 0). The LoRAs that are on come first, so the weights
+        that act are in view above the fold, in ``previous``'s order (it is Switch's order,
+        and may be a PNG's; a LoRA switched on joins the end); the others follow, in
+        ``previous``'s order, then library order."""
         weights = {**(defaults or {}), **{row[0]: row[1] for row in previous or [] if row}}
         kept = [row[0] for row in previous or [] if row and row[0] in self.composer.loras]
-        names = dict.fromkeys([*kept, *self.composer.loras])
-        return [[name, weights.get(name, 0.0)] for name in names]
+        rows = [[name, weights.get(name, 0.0)] for name in dict.fromkeys([*kept, *self.composer.loras])]
+        return sorted(rows, key=lambda row: as_weight(row[1]) == 0)
 
     def preview(self, name: str) -> Path:
         """A picture of what LoRA ``name`` draws alone (its triggers as the prompt, weight 1,
@@ -603,8 +605,8 @@ class Studio:
         grid PNG (every cell's settings inside) and the seconds it took. A method axis runs
         each method with its defaults, so the Compose tab's method parameters are dropped.
         ``progress(cells done, cells)`` is called before the first cell and after each;
-        :meth:`stop` of ``session`` ends the plot after the current cell
-        (:class:`~compose.loop.GenerationCancelled`)."""
+        :meth:`stop` of ``session`` ends the plot within one step
+        (:class:`~compose.loop.GenerationCancelled`, naming the cell and step reached)."""
         from ..xy import parse_axis, xy_plot
 
         try:
@@ -616,8 +618,11 @@ class Studio:
         if "method" in (x.kind, y and y.kind):
             kwargs.pop("method_params")
         cancel = self.cancels[session] = threading.Event()
+        total = len(x.values) * (len(y.values) if y else 1)
+        cells = [0]
 
         def cell(done: int, total: int, _image=None) -> None:
+            cells[0] = done
             if progress is not None:
                 progress(done, total)
             if cancel.is_set() and done < total:
@@ -626,8 +631,14 @@ class Studio:
         start = time.perf_counter()
         try:
             with self.lock:
-                cell(0, len(x.values) * (len(y.values) if y else 1))
-                plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, cell)
+                cell(0, total)
+                try:
+                    plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, cell,
+                                                 lambda *_: not cancel.is_set())  # fmt: skip
+                except GenerationCancelled as stopped:
+                    if not str(stopped).startswith("cancelled"):  # between cells: it names them already
+                        raise
+                    raise GenerationCancelled(f"stopped in cell {cells[0] + 1} of {total}, {stopped}") from None
                 self.made += 1
                 path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
         finally:

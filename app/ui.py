@@ -215,12 +215,14 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
         with gr.Column(scale=3):
             ui.prompt = gr.Textbox(EXAMPLE_PROMPT if demo else "", label="prompt", lines=2, elem_id="prompt",
                                    max_length=studio.limits.prompt_characters())  # fmt: skip
-            with gr.Row():
+            with gr.Row(equal_height=True):  # the status line under the buttons, beside the method: no empty band
                 ui.method = gr.Dropdown(list(METHODS), value="composite" if demo else "merge", label="method", scale=2,
                                         elem_id="method")  # fmt: skip
-                ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
-                ui.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-            ui.message = gr.Markdown("", elem_id="compose-message", height=MESSAGE_HEIGHT)
+                with gr.Column(scale=3, min_width=320):
+                    with gr.Row():
+                        ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
+                        ui.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                    ui.message = gr.Markdown("", elem_id="compose-message", height=MESSAGE_HEIGHT)
             with gr.Row(equal_height=True):  # the picked card's controls beside the search: the table stays in view
                 ui.search = gr.Textbox(show_label=False, placeholder="search LoRAs: name, category or trigger",
                                        elem_id="lora-search", scale=2)  # fmt: skip
@@ -230,7 +232,7 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                                            interactive=False, elem_id="card-weight")  # fmt: skip
                 ui.card_picked = gr.State("")
             defaults = _defaults(studio)
-            ui.cards = gr.Gallery(studio.cards(weights=defaults), columns=4, height=300, allow_preview=False,
+            ui.cards = gr.Gallery(studio.cards(weights=defaults), columns=4, height=220, allow_preview=False,
                                   label="LoRAs (green ● on, grey ○ off): click a card to pick it, then switch it on",
                                   object_fit="contain", elem_id="cards")  # fmt: skip
             ui.loras = gr.Dataframe(studio.compose_rows(defaults=defaults), headers=LORA_COLUMNS,

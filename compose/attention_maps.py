@@ -4,9 +4,12 @@ For a set of token groups (each LoRA's trigger words in the prompt), :class:`Att
 records, in every cross-attention layer of the UNet, the attention probability that each
 latent position gives to each group's tokens (summed over the group, averaged over the
 heads), and averages the layers at the latent's resolution. It hooks the query and key
-projections and recomputes ``softmax(q kᵀ · scale)`` beside the layer, so the layer's own
-output (fused attention included) is untouched: a probed step is the unprobed step, bit
-for bit.
+projections and recomputes ``softmax(q kᵀ · scale)`` in float32 beside the layer, so the
+layer's own output is untouched (a probed step is the unprobed step, bit for bit) and the
+maps are the same whichever processor computes the attention: diffusers' classic
+``AttnProcessor``, which materialises the probabilities, or ``AttnProcessor2_0`` on
+PyTorch's scaled-dot-product attention, which never does. Fused projections
+(``fuse_qkv_projections``) bypass the hooked ones and are refused.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ class AttentionProbe:
         self._layers: list[torch.Tensor] = []
 
     def __enter__(self) -> AttentionProbe:
-        for name, module in self.unet.named_modules():
-            if name.endswith("attn2") and hasattr(module, "to_q") and hasattr(module, "heads"):
-                self._hook(module)
+        layers = {name: module for name, module in self.unet.named_modules()
+                  if name.endswith("attn2") and hasattr(module, "to_q") and hasattr(module, "heads")}  # fmt: skip
+        fused = [name for name, module in layers.items() if getattr(module, "fused_projections", False)]
+        if fused:
+            raise ValueError(f"{fused[0]} runs fused query/key/value projections, which the attention maps cannot "
+                             "read: call unet.unfuse_qkv_projections() first")  # fmt: skip
+        for module in layers.values():
+            self._hook(module)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,8 @@ import inspect
 import logging
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -35,7 +36,7 @@ from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .logs import quiet_dependencies
-from .loop import Conditioning, StepCallback, denoise
+from .loop import Conditioning, StepCallback, denoise, memory_rows
 from .methods import CompositionMethod, MethodContext, get_method
 from .methods.references import default_lora_scale
 from .prompts import LoRAUse, Weight, check_steps, extract_lora_tags, step_mask, weight_table, without_phrases
@@ -64,16 +65,17 @@ def _versions() -> dict[str, str]:
 
 
 def _fit(base: nn.Module, f: Factors) -> Factors | None:
-    """The factors shaped for ``base`` (1x1 convolutions and linears interchange), or
-    ``None`` when they do not fit."""
+    """The factors shaped for ``base`` (1x1 convolutions and linears interchange) and in its
+    floating dtype, so that a half-precision model keeps no float32 copy of them; ``None``
+    when they do not fit."""
     down, up = f.down, f.up
     if isinstance(base, nn.Linear):
         if down.dim() == 4 and down.shape[2:] == (1, 1):
             down, up = down.flatten(1), up.flatten(1)
         ok = down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
     elif isinstance(base, nn.Conv2d):
-        if down.dim() == 2 and base.kernel_size == (1, 1):
-            down, up = down[:, :, None, None], up[:, :, None, None]
+        if down.dim() == 2 and down.shape[1] == base.weight[0].numel():  # a kernel stored flattened (LyCORIS)
+            down, up = down.reshape(-1, *base.weight.shape[1:]), up[:, :, None, None]
         ok = (
             down.dim() == 4
             and base.groups == 1
@@ -82,7 +84,46 @@ def _fit(base: nn.Module, f: Factors) -> Factors | None:
         )
     else:
         return None
-    return Factors(down, up) if ok else None
+    if not ok:
+        return None
+    dtype = base.weight.dtype if base.weight.is_floating_point() else down.dtype
+    return Factors(down.to(dtype), up.to(dtype))
+
+
+@contextmanager
+def _decoding_dtype(vae: nn.Module) -> Iterator[None]:
+    """Within the block, the VAE in the dtype it decodes in: float32 where it is float16 and
+    its config sets ``force_upcast`` (SDXL's VAE overflows in float16), as diffusers'
+    ``StableDiffusionXLPipeline`` decodes, then float16 again; else as it is."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        with quiet_dependencies():  # diffusers warns on every cast of a model
+            vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            with quiet_dependencies():
+                vae.to(torch.float16)
+
+
+def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The images ``(B, 3, H, W)`` in [-1, 1] that ``vae`` decodes from final latents
+    ``(B, C, h, w)``, in diffusers' order: the latents cast to the dtype the VAE decodes in
+    (:func:`_decoding_dtype`), then un-normalised (``latents_mean``/``latents_std`` where
+    the config has them, else ``1 / scaling_factor``), then decoded."""
+    config = vae.config
+    with _decoding_dtype(vae):
+        latents = latents.to(vae.device, vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents)
+            std = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]
 
 
 @dataclass
@@ -308,12 +349,19 @@ class Composer:
         return composer
 
     @classmethod
-    def tiny(cls, family: str = "sd1", seed: int = 0, compile: bool | str = False) -> Composer:
-        """A composer over a tiny random pipeline (see :mod:`compose.tiny`)."""
+    def tiny(
+        cls, family: str = "sd1", seed: int = 0, compile: bool | str = False, dtype: torch.dtype | None = None
+    ) -> Composer:
+        """A composer over a tiny random pipeline (see :mod:`compose.tiny`), built in float32
+        and cast to ``dtype`` if given (the same weights, rounded)."""
         from .tiny import tiny_pipeline
 
         name = f"tiny:{family}" if seed == 0 else f"tiny:{family} (seed {seed})"
-        return cls(tiny_pipeline(family, seed), model_name=name, compile=compile)
+        pipeline = tiny_pipeline(family, seed)
+        if dtype is not None:
+            with quiet_dependencies():
+                pipeline.to(dtype)
+        return cls(pipeline, model_name=name, compile=compile)
 
     def _denoiser(self, n: int):
         """What the loop calls as the UNet: the UNet itself, or with ``compile`` its
@@ -400,15 +448,9 @@ class Composer:
                 if base is None:
                     unused.append(f"{component}.{module}")
                     continue
-                shaped = _fit(base, f)
+                shaped = _fit(base, lora.effective(component, module, base, f))  # DoRA: the delta on this base
                 if shaped is None:
-                    raise LoRAError(
-                        lora.path,
-                        f"does not fit this base model: the LoRA was made for {lora.family}; the base "
-                        f"model is {self.family} (its {component}.{module} is {type(base).__name__} with "
-                        f"weight {tuple(base.weight.shape)}, the LoRA's factors are {tuple(f.down.shape)} "
-                        f"and {tuple(f.up.shape)})",
-                    )
+                    raise LoRAError(lora.path, lora.misfit(component, module, base, self.family))
                 fitted.setdefault(component, {})[module] = shaped
         if not fitted:
             raise LoRAError(
@@ -416,7 +458,7 @@ class Composer:
                 f"none of its {sum(len(t) for t in lora.factors.values())} modules exist in the "
                 f"base model (the LoRA was made for {lora.family}; the base model is {self.family})",
             )
-        lora.factors, lora.unused_keys = fitted, sorted(unused)
+        lora.factors, lora.unused_keys, lora.magnitudes = fitted, sorted(unused), {}
         for component, table in fitted.items():
             for module in table:
                 self.registries[component].wrap(module)
@@ -594,25 +636,7 @@ class Composer:
         return torch.cat(states, dim=-1), pooled
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.pipeline.vae
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            mean = torch.tensor(mean).view(shape).to(latents)
-            std = torch.tensor(std).view(shape).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        return self.pipeline.image_processor.postprocess(image, output_type="pil")
+        return self.pipeline.image_processor.postprocess(decode_latents(self.pipeline.vae, latents), output_type="pil")
 
     @torch.no_grad()
     def generate(
@@ -648,7 +672,9 @@ class Composer:
         uses its first value). A list of prompts and/or seeds
         makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
         one generated alone with its prompt and seed. ``max_batch`` caps the UNet batch
-        (rows) per call: Composite then runs its N branches in chunks. Returns PIL images
+        (rows) per call: Composite then runs its N branches in chunks; unset, the cap
+        follows the device's free memory (:func:`compose.loop.memory_rows`, and
+        ``COMPOSE_MEMORY_BUDGET`` in bytes, see docs/precision-and-memory.md). Returns PIL images
         whose ``info`` carries the A1111 ``parameters`` text and the full ``compose``
         record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``
         instead, as diffusers pipelines do. ``return_masks=True`` returns ``(images,
@@ -770,6 +796,9 @@ class Composer:
         shape = (len(prompts), self.pipeline.unet.config.in_channels, size[0] // factor, size[1] // factor)
         dtype = conditioning.encoder_hidden_states.dtype
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=dtype) * sched.init_noise_sigma
+        if max_batch is None:
+            tokens = conditioning.encoder_hidden_states.shape[1]
+            max_batch = memory_rows(self.pipeline.unet, shape[-2:], dtype, tokens, self.device)
         method.prepare(context)
         try:
             return denoise(

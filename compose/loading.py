@@ -2,11 +2,13 @@
 
 Formats: kohya/Civitai (``lora_unet_...``, ``lora_te_...`` with ``alpha``),
 diffusers/PEFT (``unet.`` / ``text_encoder.`` prefixes, ``lora_A``/``lora_B`` or the
-older ``lora.down``/``lora_linear_layer`` names), and the 2023 attention-processor
-format (``...processor.to_k_lora.down.weight`` with no prefix). Key conversion is
-diffusers' own (``lora_state_dict``, ``convert_unet_state_dict_to_peft``,
-``convert_state_dict_to_peft``); what is written here is alpha folding, validation,
-base-family detection and the record.
+older ``lora.down``/``lora_linear_layer`` names, DoRA's ``lora_magnitude_vector``), the
+2023 attention-processor format (``...processor.to_k_lora.down.weight`` with no prefix),
+and LyCORIS files with kohya names (LoCon, LoHa, LoKr, full diff, DoRA ``dora_scale``;
+their factors are made exact :class:`~compose.layers.Factors` by :mod:`compose.lycoris`).
+Key conversion is diffusers' own (``lora_state_dict``, ``convert_unet_state_dict_to_peft``,
+``convert_state_dict_to_peft``), for LyCORIS modules too; what is written here is alpha
+folding, validation, base-family detection and the record.
 
 Every refusal is a :class:`LoRAError` whose message names the file and the reason.
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers.utils.state_dict_utils import (
@@ -29,17 +33,19 @@ from diffusers.utils.state_dict_utils import (
 )
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch import nn
 
+from . import lycoris
 from .checks import CATEGORIES, Limits, number, printable, safe_name
 from .files import atomic_open
 from .layers import Factors
+from .lycoris import Layout, LayoutError, Magnitude
 from .prompts import MAX_WEIGHT
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 CROSS_ATTENTION_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-_LYCORIS_MARKERS = ("hada_w", "lokr_w", ".lokr_", "oft_", "ia3_", ".diff", ".w_norm")
 _PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _UNFORESEEN = (ValueError, KeyError, IndexError, TypeError, RuntimeError, ZeroDivisionError, AttributeError)
 """What a malformed file can make diffusers' converters or the folding raise; :func:`load_lora`
@@ -74,21 +80,78 @@ class LoRA:
     triggers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     unused_keys: list[str] = field(default_factory=list)
-    alphas: dict[str, tuple[float | None, int]] = field(default_factory=dict)
-    """The file's ``(alpha, rank)`` per module, named as the file names it (``None``: no
-    alpha, scale 1); the factors have ``alpha / rank`` folded in, so only this says what
-    the file stored."""
+    alphas: dict[str, tuple[float | None, int | None]] = field(default_factory=dict)
+    """The file's ``(alpha, rank)`` per module, named as the file names it (alpha ``None``:
+    none stored, scale 1; rank ``None``: full matrices with no rank, a LyCORIS full diff or
+    a LoKr of two full halves, scale 1); the factors have ``alpha / rank`` folded in, so
+    only this says what the file stored."""
     preferred_weight: float | None = None
     """A1111's "preferred weight" from the sidecar: shown, never applied (weights stay explicit)."""
     notes: dict[str, str] = field(default_factory=dict)
     """What A1111's and Civitai's sidecars say about the LoRA (description, base model ...), for display."""
     derived: dict = field(default_factory=dict, repr=False)
     """Quantities methods derive from the factors once (K-LoRA's top-K sums ...), by key."""
+    algorithms: dict[str, int] = field(default_factory=dict)
+    """How many modules of each algorithm the file holds (LoRA, LoCon, LoHa, LoKr, diff), and
+    ``DoRA``: how many of them carry a DoRA magnitude. Empty for a record built by hand (LoRA)."""
+    layouts: dict[str, Layout] = field(default_factory=dict, repr=False)
+    """LyCORIS modules by ``component.module``: algorithm, the file's name and tensor shapes."""
+    magnitudes: dict[str, dict[str, Magnitude]] = field(default_factory=dict, repr=False)
+    """DoRA magnitudes per component and module, as ``factors`` names them. Such a module's
+    factors hold its update ``ΔW`` until :meth:`Composer.add_lora` replaces them with the
+    effective delta on that model's base weights (:meth:`effective`) and empties this."""
 
     @property
     def rank(self) -> int:
-        """The largest rank over the targeted modules."""
-        return max(f.rank for table in self.factors.values() for f in table.values())
+        """The largest rank over the targeted modules, as the file declares it (a LoHa's
+        ``dim``, not the ``dim²`` of its exact factors); the factors' rank for a file of
+        full matrices only."""
+        declared = [r for _, r in self.alphas.values() if r is not None]
+        return max(declared or [f.rank for table in self.factors.values() for f in table.values()])
+
+    @property
+    def algorithm(self) -> str:
+        """What kind of adapter the file is: ``LoRA``, ``LoCon`` (a LoRA that also adapts
+        convolution kernels), ``LoHa``, ``LoKr``, ``diff``, several joined with ``+``, and
+        ``+ DoRA`` where modules carry DoRA magnitudes."""
+        kinds = [k for k in ("LoRA", "LoCon", "LoHa", "LoKr", "diff") if self.algorithms.get(k)] or ["LoRA"]
+        if "LoCon" in kinds and "LoRA" in kinds:
+            kinds.remove("LoRA")
+        return " + ".join(kinds + (["DoRA"] if self.algorithms.get("DoRA") else []))
+
+    def magnitude(self, component: str, module: str) -> Magnitude | None:
+        """The DoRA magnitude of ``component.module`` (a text encoder's module with or
+        without transformers' ``text_model.`` prefix), or ``None``."""
+        table = self.magnitudes.get(component, {})
+        return table.get(module, table.get(f"text_model.{module}"))
+
+    def effective(self, component: str, module: str, base: nn.Module, factors: Factors) -> Factors:
+        """The factors the composable layer over ``base`` uses: ``factors`` themselves, or for
+        a DoRA module its effective delta on ``base``'s weights (:func:`compose.lycoris.dora_factors`),
+        dense, computed in float32. Factors whose update is not ``base``'s shape are given back
+        as they are (the composer refuses them); a magnitude that does not fit ``base`` is
+        refused, naming the file and the module."""
+        magnitude = self.magnitude(component, module)
+        weight = base.weight
+        if magnitude is None or (factors.up.shape[0], factors.down[0].numel()) != (weight.shape[0], weight[0].numel()):
+            return factors
+        reason = lycoris.check_magnitude(magnitude, tuple(weight.shape))
+        if reason is not None:
+            raise LoRAError(self.path, f"{component}.{module}: {reason}")
+        return lycoris.dora_factors(weight, factors, magnitude)
+
+    def misfit(self, component: str, module: str, base: nn.Module, family: str) -> str:
+        """Why the factors of ``component.module`` do not fit ``base`` of a model of ``family``."""
+        weight = f"{type(base).__name__} with weight {tuple(base.weight.shape)}"
+        layout = self.layouts.get(f"{component}.{module}", self.layouts.get(f"{component}.text_model.{module}"))
+        if layout is not None:
+            return (f"does not fit this base model: its {layout.describe()} does not fit {component}.{module}, "
+                    f"a {weight}; the file is damaged or was made for another model (the LoRA was made for "
+                    f"{self.family}; the base model is {family})")  # fmt: skip
+        f = self.factors[component].get(module) or self.factors[component][f"text_model.{module}"]
+        return (f"does not fit this base model: the LoRA was made for {self.family}; the base model is {family} "
+                f"(its {component}.{module} is {weight}, the LoRA's factors are {tuple(f.down.shape)} and "
+                f"{tuple(f.up.shape)})")  # fmt: skip
 
     @property
     def targets(self) -> list[str]:
@@ -104,8 +167,11 @@ class LoRA:
             "name": self.name,
             "file": self.path,
             "format": self.format,
+            "algorithm": self.algorithm,
+            "algorithms": dict(self.algorithms),
             "base_family": self.family,
             **self.scale_summary(),
+            **self.factor_summary(),
             "category": self.category,
             "triggers": self.triggers,
             "preferred_weight": self.preferred_weight,
@@ -122,12 +188,20 @@ class LoRA:
     def scale_summary(self) -> dict:
         """``rank``, ``alpha`` and ``scale`` (alpha / rank, the factor folded into the
         weights at load) as the file stores them: one number, or ``[min, max]`` where they
-        vary by layer; ``alpha`` is ``None`` where the file stores none (scale 1)."""
+        vary by layer; ``alpha`` is ``None`` where the file stores none (scale 1), ``rank``
+        where every module is a full matrix (a full diff, a LoKr of two full halves)."""
         pairs = list(self.alphas.values()) or [(None, f.rank) for t in self.factors.values() for f in t.values()]
         alphas = [a for a, _ in pairs if a is not None]
-        scales = [a / r if a is not None else 1.0 for a, r in pairs]
-        return {"rank": _span([r for _, r in pairs]), "alpha": _span(alphas) if alphas else None,
+        ranks = [r for _, r in pairs if r is not None]
+        scales = [a / r if a is not None and r is not None else 1.0 for a, r in pairs]
+        return {"rank": _span(ranks) if ranks else None, "alpha": _span(alphas) if alphas else None,
                 "scale": _span(scales)}  # fmt: skip
+
+    def factor_summary(self) -> dict:
+        """LoKr's ``factor``: the ``lokr_w1`` shapes (its Kronecker split), ``"AxB"`` each;
+        empty for a file without LoKr modules."""
+        shapes = sorted({layout.factor for layout in self.layouts.values() if layout.factor is not None})
+        return {"factor": [f"{a}x{b}" for a, b in shapes]} if shapes else {}
 
 
 def _span(values: list[float]) -> float | list[float]:
@@ -380,12 +454,13 @@ def _alpha_for(module: str, default: float | None, pattern: dict) -> float | Non
     return default
 
 
-def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, list[str], dict]:
+def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, list[str], dict, dict]:
     """Pair ``lora_A``/``lora_B`` per module and fold any per-module alpha; also returns
-    each module's ``(alpha, rank)`` as the file stores them."""
+    each module's ``(alpha, rank)`` as the file stores them, and PEFT's DoRA magnitudes."""
     factors: dict[str, dict[str, Factors]] = {}
     unused: list[str] = []
     alphas: dict[str, tuple[float | None, int]] = {}
+    magnitudes: dict[str, dict[str, Magnitude]] = {}
     for component, part in parts.items():
         default_alpha, pattern = _adapter_alphas(path, metadata, component)
         table: dict[str, Factors] = {}
@@ -418,12 +493,35 @@ def _collect_factors(path: Path, parts: dict, metadata: dict) -> tuple[dict, lis
             table[module] = Factors(down.float() * scale, up)
             alphas[f"{component}.{module}"] = (alpha, rank)
             consumed.update((key, up_key, alpha_key))
+            magnitude_key = next((k for k in _magnitude_keys(module) if k in part), None)
+            if magnitude_key is not None:
+                magnitudes.setdefault(component, {})[module] = _peft_magnitude(
+                    path, f"{component}.{magnitude_key}", part[magnitude_key], up.shape[0]
+                )
+                consumed.add(magnitude_key)
         unused.extend(f"{component}.{k}" for k in part if k not in consumed)
         if table:
             factors[component] = table
     if not factors:
-        raise LoRAError(path, "holds no LoRA weights in a known format (kohya, diffusers/PEFT, attention-processor)")
-    return factors, unused, alphas
+        raise LoRAError(path, "holds no LoRA weights in a known format (kohya, diffusers/PEFT, attention-processor, "
+                        "LyCORIS)")  # fmt: skip
+    return factors, unused, alphas, magnitudes
+
+
+def _magnitude_keys(module: str) -> tuple[str, str]:
+    """Where PEFT stores a DoRA module's magnitude (``get_peft_model_state_dict`` drops the
+    ``.weight`` that older versions kept)."""
+    return f"{module}.lora_magnitude_vector", f"{module}.lora_magnitude_vector.weight"
+
+
+def _peft_magnitude(path: Path, key: str, tensor: torch.Tensor, out: int) -> Magnitude:
+    """PEFT's DoRA magnitude: one value per output channel, ``(out,)`` for a linear layer,
+    ``(1, out, 1, 1)`` for a convolution."""
+    if tensor.numel() != out:
+        raise LoRAError(path, f"DoRA magnitude {key} has {tensor.numel()} values (shape {tuple(tensor.shape)}), but "
+                        f"the module's update has {out} output channels: one magnitude per output channel is "
+                        "needed")  # fmt: skip
+    return Magnitude(tensor.flatten().float(), 0, key)
 
 
 def detect_family(factors: dict[str, dict[str, Factors]]) -> str:
@@ -618,7 +716,7 @@ def load_lora(
     path = Path(path)
     tensors, metadata = read_tensors(path, allow_pickle, limits)
     try:
-        fmt, factors, unused, alphas = _parse(path, tensors, metadata, unet_config)
+        parsed = _parse(path, tensors, metadata, unet_config)
     except LoRAError:
         raise
     except _UNFORESEEN as error:
@@ -637,25 +735,103 @@ def load_lora(
         path=str(path),
         sha256=sha256,
         short_hash=short_hash,
-        format=fmt,
-        family=detect_family(factors),
-        factors=factors,
+        format=parsed.format,
+        family=detect_family(parsed.factors),
+        factors=parsed.factors,
         category=category,
         triggers=list(triggers),
         metadata=metadata,
-        unused_keys=sorted(unused),
-        alphas=alphas,
+        unused_keys=sorted(parsed.unused),
+        alphas=parsed.alphas,
         preferred_weight=_preferred_weight(sidecars),
         notes=_sidecar_notes(sidecars),
+        algorithms=parsed.algorithms,
+        layouts=parsed.layouts,
+        magnitudes=parsed.magnitudes,
     )
     return lora
 
 
-def _parse(path: Path, tensors: dict, metadata: dict, unet_config: dict | None) -> tuple[str, dict, list[str], dict]:
-    """``(format, factors, unused keys, alphas)`` of a file's tensors."""
+class _Parsed(NamedTuple):
+    """What a file's tensors hold, as :class:`LoRA` records it."""
+
+    format: str
+    factors: dict[str, dict[str, Factors]]
+    unused: list[str]
+    alphas: dict[str, tuple[float | None, int | None]]
+    algorithms: dict[str, int]
+    layouts: dict[str, Layout]
+    magnitudes: dict[str, dict[str, Magnitude]]
+
+
+def _parse(path: Path, tensors: dict, metadata: dict, unet_config: dict | None) -> _Parsed:
+    """A file's tensors read, in whichever format they are: OFT, (IA)³, GLoRA, trained
+    norms and bias deltas refused by name first (:func:`compose.lycoris.refusal`)."""
     tensors = _check_values(path, tensors)
-    if any(marker in key for key in tensors for marker in _LYCORIS_MARKERS):
-        raise LoRAError(path, "is a LyCORIS LoHa/LoKr/OFT/IA3 adapter; only LoRA and LoCon factors are supported")
+    keys = list(tensors)
+    biases = [k for k in keys if k.endswith(".diff_b") or (k.startswith(KOHYA_PREFIXES) and k.endswith(".bias"))]
+    reason = lycoris.refusal(keys, [k for k in biases if bool(tensors[k].any())])
+    if reason is not None:
+        raise LoRAError(path, reason)
+    if lycoris.is_lycoris(keys):
+        return _parse_lycoris(path, tensors, unet_config)
     parts, fmt, unused, kohya_alphas = _split_components(path, tensors, unet_config)
-    factors, more_unused, alphas = _collect_factors(path, parts, metadata)
-    return fmt, factors, unused + more_unused, kohya_alphas or alphas
+    factors, more_unused, alphas, magnitudes = _collect_factors(path, parts, metadata)
+    kinds = Counter(
+        "LoCon" if math.prod(f.down.shape[2:]) > 1 else "LoRA" for t in factors.values() for f in t.values()
+    )
+    kinds["DoRA"] = sum(len(t) for t in magnitudes.values())
+    return _Parsed(fmt, factors, unused + more_unused, kohya_alphas or alphas, dict(+kinds), {}, magnitudes)
+
+
+def _parse_lycoris(path: Path, tensors: dict[str, torch.Tensor], unet_config: dict | None) -> _Parsed:
+    """A LyCORIS file (kohya names): each module's exact factors (:func:`compose.lycoris.build`),
+    named by diffusers' kohya converter as a LoRA's would be."""
+    if not all(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        raise LoRAError(path, "holds LyCORIS factors (hada_, lokr_, diff, dora_scale or lora_mid keys) under names "
+                        "other than kohya's (lora_unet_..., lora_te_...); compose reads LyCORIS files saved with "
+                        "kohya names, the ones A1111 and ComfyUI load")  # fmt: skip
+    groups, unused = lycoris.group(tensors)
+    modules = {}
+    for name, parts in groups.items():
+        try:
+            modules[name] = lycoris.build(name, parts)
+        except LayoutError as error:
+            raise LoRAError(path, str(error)) from None
+    names = _kohya_names(path, list(modules), unet_config)
+    factors: dict[str, dict[str, Factors]] = {}
+    layouts: dict[str, Layout] = {}
+    magnitudes: dict[str, dict[str, Magnitude]] = {}
+    for name, module in modules.items():
+        if name not in names:
+            unused.extend(f"{name}.{key}" for key in groups[name])
+            continue
+        component, target = names[name]
+        factors.setdefault(component, {})[target] = module.factors
+        layouts[f"{component}.{target}"] = module.layout
+        if module.magnitude is not None:
+            magnitudes.setdefault(component, {})[target] = module.magnitude
+    if not factors:
+        raise LoRAError(path, "none of its LyCORIS modules names a UNet or text-encoder module that diffusers' "
+                        "kohya converter knows")  # fmt: skip
+    kinds = Counter(layout.algorithm for layout in layouts.values())
+    kinds["DoRA"] = sum(len(t) for t in magnitudes.values())
+    alphas = {name: (module.layout.alpha, module.layout.rank) for name, module in modules.items()}
+    return _Parsed("kohya", factors, unused, alphas, dict(+kinds), layouts, magnitudes)
+
+
+def _kohya_names(path: Path, modules: list[str], unet_config: dict | None) -> dict[str, tuple[str, str]]:
+    """kohya module name -> ``(component, diffusers module)``, by diffusers' own converter:
+    each name goes through it as a LoRA whose 1x1 factors hold the name's index, read back
+    after conversion. Names the converter drops are absent."""
+    markers = {}
+    for index, name in enumerate(modules):
+        marker = torch.full((1, 1), float(index))
+        markers[f"{name}.lora_down.weight"] = markers[f"{name}.lora_up.weight"] = marker
+    parts, _, _, _ = _split_components(path, markers, unet_config)
+    return {
+        modules[int(marker.item())]: (component, key.removesuffix(".lora_A.weight"))
+        for component, part in parts.items()
+        for key, marker in part.items()
+        if key.endswith(".lora_A.weight")
+    }

@@ -290,12 +290,13 @@ class XYPlot:
 
 
 def xy_plot(composer: Composer, settings: dict, x: Axis, y: Axis | None = None,
-            callback: CellCallback | None = None) -> XYPlot:  # fmt: skip
+            callback: CellCallback | None = None, step: Callable | None = None) -> XYPlot:  # fmt: skip
     """Generate one image per cell, row by row: ``settings`` (the keywords of
     :meth:`Composer.generate`, one prompt and one seed) with the cell's ``x`` and ``y`` values
     put in. A weight axis on a LoRA that ``settings["loras"]`` lacks adds it. ``callback``
-    is called after each cell, for a UI to show progress. Everything is checked before the
-    first cell runs."""
+    is called after each cell, for a UI to show progress; ``step`` is every cell's step
+    callback (:meth:`Composer.generate`'s ``callback``: returning ``False`` stops the plot
+    within one step). Everything is checked before the first cell runs."""
     axes = [x] if y is None else [x, y]
     if y is not None and y.kind == x.kind:
         raise ValueError(f"the X and Y axes both vary {x.kind}; give them different kinds")
@@ -313,7 +314,7 @@ def xy_plot(composer: Composer, settings: dict, x: Axis, y: Axis | None = None,
         seconds.append([])
         for x_value in x.values:
             start = time.perf_counter()
-            image = composer.generate(**_override(row, x, x_value))[0]
+            image = composer.generate(**_override(row, x, x_value), callback=step)[0]
             seconds[-1].append(time.perf_counter() - start)
             cells[-1].append(image)
             if callback is not None:

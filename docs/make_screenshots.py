@@ -54,7 +54,7 @@ def _walk(url: str, compose_only: bool) -> None:
         tab = browser.new_page(viewport={"width": 1440, "height": 900})
         tab.goto(url)
         tab.locator("#cards img").first.wait_for(timeout=LONG)
-        tab.locator("#cards .thumbnail-item").first.click()  # picked for the slider: its state stays as it was
+        tab.locator("#cards .thumbnail-item").first.dispatch_event("click")  # picked, as a click in place (no scroll)
         tab.locator("#compose-message").get_by_text("picked").wait_for(timeout=LONG)
         start = time.perf_counter()
         tab.locator("#generate").click()

@@ -212,6 +212,20 @@ def wait_caption(tab, index: int, text: str) -> None:
     tab.locator("#cards .thumbnail-item").nth(index).get_by_text(text).wait_for(timeout=LONG)
 
 
+def test_the_weights_that_act_come_first_in_switch_order(served):
+    """The table's rows that are on lead, in their order (Switch's), so they are in view;
+    a LoRA switched on joins their end, one switched off leaves them."""
+    studio = served[0]
+    a, b, c = list(studio.composer.loras)[:3]
+    rows = studio.compose_rows([[c, 1.0], [a, 0.0], [b, 0.5]])
+    assert [name for name, weight in rows if weight] == [c, b] and [name for name, _ in rows[:2]] == [c, b]
+    rows[[name for name, _ in rows].index(a)][1] = 1.0
+    rows = studio.compose_rows(rows)
+    assert [name for name, _ in rows[:3]] == [c, b, a], "switched on last, so last in the Switch order"
+    rows[0][1] = 0.0
+    assert [name for name, _ in studio.compose_rows(rows)[:2]] == [b, a]
+
+
 @needs_chromium
 def test_a_card_click_picks_without_toggling_and_its_state_shows(served, tmp_path):
     studio = served[0]
@@ -313,7 +327,8 @@ def test_the_xy_plot_shows_its_cell_and_stops(serving, tmp_path):
         shot(tab, tmp_path, "xy-cell-k-of-n")
         tab.locator("#xy-stop").click()
         tab.locator("#xy-message").get_by_text("no plot was made").wait_for(timeout=LONG)
-        assert "stopped after" in tab.locator("#xy-message").inner_text()
+        said = tab.locator("#xy-message").inner_text()
+        assert "stopped in cell" in said and "of 9, cancelled after step" in said, "Stop acts within the cell"
 
 
 def test_the_first_start_says_it_makes_the_previews_with_a_bar(served):
@@ -404,7 +419,10 @@ def test_the_status_line_does_not_move_the_cards_and_the_weights_are_in_view(ser
         tab.locator(f"#loras {CELL}").first.wait_for(timeout=LONG)
         tab.locator("#cards img").first.wait_for(timeout=LONG)
         before = tab.evaluate(top, "#cards")
-        assert tab.evaluate(top, "#loras") < 900, "the weights table starts on the first screen at 1440×900"
+        rows = tab.locator(f"#loras {ROWS}")
+        last = rows.nth(min(rows.count(), 3) - 1).bounding_box()
+        assert last["y"] + last["height"] <= 900, "three rows of the weights table are on the first screen at 1440×900"
+        assert tab.locator("#compose-message").bounding_box()["y"] < tab.locator("#cards").bounding_box()["y"]
         tab.locator("#cards .thumbnail-item").first.click()
         tab.locator("#compose-message").get_by_text("picked").wait_for(timeout=LONG)
         assert tab.evaluate(top, "#cards") == before, "the status line appeared and the cards stayed put"

@@ -76,6 +76,8 @@ SCALE = _checked(lambda v: checks.number("value", v, -MAX_WEIGHT, MAX_WEIGHT),
 COUNT = _checked(lambda v: checks.integer("value", v, 1), "an integer of at least 1", int)
 NON_NEGATIVE_INT = _checked(lambda v: checks.integer("value", v, 0), "an integer of at least 0", int)
 SEED = _checked(lambda v: checks.seed(v, "value"), "a seed (an integer in [0, 2**64))", int)
+RANKS = _checked(lambda ranks: [checks.integer("rank", r, 1) for r in ranks], "ranks: integers of at least 1, "
+                 "comma-separated", lambda text: [int(r) for r in text.split(",")])  # fmt: skip
 MEGABYTES = _checked(lambda v: checks.number("value", v, 1.0), "a size in MB of at least 1")
 
 
@@ -425,8 +427,9 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     ins = commands.add_parser(
         "inspect",
         help="show what a LoRA file holds",
-        description="Show a LoRA file's format, base family, rank, alpha and the alpha/rank scale folded "
-        "into its weights, targeted modules, trigger words, hashes (sha256, A1111's, Civitai's AutoV2), "
+        description="Show a LoRA file's format, algorithm (LoRA, LoCon, LoHa, LoKr, diff, + DoRA), base family, "
+        "rank (LoKr: also its factor), alpha and the alpha/rank scale folded into its weights, targeted modules, "
+        "trigger words, hashes (sha256, A1111's, Civitai's AutoV2), "
         "what its sidecars say, its metadata, and any keys that were not used.",
     )
     ins.add_argument("lora", help="LoRA file, or the name of a LoRA --model brings (the demo world's zorbo ...)")
@@ -486,19 +489,29 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         default="small",
         help="UNet shape with random weights: tiny, small (SD1.5 topology, narrow), sd15, sdxl [small]",
     )
-    bench.add_argument("--max-loras", type=int, default=5, help="largest N [5]")
-    bench.add_argument("--rank", type=int, default=16, help="LoRA rank [16]")
-    bench.add_argument("--latent-size", type=int, help="latent side [the preset's sample size]")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration [5]")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls [2]")
+    bench.add_argument("--max-loras", type=COUNT, help="--speed: N = 1..K LoRAs [5; N = 3 and 5 for sd15/sdxl on a "
+                       "CPU]")  # fmt: skip
+    bench.add_argument("--rank", type=RANKS, help="--speed: LoRA rank, or ranks comma-separated, one per LoRA, cycled "
+                       "[16; 16,64,128,32 for sd15/sdxl on a CPU]")  # fmt: skip
+    bench.add_argument("--lora-files", nargs="+", metavar="FILE", help="--speed: time these LoRA files (for the "
+                       "preset's model family) instead of random LoRAs")  # fmt: skip
+    bench.add_argument("--latent-size", type=COUNT, help="--speed: latent side [the preset's sample size; 8 for "
+                       "sd15/sdxl on a CPU]")  # fmt: skip
+    bench.add_argument("--repeats", type=COUNT, help="--speed: timed repeats per configuration [5; 3 for sd15/sdxl on "
+                       "a CPU]")  # fmt: skip
+    bench.add_argument("--warmup", type=NON_NEGATIVE_INT, help="--speed: untimed warm-up calls [2; 1 for sd15/sdxl on "
+                       "a CPU]")  # fmt: skip
     bench.add_argument("--no-baselines", action="store_true", help="skip diffusers' PEFT baselines")
     bench.add_argument("--compiled", action=argparse.BooleanOptionalAction, help="--speed: also time methods "
-                       "under torch.compile (inductor, two graphs) [on; off for --preset tiny]")  # fmt: skip
+                       "under torch.compile (inductor, two graphs) [on; off for tiny, and for sd15/sdxl on a "
+                       "CPU]")  # fmt: skip
     bench.add_argument("--world", action=argparse.BooleanOptionalAction, help="--speed: also time whole demo-world "
-                       "generations, batch 1 and 8, in images per second [on; off with --preset tiny]")  # fmt: skip
+                       "generations, batch 1 and 8, in images per second [on; off for tiny, and for sd15/sdxl on a "
+                       "CPU]")  # fmt: skip
     bench.add_argument("--world-steps", type=COUNT, default=25, help="--speed: steps per demo-world generation [25]")
     bench.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
-    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on CPU]")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on "
+                       "CPU; --speed: bfloat16 for sd15/sdxl on a CPU]")  # fmt: skip
     bench.add_argument("--out", help="results folder [outputs/bench, or outputs/speed with --speed]")
     _add_limits(bench)
 
@@ -869,7 +882,9 @@ def _inspect(args: argparse.Namespace) -> None:
     for key, value in summary.items():
         if key in ("metadata", "frequency", "notes"):
             continue
-        if key in ("rank", "alpha", "scale"):
+        if key == "rank" and value is None:
+            value = "full matrices (no low-rank factors: a full diff, a LoKr of two full halves)"
+        elif key in ("rank", "alpha", "scale"):
             value = _span_text(value) + (" (alpha / rank, folded into the weights at load)" if key == "scale" else "")
         elif isinstance(value, (dict, list)):
             value = json.dumps(value) if value else "none"
@@ -902,14 +917,15 @@ def _bench(args: argparse.Namespace) -> None:
         preset=args.preset,
         max_loras=args.max_loras,
         rank=args.rank,
+        lora_files=args.lora_files or (),
         latent_size=args.latent_size,
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         warmup=args.warmup,
         repeats=args.repeats,
         baselines=not args.no_baselines,
-        compiled=args.preset != "tiny" if args.compiled is None else args.compiled,
-        world=args.preset != "tiny" if args.world is None else args.world,
+        compiled=args.compiled,
+        world=args.world,
         world_steps=args.world_steps,
         progress=lambda text: print(f"compose: {text}", file=sys.stderr),
     )

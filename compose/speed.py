@@ -1,12 +1,14 @@
 """``compose bench --speed``: the cost of one denoising step per method, side by side.
 
-For a UNet shape (random weights), N = 1..5 random LoRAs and batch 1 with CFG, it times
-in one process, round-robin over configurations, with warm-up and device
+For a UNet shape (random weights), N random LoRAs (or LoRA files) and batch 1 with CFG,
+it times in one process, round-robin over configurations, with warm-up and device
 synchronisation, the median and spread of: a LoRA-free step (the floor); this engine's
 methods; the same under ``torch.compile`` (:mod:`compose.compiled`); and diffusers' own
 PEFT path (``set_adapters`` for Merge, the reference's sequential N batch-2 passes with
 adapter switching for Composite). Ratios are to the floor and to the diffusers baseline
-of the same method, all measured in the same run.
+of the same method, all measured in the same run. With the baselines, one step of Merge
+and Composite is also compared with diffusers' (*agreement*: the largest difference
+relative to the largest prediction).
 
 Merge, Switch and K-LoRA fold their weights into the base weights
 (:mod:`compose.layers`): their plain rows time a step with the fold in place, their
@@ -20,19 +22,21 @@ Peak memory is the largest amount of tensor memory a step allocates beyond the m
 dispatch-level tracker of tensor storages (:class:`TensorMemory`; ``tracemalloc`` does
 not see tensor storage, which PyTorch allocates outside Python's allocator).
 
-The demo world rows time whole generations of the shipped demo world
+The full-size presets (``sd15``, ``sdxl``: the real UNets, 860 M and 2.6 B parameters,
+:mod:`compose.full_size`) run on a CPU too, with settings that finish there
+(:func:`defaults`: bfloat16, 8x8 latents, N = 3 and 5 of ranks 16 to 128, no compiled
+rows, median of 3). The demo world rows time whole generations of the shipped demo world
 (``Composer.load("demo-world")``, its native size and 25 steps) in images per second,
 batch 1 and 8, eager and compiled.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -46,38 +50,16 @@ from tqdm.auto import tqdm
 from .attention_maps import AttentionProbe
 from .compiled import CompiledUNet
 from .feature_cache import DeepFeatureCache
+from .full_size import SD15, SDXL, TINY, TINY_XL, building, peft_state_dict, random_loras, shared_copy
 from .layers import LayerRegistry, Routes
-from .loading import LoRA
+from .loading import LoRA, load_lora
 from .loop import Conditioning, predict_noise
 from .methods import CMLoRA, CompositionMethod, KLoRA, MethodContext, Routed, Switch, get_method
 from .methods.cmlora import refresh_steps
-from .tiny import ATTENTION_PROJECTIONS, random_factors, tiny_sd_unet
 
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    sample_size=64,
-)
-SDXL = dict(
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    cross_attention_dim=2048,
-    sample_size=128,
-)
 SMALL = {**SD15, "block_out_channels": (64, 128, 256, 256), "sample_size": 32}
-PRESETS = {"tiny": None, "small": SMALL, "sd15": SD15, "sdxl": SDXL}
+PRESETS = {"tiny": TINY, "tiny-xl": TINY_XL, "small": SMALL, "sd15": SD15, "sdxl": SDXL}
+FULL_SIZE = ("sd15", "sdxl")
 FOLDING = ("merge", "switch", "klora")
 """Methods whose steps fold their weights (every row shares them)."""
 COMPILED = ("merge", "switch", "klora", "composite")
@@ -87,6 +69,13 @@ SHALLOW = "shallow branch (no LoRA, deep features cached)"
 WORLD_LORAS = ("zorbo", "flimbo", "brakka", "vosh")
 WORLD_PROMPT = "a zorbo creature wearing a flimbo hat on the right, a brakka key on the left, vosh sky background"
 WORLD_METHODS = ("merge", "composite")
+CPU_FULL_SIZE = dict(dtype=torch.bfloat16, latent_size=8, ns=(3, 5), rank=(16, 64, 128, 32), warmup=1, repeats=3,
+                     compiled=False, world=False)  # fmt: skip
+"""What a full-size preset runs with on a CPU unless told otherwise: bfloat16 (SDXL's UNet is
+5 GB in it, 10 GB in float32, and bfloat16 steps are about twice as fast on a CPU), 8x8
+latents, N = 3 and 5 LoRAs of ranks 16, 64, 128, 32, 16 (cycled), one warm-up and three
+timed sweeps, without the compiled rows (compiling a full UNet takes many minutes on a
+CPU) and without the demo world."""
 
 
 @dataclass
@@ -146,12 +135,28 @@ class TensorMemory(TorchDispatchMode):
         return out
 
 
-def build_unet(preset: str) -> UNet2DConditionModel:
-    """A random UNet of the preset's shape (``tiny``, ``small``, ``sd15``, ``sdxl``)."""
+def build_unet(
+    preset: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> UNet2DConditionModel:
+    """A random UNet of the preset's shape (a key of :data:`PRESETS`), built in ``dtype``
+    on ``device``, in eval mode."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     torch.manual_seed(0)
-    return tiny_sd_unet() if preset == "tiny" else UNet2DConditionModel(**PRESETS[preset])
+    with building(dtype, device):
+        return UNet2DConditionModel(**PRESETS[preset]).eval()
+
+
+def defaults(preset: str, device: torch.device) -> dict:
+    """The settings :func:`run_speed_benchmark` uses where it is not told: on a CPU, a
+    full-size preset runs :data:`CPU_FULL_SIZE`; otherwise float16 on CUDA (float32 on a
+    CPU), the preset's own latent size, N = 1..5 of rank 16, two warm-up and five timed
+    sweeps, with the compiled and demo-world rows unless the preset is ``tiny``."""
+    if device.type == "cpu" and preset in FULL_SIZE:
+        return dict(CPU_FULL_SIZE)
+    toy = preset.startswith("tiny")
+    return dict(dtype=torch.float16 if device.type == "cuda" else torch.float32, latent_size=None,
+                ns=tuple(range(1, 6)), rank=16, warmup=2, repeats=5, compiled=not toy, world=not toy)  # fmt: skip
 
 
 def _conditioning(unet, rows: int, device, dtype) -> Conditioning:
@@ -169,8 +174,11 @@ def _conditioning(unet, rows: int, device, dtype) -> Conditioning:
     )
 
 
-def _measure(jobs: list[Job], device: torch.device, warmup: int, repeats: int, memory: bool):
-    """Per job: median and interquartile range in ms, and peak memory in MiB.
+def _measure(jobs: list[Job], device: torch.device, warmup: int, repeats: int, memory: bool,
+             deadline: float | None = None) -> tuple[list[tuple], int]:  # fmt: skip
+    """Per job: median and interquartile range in ms, and peak memory in MiB; and how many
+    timed sweeps ran (fewer than ``repeats`` when ``deadline``, a ``time.perf_counter()``
+    value, passed after the first timed sweep).
 
     Repeats run round-robin over the jobs, so slow drifts of the machine (clock,
     other load) spread over every configuration instead of biasing some.
@@ -186,6 +194,8 @@ def _measure(jobs: list[Job], device: torch.device, warmup: int, repeats: int, m
                     job.run()
                 peaks[k] = tracker.peak / 2**20
     for sweep in tqdm(range(warmup + repeats), desc="timing sweeps", unit="sweep"):
+        if deadline is not None and sweep > warmup and time.perf_counter() > deadline:
+            break
         for k, job in enumerate(jobs):
             job.setup()
             sync()
@@ -204,37 +214,42 @@ def _measure(jobs: list[Job], device: torch.device, warmup: int, repeats: int, m
     for times, peak in zip(samples, peaks, strict=True):
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         results.append((statistics.median(times), quartiles[2] - quartiles[0], peak))
-    return results
+    return results, len(samples[0])
 
 
-def _random_loras(unet, count: int, rank: int) -> list[LoRA]:
-    factors = [random_factors(unet, ATTENTION_PROJECTIONS, rank, seed=i) for i in range(count)]
+def _loras(unet, count: int, ranks: Sequence[int], files: Sequence[str | Path]) -> list[LoRA]:
+    """``files`` read as LoRAs for ``unet``, or ``count`` random ones of ``ranks`` (cycled)."""
+    if files:
+        return [load_lora(path, unet_config=dict(unet.config)) for path in files]
+    factors = random_loras(unet, [ranks[i % len(ranks)] for i in range(count)])
     return [LoRA(f"lora{i}", "", "", "", "random", "random", {"unet": f}) for i, f in enumerate(factors)]
 
 
 class _Rig:
     """What every timed step shares: one UNet of ``preset`` (random weights), one CFG batch
-    (2 rows of ``latent_size``² latents at t = 500), ``max_loras`` random LoRAs of ``rank``;
-    with ``baselines`` a copy holding them as diffusers PEFT adapters, with ``compiled`` a
-    copy under :class:`~compose.compiled.CompiledUNet` with static LoRA slots."""
+    (2 rows of ``latent_size``² latents at t = 500), ``max_loras`` LoRAs (random of
+    ``ranks``, or read from ``files``); with ``baselines`` a copy holding them as diffusers
+    PEFT adapters, with ``compiled`` a copy under :class:`~compose.compiled.CompiledUNet` with
+    static LoRA slots. The copies share the UNet's weights (:func:`~compose.full_size.shared_copy`)."""
 
-    def __init__(self, preset: str, max_loras: int, rank: int, latent_size: int | None, device: torch.device,
-                 dtype: torch.dtype, baselines: bool, compiled: bool, compile_backend: str) -> None:  # fmt: skip
+    def __init__(self, preset: str, max_loras: int, ranks: Sequence[int], latent_size: int | None,
+                 device: torch.device, dtype: torch.dtype, baselines: bool, compiled: bool, compile_backend: str,
+                 files: Sequence[str | Path] = ()) -> None:  # fmt: skip
         self.device = device
-        self.unet = build_unet(preset).to(device, dtype).eval()
+        self.unet = build_unet(preset, dtype, device)
         self.size = latent_size or self.unet.config.sample_size
         self.latents = torch.randn(2, self.unet.config.in_channels, self.size, self.size, device=device, dtype=dtype)
         self.t = torch.tensor(500, device=device)
         self.conditioning = _conditioning(self.unet, 2, device, dtype)
-        self.loras = _random_loras(self.unet, max_loras, rank)
+        self.loras = _loras(self.unet, max_loras, ranks, files)
         self.reference = self._peft_copy() if baselines else None
-        compiled_unet = copy.deepcopy(self.unet) if compiled else None
+        compiled_unet = shared_copy(self.unet) if compiled else None
         self.registry = self._wrapped(self.unet)
         self.registry.state.expected_calls = SCHEDULE_STEPS
         self.targets: list[tuple[object, LayerRegistry]] = [(self.unet, self.registry)]
         if compiled_unet is not None:
             static = self._wrapped(compiled_unet)
-            static.make_static(max_loras, rank)
+            static.make_static(len(self.loras), max(lora_rank(lora) for lora in self.loras))
             self.targets.append((CompiledUNet(compiled_unet, static.state, backend=compile_backend), static))
         self.shallow = DeepFeatureCache(self.unet)
 
@@ -244,19 +259,14 @@ class _Rig:
 
     def _wrapped(self, unet) -> LayerRegistry:
         registry = LayerRegistry(unet)
-        for module in self.loras[0].factors["unet"]:
+        for module in dict.fromkeys(m for lora in self.loras for m in lora.factors["unet"]):
             registry.wrap(module)
         return registry
 
     def _peft_copy(self) -> UNet2DConditionModel:
-        reference = copy.deepcopy(self.unet)
+        reference = shared_copy(self.unet)
         for lora in self.loras:
-            state = {
-                f"{m}.lora_{ab}.weight": x
-                for m, f in lora.factors["unet"].items()
-                for ab, x in (("A", f.down), ("B", f.up))
-            }
-            reference.load_lora_adapter(state, prefix=None, adapter_name=lora.name)
+            reference.load_lora_adapter(peft_state_dict(lora.factors["unet"]), prefix=None, adapter_name=lora.name)
         return reference
 
     def floor(self) -> object:
@@ -339,17 +349,22 @@ class _Rig:
         return [Job("no LoRA (floor)", 0, lambda: self.registry.activate([]), self.floor),
                 Job(SHALLOW, 0, capture, replay)]  # fmt: skip
 
-    def diffusers_jobs(self, n: int) -> list[Job]:
-        """diffusers' own path for ``n`` LoRAs: ``set_adapters`` for Merge, and the reference's
-        Composite, ``n`` sequential batch-2 passes switching the adapter between them."""
+    def _diffusers_merge(self, n: int) -> Callable[[], torch.Tensor]:
         reference, names, kwargs = self.reference, [lora.name for lora in self.loras[:n]], _kwargs(self.conditioning)
 
-        def merge() -> object:
+        def merge() -> torch.Tensor:
             reference.set_adapters(names, [0.8] * n)
             with torch.no_grad():
                 return reference(self.latents, self.t, **kwargs).sample
 
-        def composite() -> object:
+        return merge
+
+    def _diffusers_composite(self, n: int) -> Callable[[], torch.Tensor]:
+        """The reference's Composite prediction: ``n`` sequential batch-2 passes, one adapter
+        each, averaged (before guidance)."""
+        reference, names, kwargs = self.reference, [lora.name for lora in self.loras[:n]], _kwargs(self.conditioning)
+
+        def composite() -> torch.Tensor:
             outs = []
             for name in names:
                 reference.set_adapters([name], [0.8])
@@ -357,20 +372,46 @@ class _Rig:
                     outs.append(reference(self.latents, self.t, **kwargs).sample)
             return torch.stack(outs).mean(0)
 
-        return [Job("diffusers merge", n, _nothing, merge, memory=False),
-                Job("diffusers composite (sequential)", n, _nothing, composite, memory=False)]  # fmt: skip
+        return composite
+
+    def diffusers_jobs(self, n: int) -> list[Job]:
+        """diffusers' own path for ``n`` LoRAs: ``set_adapters`` for Merge, and the reference's
+        Composite, ``n`` sequential batch-2 passes switching the adapter between them."""
+        return [Job("diffusers merge", n, _nothing, self._diffusers_merge(n), memory=False),
+                Job("diffusers composite (sequential)", n, _nothing, self._diffusers_composite(n),
+                    memory=False)]  # fmt: skip
+
+    def agreement(self, n: int) -> list[dict]:
+        """One step of this engine's Merge (all ``n`` LoRAs at 0.8, folded) and Composite (one
+        batch-2n pass, branch j on LoRA j, averaged) against diffusers' ``set_adapters`` and
+        sequential passes: the largest absolute difference, and relative to the largest
+        absolute prediction."""
+        self.registry.activate([lora.factors["unet"] for lora in self.loras[:n]])
+        run = partial(predict_noise, self.unet, self.registry.state, self.latents, self.t, self.conditioning)
+        with torch.no_grad():
+            merge = run(torch.full((1, n), 0.8))
+            branches = run(0.8 * torch.eye(n))
+        composite = branches.view(n, *self.latents.shape).mean(0)
+        self.registry.activate([])
+        rows = []
+        for method, ours, reference in (("merge", merge, self._diffusers_merge(n)()),
+                                        ("composite", composite, self._diffusers_composite(n)())):  # fmt: skip
+            error = (ours.float() - reference.float()).abs().max().item()
+            scale = reference.float().abs().max().item()
+            rows.append({"method": method, "n": n, "max_abs": error, "relative": error / scale})
+        return rows
 
 
 def _nothing() -> None:
     return None
 
 
-def _jobs(rig: _Rig, max_loras: int) -> list[Job]:
+def _jobs(rig: _Rig, ns: Sequence[int]) -> list[Job]:
     """Every configuration of the table, in the order it prints."""
     jobs = rig.shallow_jobs()
     if rig.compiled:
         jobs.append(rig.job("compiled no LoRA (floor)", 0, None, target=1))
-    for n in range(1, max_loras + 1):
+    for n in ns:
         for name in ("merge", "switch", "composite", "klora"):
             jobs.append(rig.job(name, n, get_method(name)))
             if name in FOLDING:
@@ -389,66 +430,88 @@ def _jobs(rig: _Rig, max_loras: int) -> list[Job]:
 
 def run_speed_benchmark(
     preset: str = "small",
-    max_loras: int = 5,
-    rank: int = 16,
+    max_loras: int | None = None,
+    rank: int | Sequence[int] | None = None,
     latent_size: int | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    warmup: int = 2,
-    repeats: int = 5,
+    warmup: int | None = None,
+    repeats: int | None = None,
     baselines: bool = True,
-    compiled: bool = False,
-    world: bool = False,
+    compiled: bool | None = None,
+    world: bool | None = None,
     compile_backend: str = "inductor",
     memory: bool = True,
     world_steps: int = SCHEDULE_STEPS,
     world_batches: tuple[int, ...] = (1, 8),
     world_repeats: int | None = None,
     progress: Callable[[str], None] | None = None,
+    ns: Sequence[int] | None = None,
+    lora_files: Sequence[str | Path] = (),
+    deadline: float | None = None,
 ) -> dict:
     """Time one CFG denoising step per configuration; returns the table as data.
 
     ``preset`` names the UNet shape (:data:`PRESETS`) and ``latent_size`` overrides its
     latent side (latent pixels); each configuration runs ``warmup`` untimed then ``repeats``
-    timed steps, round-robin. ``baselines`` adds diffusers' PEFT rows, ``compiled`` the
+    timed steps, round-robin, over ``ns`` LoRA counts (or 1..``max_loras``), each LoRA of
+    ``rank`` (one rank, or one per LoRA, cycled), or the LoRAs of ``lora_files`` (each count
+    capped at their number).
+    ``baselines`` adds diffusers' PEFT rows and the agreement check, ``compiled`` the
     ``torch.compile`` rows (``compile_backend``), ``memory`` the peak-memory column, and
     ``world`` whole demo-world generations of ``world_steps`` steps at each batch of
-    ``world_batches`` (``world_repeats`` sweeps, default half of ``repeats``)."""
+    ``world_batches`` (``world_repeats`` sweeps, default half of ``repeats``). Settings not
+    given come from :func:`defaults`. ``deadline`` (a ``time.perf_counter()`` value) ends
+    the timed sweeps early, after the first."""
     say = progress or (lambda _: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    rig = _Rig(preset, max_loras, rank, latent_size, device, dtype, baselines, compiled, compile_backend)
-    jobs = _jobs(rig, max_loras)
-    if compiled:
+    given = dict(dtype=dtype, latent_size=latent_size, rank=rank, warmup=warmup, repeats=repeats, compiled=compiled,
+                 world=world, ns=ns or (range(1, max_loras + 1) if max_loras else None))  # fmt: skip
+    settings = defaults(preset, device) | {k: v for k, v in given.items() if v is not None}
+    ranks = (settings["rank"],) if isinstance(settings["rank"], int) else tuple(settings["rank"])
+    ns = sorted({min(n, len(lora_files)) if lora_files else n for n in settings["ns"]})
+    rig = _Rig(preset, max(ns), ranks, settings["latent_size"], device, settings["dtype"], baselines,
+               settings["compiled"], compile_backend, lora_files)  # fmt: skip
+    jobs = _jobs(rig, ns)
+    if settings["compiled"]:
         say("compiling (once per graph: folded, stacked)")
         for j in jobs:
             if j.config.startswith("compiled"):
                 j.setup()
                 j.run()
     say(f"timing {len(jobs)} configurations")
-    measured = _measure(jobs, device, warmup, repeats, memory)
+    measured, timed = _measure(jobs, device, settings["warmup"], settings["repeats"], memory, deadline)
     rows = [Timing(j.config, j.n, *_round(m)) for j, m in zip(jobs, measured, strict=True)]
-    _averages(rows, jobs, max_loras)
+    used = [lora_rank(lora) for lora in rig.loras]
+    _averages(rows, jobs, ns)
     _ratios(rows)
     result = {
         "preset": preset,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(settings["dtype"]).removeprefix("torch."),
         "latent_size": rig.size,
-        "rank": rank,
+        "rank": used[0] if len(set(used)) == 1 else used,
+        "loras": [Path(p).name for p in lora_files] or None,
         "batch": "1 image with CFG (2 rows)",
-        "repeats": repeats,
-        "compile_backend": compile_backend if compiled else None,
+        "repeats": timed,
+        "compile_backend": compile_backend if settings["compiled"] else None,
         "rows": [asdict(r) for r in rows],
     }
-    if world:
+    if baselines:
+        result["agreement"] = [row for n in ns for row in rig.agreement(n)]
+    if settings["world"]:
         say("timing the demo world's generations")
-        backend = compile_backend if compiled else None
-        sweeps = world_repeats or max(1, repeats // 2)
+        backend = compile_backend if settings["compiled"] else None
+        sweeps = world_repeats or max(1, settings["repeats"] // 2)
         result["world"] = world_speed(device, world_steps, world_batches, sweeps, backend)
     return result
+
+
+def lora_rank(lora: LoRA) -> int:
+    """The largest rank of a LoRA's UNet factors."""
+    return max(f.rank for f in lora.factors["unet"].values())
 
 
 def _folds(method: CompositionMethod, n: int) -> float:
@@ -463,11 +526,11 @@ def _folds(method: CompositionMethod, n: int) -> float:
     return 1.0
 
 
-def _averages(rows: list[Timing], jobs: list[Job], max_loras: int) -> None:
+def _averages(rows: list[Timing], jobs: list[Job], ns: Sequence[int]) -> None:
     """The 25-step averages of the folding methods and of CMLoRA, appended to ``rows``."""
     by_key = {(r.config, r.n): (r, j) for r, j in zip(rows, jobs, strict=True)}
     refreshed = len(refresh_steps("nonuniform", SCHEDULE_STEPS)) / SCHEDULE_STEPS
-    for n in range(1, max_loras + 1):
+    for n in ns:
         for name in FOLDING:
             steady, _ = by_key[(name, n)]
             folding, job = by_key[(f"{name} (folding step)", n)]
@@ -509,24 +572,36 @@ def world_speed(
     compile_backend: str | None = "inductor",
     methods: tuple[str, ...] = WORLD_METHODS,
 ) -> list[dict]:
-    """Images per second of whole demo-world generations (text encoding, ``steps``
-    denoising steps, VAE decoding) with the quick start's four LoRAs, per method and
-    batch, eager and (with ``compile_backend``) compiled; each configuration warmed up
-    once (the compiled ones compile there), then timed ``repeats`` times round-robin."""
+    """Images per second of whole demo-world generations with the quick start's four LoRAs
+    at the world's native size (:func:`generation_speed`), eager and (with
+    ``compile_backend``) compiled."""
     from .composer import Composer
 
     composers = {"eager": Composer.load("demo-world", device=str(device))}
     if compile_backend is not None:
         composers["compiled"] = Composer.load("demo-world", device=str(device), compile=compile_backend)
+    return generation_speed(composers, WORLD_PROMPT, WORLD_LORAS, methods, batches, steps, repeats)
+
+
+def generation_speed(composers: dict, prompt: str, loras: Sequence[str], methods: Sequence[str],
+                     batches: Sequence[int], steps: int = SCHEDULE_STEPS, repeats: int = 2,
+                     size: int | None = None) -> list[dict]:  # fmt: skip
+    """Images per second of whole generations (text encoding, ``steps`` denoising steps, VAE
+    decoding to images) of ``prompt`` with ``loras``, per method, batch (images per call, one
+    seed each) and mode (a key of ``composers``: ``eager``, ``compiled``...), at ``size``
+    pixels (default the model's). Each configuration is warmed up once (the compiled ones
+    compile there), then timed ``repeats`` times round-robin; ``speedup`` is against the
+    ``eager`` mode where there is one."""
     configs = [(mode, method, batch) for method in methods for batch in batches for mode in composers]
 
     def generate(mode: str, method: str, batch: int) -> None:
-        composers[mode].generate(WORLD_PROMPT, list(WORLD_LORAS), method, seed=list(range(batch)), steps=steps)
+        composers[mode].generate(prompt, list(loras), method, seed=list(range(batch)), steps=steps, width=size,
+                                 height=size)  # fmt: skip
 
-    for config in tqdm(configs, desc="demo world warm-up", unit="config"):
+    for config in tqdm(configs, desc="generation warm-up", unit="config"):
         generate(*config)
     samples: dict[tuple, list[float]] = {c: [] for c in configs}
-    for _ in tqdm(range(repeats), desc="demo world sweeps", unit="sweep"):
+    for _ in tqdm(range(repeats), desc="generation sweeps", unit="sweep"):
         for config in configs:
             start = time.perf_counter()
             generate(*config)
@@ -534,11 +609,12 @@ def world_speed(
     rows = []
     for (mode, method, batch), times in samples.items():
         seconds = statistics.median(times)
-        rows.append({"mode": mode, "method": method, "n": len(WORLD_LORAS), "batch": batch, "steps": steps,
+        rows.append({"mode": mode, "method": method, "n": len(loras), "batch": batch, "steps": steps,
                      "seconds": round(seconds, 3), "images_per_s": round(batch / seconds, 3)})  # fmt: skip
     eager = {(r["method"], r["batch"]): r["seconds"] for r in rows if r["mode"] == "eager"}
     for r in rows:
-        r["speedup"] = round(eager[(r["method"], r["batch"])] / r["seconds"], 3)
+        if (r["method"], r["batch"]) in eager:
+            r["speedup"] = round(eager[(r["method"], r["batch"])] / r["seconds"], 3)
     return rows
 
 
@@ -617,10 +693,13 @@ def summary_markdown(result: dict) -> str:
 def to_markdown(result: dict) -> str:
     """The result as markdown: a one-line header of the setup, the summary tables
     (:func:`summary_markdown`) and the full table of every configuration."""
+    rank = result["rank"]
     head = (
         f"UNet `{result['preset']}`, {result['device']}, {result['dtype']}, latents "
-        f"{result['latent_size']}x{result['latent_size']}, rank {result['rank']}, "
-        f"{result['batch']}, median of {result['repeats']}"
+        f"{result['latent_size']}x{result['latent_size']}, "
+        + (f"ranks {', '.join(map(str, rank))}" if isinstance(rank, list) else f"rank {rank}")
+        + (f" ({', '.join(result['loras'])})" if result.get("loras") else "")
+        + f", {result['batch']}, median of {result['repeats']}"
         + (f", compiled with {result['compile_backend']}" if result.get("compile_backend") else "")
         + "\n\n"
     )
@@ -642,7 +721,26 @@ def to_markdown(result: dict) -> str:
         if memory:
             cells.append("" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return head + summary_markdown(result) + "\nEvery configuration:\n\n" + "\n".join(lines) + "\n"
+    return (
+        head
+        + summary_markdown(result)
+        + agreement_markdown(result)
+        + "\nEvery configuration:\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def agreement_markdown(result: dict) -> str:
+    """The agreement of one Merge and one Composite step with diffusers' (empty without it)."""
+    if not result.get("agreement"):
+        return ""
+    against = {"merge": "merge vs diffusers' set_adapters", "composite": "composite vs diffusers' sequential passes"}
+    out = "\nOne step against diffusers' PEFT path, largest difference of the predictions:\n\n"
+    out += "| check | N | max abs | relative to max abs prediction |\n|---|---|---|---|\n"
+    for a in result["agreement"]:
+        out += f"| {against[a['method']]} | {a['n']} | {a['max_abs']:.2e} | {a['relative']:.2e} |\n"
+    return out
 
 
 def write_results(result: dict, out: Path) -> tuple[Path, Path]:

@@ -13,7 +13,6 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408
@@ -24,8 +23,12 @@ def write_clip_vocabulary(folder: Path) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` of CLIP's BPE into ``folder``.
 
     The vocabulary is the 256 byte characters, the same with ``</w>``, one token per
-    merge, then the two special tokens, in that order (ids 0..49407).
+    merge, then the two special tokens, in that order (ids 0..49407). open_clip is imported
+    here, not with the module, so that :mod:`compose.tiny` and the speed benchmark import
+    on a machine without it (the GPU check's).
     """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     merges = lines[1 : _NUM_MERGES + 1]

@@ -22,10 +22,10 @@ from typing import TextIO
 import gradio as gr
 from tqdm import tqdm
 
+from ..bundles import BUNDLES, DEMO_WORLD, bundle_clip
 from ..checks import Limits
-from ..composer import DEMO_WORLD, Composer
+from ..composer import Composer
 from ..demo_world.evaluate import EXAMPLE_PROMPT, EXAMPLE_SET
-from ..demo_world.world import demo_world_clip
 from ..loading import CATEGORIES
 from ..loop import GenerationCancelled
 from ..methods import METHODS
@@ -709,12 +709,13 @@ def _table_and_tags(settings: Settings) -> tuple[str, dict[str, float], str]:
 def make_studio(model: str, library: Path, clip: str | None = None, allow_pickle: bool = False,
                 max_upload_mb: float = 1024, operator: bool | None = None,
                 limits: Limits | None = None) -> Studio:  # fmt: skip
-    """A studio on ``model``; on the demo world its eleven LoRAs and its offline CLIP (unless
-    ``clip`` names another), on a tiny random model three random LoRAs to compose.
+    """A studio on ``model``; on a bundled model such as the demo world its LoRAs and its
+    offline CLIP if it brings one (unless ``clip`` names another), on a tiny random model
+    three random LoRAs to compose.
     ``operator``: see :class:`~compose.app.studio.Studio` (``None``: :func:`launch` decides)."""
     scorer = None
-    if clip is None and model == DEMO_WORLD and demo_world_clip().is_dir():
-        clip = str(demo_world_clip())
+    if clip is None and model in BUNDLES and bundle_clip(model).is_dir():
+        clip = str(bundle_clip(model))
     if clip:
         from ..evaluation.clipscore import CLIPScorer
 

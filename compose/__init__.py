@@ -2,7 +2,8 @@
 
 The engine: :mod:`compose.loading` (LoRA files), :mod:`compose.layers` (the composable
 layer), :mod:`compose.methods` (Merge, Switch, Composite), :mod:`compose.loop` (the
-denoising loop) and :mod:`compose.composer` (the Python API). The Gradio studio is
+denoising loop), :mod:`compose.composer` (the Python API) and :mod:`compose.bundles`
+(models that bring their own LoRAs, such as the demo world). The Gradio studio is
 ``compose.app`` and the evaluation ``compose.evaluation``.
 
 Names are imported on first use, so that ``compose --help`` starts without torch.

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import checks
+from .bundles import BUNDLES, DEMO_WORLD, brought_loras, bundle_clip, bundle_folder
 from .checks import CATEGORIES, printable
 from .prompts import MAX_WEIGHT, extract_lora_tags
 
-DEFAULT_MODEL = "demo-world"
+DEFAULT_MODEL = DEMO_WORLD
 EPILOG_GENERATE = """\
 examples:
   compose generate --prompt "a zorbo creature on the left, vosh sky background" \\
@@ -506,8 +507,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                        "under torch.compile (inductor, two graphs) [on; off for tiny, and for sd15/sdxl on a "
                        "CPU]")  # fmt: skip
     bench.add_argument("--world", action=argparse.BooleanOptionalAction, help="--speed: also time whole demo-world "
-                       "generations, batch 1 and 8, in images per second [on; off for tiny, and for sd15/sdxl on a "
-                       "CPU]")  # fmt: skip
+                       "generations, batch 1 and 8, in images per second, compiled too except on a CPU [on; off for "
+                       "tiny, and for sd15/sdxl on a CPU]")  # fmt: skip
     bench.add_argument("--world-steps", type=COUNT, default=25, help="--speed: steps per demo-world generation [25]")
     bench.add_argument("--device", help="cuda, cpu, ... [cuda if available]")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="[float16 on CUDA, float32 on "
@@ -629,27 +630,14 @@ def _brings(names: list[str]) -> str:
     return f"it brings {', '.join(sorted(names))}" if names else "it brings none"
 
 
-def _brought_names(model: str) -> list[str] | None:
-    """The names of the LoRAs ``model`` brings, read from its folder without importing
-    torch or the demo world (seconds on a loaded machine), so that a misspelt name is
-    answered at once; ``None`` where the demo world's folder is not there (its load then
-    says what to do). The same folder and files as :func:`compose.demo_world.world.world_loras`
-    (tested)."""
-    if model != DEFAULT_MODEL:
-        return []
-    folder = Path(os.environ.get("COMPOSE_DEMO_WORLD", Path(__file__).resolve().parents[1] / "assets" / "demo_world"))
-    if not (folder / "model_index.json").is_file():
-        return None
-    return sorted(path.stem for path in (folder / "loras").glob("*.safetensors"))
-
-
 def _check_names(args: argparse.Namespace, model: str, prompt: str | None) -> None:
     """Every ``--lora`` and every ``<lora:NAME>`` of ``prompt`` names a file or a LoRA the
     model brings, checked before the model loads (10 s), so that a typo is answered at
     once; the load checks again what only it can (a file that is the model's LoRA)."""
-    brought = _brought_names(model)
-    if brought is None:
+    library = _library(model)
+    if library is None:
         return
+    brought = list(library)
     for spec, _ in args.lora:
         if not Path(spec).exists() and spec not in brought:
             raise ValueError(_unknown_lora(spec, brought))
@@ -671,17 +659,18 @@ def _check_method(settings: dict) -> None:
     get_method(method, **parameters)
 
 
-def _library(model: str) -> dict[str, Path]:
-    """The LoRA files a model brings by name, found without loading the model: the demo
-    world's concepts (``inspect`` shows them as ``generate`` uses them)."""
-    if model != DEFAULT_MODEL:
+def _library(model: str) -> dict[str, Path] | None:
+    """The LoRA files ``model`` brings by name, in load order (a bundled model's,
+    :mod:`compose.bundles`), read from its folder without importing torch (seconds on a
+    loaded machine), so that a misspelt name is answered at once and ``inspect`` shows
+    them as ``generate`` uses them; ``None`` where the bundle's folder is not there (its
+    load then says what to do)."""
+    if model not in BUNDLES:
         return {}
-    from .demo_world.world import demo_world_folder, world_loras
-
     try:
-        return world_loras(demo_world_folder())
+        return brought_loras(model)
     except FileNotFoundError:
-        return {}
+        return None
 
 
 AUTOMATIC_MODELS = (DEFAULT_MODEL, "tiny:sd1", "tiny:sdxl")
@@ -710,7 +699,7 @@ def _announce(args: argparse.Namespace, model: str, record: dict) -> None:
     record names (a path on the machine that made it, or a forged one)."""
     from .loading import file_hashes
 
-    brought = _library(model)
+    brought = _library(model) or {}
     files = [Path(spec) if Path(spec).is_file() else brought.get(spec) for spec, _ in args.lora]
     local = {file_hashes(path)[0]: path for path in files if path is not None}
     loras = "; ".join(f"{e['name']} ({local.get(e['sha256'], 'no --lora file has it')}, sha256 {e['sha256'][:12]})"
@@ -841,7 +830,7 @@ def _inspect_file(spec: str, model: str) -> tuple[Path, str | None]:
     that ``model`` brings by name (the demo world's ``zorbo`` ...)."""
     if Path(spec).exists():
         return Path(spec), None
-    library = _library(model)
+    library = _library(model) or {}
     if spec in library:
         return library[spec], spec
     raise ValueError(_unknown_lora(spec, list(library)))
@@ -938,14 +927,12 @@ def _scorer(spec: str | None, device: str | None):
     from .evaluation.clipscore import CLIPScorer
 
     if spec is None:
-        from .demo_world.world import demo_world_clip
-
-        if not demo_world_clip().is_dir():
+        if not bundle_clip(DEMO_WORLD).is_dir():
             raise ValueError(
-                f"no --clip given and the demo world's offline CLIP is not at {demo_world_clip()}: pass an "
+                f"no --clip given and the demo world's offline CLIP is not at {bundle_clip(DEMO_WORLD)}: pass an "
                 "open_clip folder or NAME:PRETRAINED such as ViT-B-16:openai"
             )
-        spec = str(demo_world_clip())
+        spec = str(bundle_clip(DEMO_WORLD))
     if Path(spec).is_dir():
         return CLIPScorer.from_folder(spec, device=device)
     name, _, pretrained = spec.partition(":")
@@ -1019,11 +1006,11 @@ def _demo_world(args: argparse.Namespace) -> None:
         print(json.dumps(agreement(args.out or LABELLED), indent=2))
         return
     from .composer import Composer
-    from .demo_world.world import demo_world_folder
+    from .demo_world.world import world_loras
 
-    folder = Path(args.folder) if args.folder else None
-    composer = Composer.demo_world(folder, args.device)
-    folder = folder or demo_world_folder()
+    folder = Path(args.folder) if args.folder else bundle_folder(DEMO_WORLD)
+    world_loras(folder)  # every concept's LoRA is there, else it says which are not
+    composer = Composer.bundled(DEMO_WORLD, folder if args.folder else None, args.device)
     if args.action == "evaluate":
         from .demo_world.evaluate import evaluate, load_ceiling
 

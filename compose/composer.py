@@ -32,6 +32,7 @@ from torch import nn
 
 from . import checks, emphasis, frequency, metadata
 from .block_weights import layer_table, text_multipliers
+from .bundles import BUNDLES, brought_loras, bundle_folder
 from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
@@ -44,7 +45,6 @@ from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
 
 LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None] | LoRAUse
 logger = logging.getLogger("compose")
-DEMO_WORLD = "demo-world"
 Encoded = tuple[torch.Tensor, torch.Tensor | None]
 """A text encoding: the hidden states and, for SDXL, the pooled embedding."""
 
@@ -318,34 +318,37 @@ class Composer:
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None, compile: bool | str = False) -> Composer:
         """The one spelling of a base model that the CLI, the studio and the benchmark
-        accept: ``demo-world`` (the trained demo world with its eleven LoRAs loaded, see
-        :meth:`demo_world`), ``tiny:sd1`` / ``tiny:sdxl``
+        accept: a bundled model's name such as ``demo-world`` (the trained demo world with
+        its eleven LoRAs loaded, see :meth:`bundled`), ``tiny:sd1`` / ``tiny:sdxl``
         (:meth:`tiny`), else anything :meth:`from_pretrained` takes."""
-        if model == DEMO_WORLD:
-            return cls.demo_world(device=device, compile=compile)
+        if model in BUNDLES:
+            return cls.bundled(model, device=device, compile=compile)
         if model.startswith("tiny:"):
             return cls.tiny(model.removeprefix("tiny:"), compile=compile)
         return cls.from_pretrained(model, device=device, compile=compile)
 
     @classmethod
-    def demo_world(
-        cls, folder: str | Path | None = None, device: str | torch.device | None = None, compile: bool | str = False
+    def bundled(
+        cls,
+        name: str,
+        folder: str | Path | None = None,
+        device: str | torch.device | None = None,
+        compile: bool | str = False,
     ) -> Composer:
-        """A demo world's pipeline with every concept's LoRA loaded under the concept's name
-        (:mod:`compose.demo_world.world`); without ``folder``, the shipped one, recorded in
-        PNGs as ``demo-world`` so that the name loads it again."""
-        from .demo_world.world import demo_world_folder, world_loras
-
-        where = Path(folder or demo_world_folder())
+        """The bundled model ``name`` (:mod:`compose.bundles`, ``"demo-world"``) with every
+        LoRA it brings loaded under its name, in the bundle's order; from ``folder`` where
+        given (a demo world trained elsewhere, say), else from its own folder, which PNGs
+        record as ``name`` so that the name loads it again."""
+        where = bundle_folder(name) if folder is None else Path(folder)
         try:
-            loras = world_loras(where)
-        except FileNotFoundError as error:
+            loras = brought_loras(name, where)
+        except (FileNotFoundError, ValueError) as error:
             raise ModelLoadError(str(error)) from None
         composer = cls.from_pretrained(where, device=device, compile=compile)
         if folder is None:
-            composer.model_name = DEMO_WORLD
-        for name, path in loras.items():
-            composer.load_lora(path, name=name)
+            composer.model_name = name
+        for lora, path in loras.items():
+            composer.load_lora(path, name=lora)
         return composer
 
     @classmethod

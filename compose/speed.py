@@ -460,7 +460,8 @@ def run_speed_benchmark(
     ``baselines`` adds diffusers' PEFT rows and the agreement check, ``compiled`` the
     ``torch.compile`` rows (``compile_backend``), ``memory`` the peak-memory column, and
     ``world`` whole demo-world generations of ``world_steps`` steps at each batch of
-    ``world_batches`` (``world_repeats`` sweeps, default half of ``repeats``). Settings not
+    ``world_batches`` (``world_repeats`` sweeps, default half of ``repeats``; compiled too
+    where ``compiled`` and not on a CPU). Settings not
     given come from :func:`defaults`. ``deadline`` (a ``time.perf_counter()`` value) ends
     the timed sweeps early, after the first."""
     say = progress or (lambda _: None)
@@ -503,7 +504,8 @@ def run_speed_benchmark(
         result["agreement"] = [row for n in ns for row in rig.agreement(n)]
     if settings["world"]:
         say("timing the demo world's generations")
-        backend = compile_backend if settings["compiled"] else None
+        # a CPU compiles the world's UNet in about 3 min per graph and batch: longer than its timings
+        backend = compile_backend if settings["compiled"] and device.type != "cpu" else None
         sweeps = world_repeats or max(1, settings["repeats"] // 2)
         result["world"] = world_speed(device, world_steps, world_batches, sweeps, backend)
     return result

@@ -288,12 +288,14 @@ def test_an_unknown_lora_name_is_answered_before_the_model_loads(tmp_path, argv,
     assert seconds < 5, f"{seconds:.1f} s to a typo's error"
 
 
-def test_the_names_read_before_loading_are_the_demo_world_s():
-    from compose.cli import _brought_names
+def test_the_names_read_before_loading_are_the_demo_world_s(tmp_path, monkeypatch):
+    from compose.cli import _library
     from compose.demo_world.world import demo_world_folder, world_loras
 
-    assert _brought_names("demo-world") == sorted(world_loras(demo_world_folder()))
-    assert _brought_names("tiny:sd1") == []
+    assert list(_library("demo-world").items()) == list(world_loras(demo_world_folder()).items())
+    assert _library("tiny:sd1") == {}
+    monkeypatch.setenv("COMPOSE_DEMO_WORLD", str(tmp_path / "nowhere"))
+    assert _library("demo-world") is None  # not there: the load says what to do
 
 
 def test_a_misspelt_choice_comes_first_with_the_closest_one(capsys):

@@ -50,6 +50,13 @@ def test_assets_are_small_and_complete():
     assert set(record["stages"]) == set(STAGES)
 
 
+def test_the_world_loads_its_loras_in_the_concepts_order(world):
+    """The studio shows LoRAs in load order: the shipped ``loras/order.json`` keeps the
+    concepts' order, which the engine reads without importing the demo world."""
+    assert list(world.loras) == list(CONCEPTS)
+    assert world.model_name == "demo-world"
+
+
 def test_loras_load_through_the_public_loader():
     for name, concept in CONCEPTS.items():
         lora = load_lora(lora_path(FOLDER, name))

@@ -180,12 +180,19 @@ def test_an_artists_first_ten_minutes(served, tmp_path, lora_files):
 
         tab.get_by_text("prompt and sampling").click()
         set_slider(tab, "steps", 100)
-        set_slider(tab, "width", 192)
+        set_slider(tab, "width", 128)
         tab.locator("#generate").click()
         # Gradio shows its pending bar before the run starts; Stop acts on a run's steps
         tab.locator("#result .progress-level-inner").get_by_text("step").first.wait_for(timeout=LONG)
         tab.locator("#stop").click()
-        tab.locator("#compose-message").get_by_text("stopped").wait_for(timeout=LONG)
+        message = tab.locator("#compose-message")
+        try:
+            message.get_by_text("stopped").wait_for(timeout=LONG)
+        except Exception as error:  # noqa: BLE001 - re-raised with what the page and the studio said
+            said = message.inner_text().strip()
+            bar = tab.locator("#result .progress-level-inner").all_inner_texts()
+            runs = f"runs {list(studio.cancels)}, reached {studio.reached}, locked {studio.lock.locked()}"
+            raise AssertionError(f"Stop did not end the run: the page says {said!r}, bar {bar!r}, {runs}") from error
         shot(tab, tmp_path, "8-stopped")
         assert tab.locator("#generate").is_enabled()
 

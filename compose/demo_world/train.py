@@ -62,6 +62,7 @@ from PIL import Image
 from safetensors.torch import save
 from torch import nn
 
+from ..bundles import write_lora_order
 from ..evaluation.sets import demo_world_manifest, two_character_manifest
 from ..files import atomic_open
 from ..layers import Factors, LayerRegistry
@@ -1043,7 +1044,10 @@ def train(
     Returns (and writes to ``out/training.json``) the record
     of every stage: seconds, losses and checks. Also writes ``out/sets.json``, the
     benchmark's 240 composition sets (:func:`~compose.evaluation.sets.demo_world_manifest`),
-    and ``out/two_characters.json``, its 18 two-character sets."""
+    ``out/two_characters.json``, its 18 two-character sets, and ``out/loras/order.json``,
+    the concepts' order, which the engine loads the LoRAs in without importing this
+    package (:mod:`compose.bundles`); on every run, so a run with nothing left to train
+    adds it to a world trained before it existed."""
     config = training_config()
     if preset not in config["presets"]:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(config['presets'])}")
@@ -1085,6 +1089,7 @@ def train(
                 json.dump(record, handle, indent=2)
     demo_world_manifest(out).save(out / SETS)
     two_character_manifest(out).save(out / TWO_CHARACTERS)
+    write_lora_order(out, CONCEPTS)
     return record
 
 

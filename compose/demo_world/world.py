@@ -1,11 +1,14 @@
 """Where a demo world lives and what its folder holds, without loading anything.
 
-The engine (:meth:`compose.composer.Composer.demo_world`), the trainer and the
-evaluation all find the parts of a world folder here, so that none of them imports
-another to learn a path:
+A world folder is a bundled model (:mod:`compose.bundles`: a pipeline folder with its
+LoRAs in ``loras/``, in the order of ``loras/order.json``, and its CLIP in ``clip/``),
+which the engine loads as ``demo-world`` without importing this package. The trainer and
+the evaluation find the rest of a world here, so that neither imports the other to
+learn a path:
 
 - a diffusers ``StableDiffusionPipeline`` folder (``model_index.json`` and its parts);
-- ``loras/<concept>.safetensors``, one LoRA per concept;
+- ``loras/<concept>.safetensors``, one LoRA per concept, and ``loras/order.json``, the
+  concepts' order (the order they load in, and the studio shows them in);
 - ``ceiling.safetensors``, the yardstick LoRA trained on composed scenes (outside
   ``loras/`` so that no library takes it for a concept);
 - ``clip/``, the offline CLIP for CLIPScore; ``sets.json``, the benchmark's sets, and
@@ -15,27 +18,25 @@ another to learn a path:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..bundles import CLIP_FOLDER, DEMO_WORLD, LORA_FOLDER, brought_loras, bundle_folder
 from .concepts import CONCEPTS
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "demo_world"
 WORLD_VERSION = 2
 """The version of the world's vocabulary and renderer (:mod:`.concepts`, :mod:`.render`)
 that a trained folder was made for, recorded in its ``training.json``: version 1 drew
 one figure on a plain background; version 2 has five slots."""
 CEILING = "ceiling"
-CLIP_FOLDER = "clip"
-LORA_FOLDER = "loras"
 REPORT = "training.json"
 SETS = "sets.json"
 TWO_CHARACTERS = "two_characters.json"
 
 
 def demo_world_folder() -> Path:
-    """The shipped demo world: ``$COMPOSE_DEMO_WORLD`` or ``assets/demo_world`` of the checkout."""
-    return Path(os.environ.get("COMPOSE_DEMO_WORLD", ASSETS))
+    """The shipped demo world: ``$COMPOSE_DEMO_WORLD`` or ``assets/demo_world`` of the
+    checkout (:data:`compose.bundles.BUNDLES`)."""
+    return bundle_folder(DEMO_WORLD)
 
 
 def demo_world_clip(folder: str | Path | None = None) -> Path:
@@ -61,16 +62,11 @@ def trained_version(folder: str | Path) -> int:
 
 
 def world_loras(folder: str | Path) -> dict[str, Path]:
-    """Every concept's LoRA file in ``folder``, by concept name, after checking that the
-    folder is a world: raises ``FileNotFoundError`` with what to do otherwise."""
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the demo world is not at {folder}: train it with `compose demo-world train`, set "
-            "COMPOSE_DEMO_WORLD to its folder, or pass another model (tiny:sd1 needs nothing)"
-        )
-    files = {name: lora_path(folder, name) for name in CONCEPTS}
-    missing = [name for name, path in files.items() if not path.is_file()]
+    """Every concept's LoRA file in ``folder``, by concept name in the concepts' order,
+    after checking that the folder is a world with all of them: raises
+    ``FileNotFoundError`` with what to do otherwise."""
+    brought = brought_loras(DEMO_WORLD, folder)
+    missing = [name for name in CONCEPTS if name not in brought]
     if missing:
         raise FileNotFoundError(f"{folder}: the LoRAs of {', '.join(missing)} are missing from {LORA_FOLDER}/")
-    return files
+    return {name: brought[name] for name in CONCEPTS}

@@ -37,7 +37,8 @@ from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .logs import quiet_dependencies
-from .loop import Conditioning, StepCallback, denoise, memory_rows
+from .loop import Conditioning, StepCallback, denoise
+from .memory import memory_rows
 from .methods import CompositionMethod, MethodContext, get_method
 from .methods.references import default_lora_scale
 from .prompts import LoRAUse, Weight, check_steps, extract_lora_tags, step_mask, weight_table, without_phrases
@@ -676,7 +677,7 @@ class Composer:
         makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
         one generated alone with its prompt and seed. ``max_batch`` caps the UNet batch
         (rows) per call: Composite then runs its N branches in chunks; unset, the cap
-        follows the device's free memory (:func:`compose.loop.memory_rows`, and
+        follows the device's free memory (:func:`compose.memory.memory_rows`, and
         ``COMPOSE_MEMORY_BUDGET`` in bytes, see docs/precision-and-memory.md). Returns PIL images
         whose ``info`` carries the A1111 ``parameters`` text and the full ``compose``
         record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``

@@ -11,7 +11,7 @@ import torch
 from conftest import STEPS
 
 from compose import Composer
-from compose.loop import (
+from compose.memory import (
     MEMORY_BUDGET_ENV,
     MEMORY_SHARE,
     activation_bytes,

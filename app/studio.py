@@ -39,7 +39,7 @@ from .. import checks
 from ..checks import Limits, cost_note
 from ..composer import Composer, ModelLoadError, generate_kwargs
 from ..evaluation.presence import concept_presence
-from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, write_sidecar
+from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, preview_path, write_sidecar
 from ..loop import GenerationCancelled
 from ..metadata import read_record, record_masks, save_png
 from ..methods import METHODS
@@ -59,6 +59,21 @@ ON_COLOUR, OFF_COLOUR = (22, 163, 74), (170, 170, 170)
 Progress = Callable[[float, str], None]
 WARM_UP_STEPS = 2
 """Untimed steps Compare runs of a method not yet run on the model, before timing it."""
+
+
+def _brought_preview(lora_file: str) -> Image.Image | None:
+    """The picture a LoRA file brings beside it (:func:`~compose.loading.preview_path`),
+    with its PNG text, or ``None`` where there is none or it is not a readable image."""
+    path = preview_path(lora_file)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+            picture.info = {k: v for k, v in image.info.items() if isinstance(v, str)}
+            return picture
+    except (OSError, Image.DecompressionBombError):
+        return None
 
 
 class StudioError(ValueError):
@@ -177,17 +192,21 @@ class Studio:
         return sorted(rows, key=lambda row: as_weight(row[1]) == 0)
 
     def preview(self, name: str) -> Path:
-        """A picture of what LoRA ``name`` draws alone (its triggers as the prompt, weight 1,
-        seed 0, 20 steps, native size), made once and kept by the file's sha256 in the
-        library's ``.previews`` folder, so a renamed or re-uploaded copy reuses it."""
+        """A picture of what LoRA ``name`` draws alone: the one its file brings
+        (``name.preview.png`` beside it, as A1111 and ComfyUI look for), else one drawn
+        here (its triggers as the prompt, weight 1, seed 0, 20 steps, native size); made
+        once and kept by the file's sha256 in the library's ``.previews`` folder, so a
+        renamed or re-uploaded copy reuses it."""
         lora = self._lora(name)
         path = self.previews / f"{lora.sha256}.png"
         if not path.is_file():
-            with self.lock:
-                prompt = ", ".join(lora.triggers) or name
-                image = self.model_thread.run(self.composer.generate, prompt, [(name, 1.0)], steps=20)[0]
+            picture = _brought_preview(lora.path)
+            if picture is None:
+                with self.lock:
+                    prompt = ", ".join(lora.triggers) or name
+                    picture = self.model_thread.run(self.composer.generate, prompt, [(name, 1.0)], steps=20)[0]
             self.previews.mkdir(parents=True, exist_ok=True)
-            save_png(image, path)
+            save_png(picture, path)
         return path
 
     def missing_previews(self) -> list[str]:

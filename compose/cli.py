@@ -564,10 +564,12 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
         "renders (resumable, stage by stage), 'evaluate' measures its detector hit rates, 'grid' draws "
         "each LoRA alone and one composition per method, 'regional' scores two characters side by side "
         "(each on its own half) for merge, composite and regional composition; 'labels' generates "
-        "pictures to label by eye (labels.json and numbered contact sheets in --out), 'agreement' "
-        "compares the detectors with a labelled folder (--out, [assets/labels]).",
+        "pictures to label by eye (added to labels.json in --out, with numbered contact sheets), "
+        "'agreement' compares the detectors with a labelled folder's held-out third (--out, "
+        "[assets/labels]; --split), 'cards' saves beside each LoRA a picture of it alone that the "
+        "detectors find right (<name>.preview.png, its prompt and seed in the PNG text).",
     )
-    world.add_argument("action", choices=["train", "evaluate", "grid", "regional", "labels", "agreement"])
+    world.add_argument("action", choices=["train", "evaluate", "grid", "regional", "labels", "agreement", "cards"])
     world.add_argument(
         "--folder",
         help="the demo world's folder; train: where to train [outputs/demo-world; the "
@@ -588,6 +590,10 @@ def _add_demo_world(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--out", help="evaluate: report JSON [FOLDER/report.json]; grid: PNG "
                        "[docs/demo-world-grid.png]; regional: JSON [FOLDER/regional.json]; labels, "
                        "agreement: the labelled folder [assets/labels]")  # fmt: skip
+    world.add_argument("--split", choices=["held-out", "tune", "all"], default="held-out",
+                       help="agreement: the labelled pictures to measure on [held-out]")  # fmt: skip
+    world.add_argument("--sheet", help="agreement: also draw the pictures where the detectors and the labels "
+                       "disagree into this PNG")  # fmt: skip
     world.add_argument("--methods",
                        default="merge,switch,composite,klora,cmlora,patch,bands,wswitch,wcomposite,routed",
                        help="grid: methods of the composition rows; routed's regions follow them [all]")  # fmt: skip
@@ -1001,9 +1007,14 @@ def _demo_world(args: argparse.Namespace) -> None:
         _train_world(args)
         return
     if args.action == "agreement":
-        from .demo_world.labels import LABELLED, agreement
+        from .demo_world.labels import LABELLED, agreement, disagreement_sheet
 
-        print(json.dumps(agreement(args.out or LABELLED), indent=2))
+        split = None if args.split == "all" else args.split
+        print(json.dumps(agreement(args.out or LABELLED, split), indent=2))
+        sheet = disagreement_sheet(args.out or LABELLED, split) if args.sheet else None
+        if sheet is not None:
+            sheet.save(args.sheet)
+            print(args.sheet)
         return
     from .composer import Composer
     from .demo_world.world import world_loras
@@ -1018,9 +1029,14 @@ def _demo_world(args: argparse.Namespace) -> None:
         report = evaluate(composer, generic=args.generic, per_lora=args.per_lora, progress=print)
         _write_json(Path(args.out) if args.out else folder / "report.json", report)
     elif args.action == "labels":
-        from .demo_world.labels import LABELLED, candidates, save_candidates
+        from .demo_world.labels import LABELLED, candidates, model_id, pictures, save_candidates
 
-        print(save_candidates(args.out or LABELLED, candidates(composer)))
+        labelled = Path(args.out or LABELLED)  # a new batch draws new scenes: its seed is the count so far
+        print(save_candidates(labelled, candidates(composer, seed=pictures(labelled)), model=model_id(folder)))
+    elif args.action == "cards":
+        from .demo_world.cards import write_cards
+
+        write_cards(composer, folder, say=print)
     elif args.action == "regional":
         from .demo_world.evaluate import two_characters
 

@@ -210,6 +210,16 @@ def _span(values: list[float]) -> float | list[float]:
     return low if low == high else [low, high]
 
 
+PREVIEW_SUFFIX = ".preview.png"
+
+
+def preview_path(lora_file: str | Path) -> Path:
+    """Where a LoRA file's picture lies, by the convention of A1111's and ComfyUI's LoRA
+    browsers: ``name.preview.png`` beside ``name.safetensors``."""
+    path = Path(lora_file)
+    return path.with_name(path.stem + PREVIEW_SUFFIX)
+
+
 def file_hashes(path: Path) -> tuple[str, str]:
     """``(sha256 of the file, A1111 short hash)``.
 

@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from compose import Composer
 from compose.demo_world import CONCEPTS, Figure, Scene, detect, render, sample_concept_scene, sample_generic_scene
+from compose.demo_world.cards import CARD_SEEDS, write_cards
 from compose.demo_world.detectors import slot_check
 from compose.demo_world.evaluate import lora_rates
 from compose.demo_world.train import STAGES
@@ -24,7 +26,8 @@ from compose.demo_world.world import (
     trained_version,
 )
 from compose.evaluation.clipscore import CLIPScorer
-from compose.loading import load_lora
+from compose.loading import load_lora, preview_path
+from compose.metadata import read_record
 from compose.methods.references import DEFAULT_LORA_SCALE
 
 FOLDER = demo_world_folder()
@@ -157,3 +160,25 @@ def test_the_example_grid_shows_routed_s_regions(world):
     regions = np.asarray(grid.convert("RGB"))[2 + cell : 2 * cell, 2 + 3 * cell : 4 * cell]
     regions = regions.reshape(-1, 3).astype(int)
     assert (regions.max(1) - regions.min(1) > 40).any(), "routed's regions are tinted"
+
+
+def test_a_lora_card_shows_its_concept_and_says_how_to_draw_it_again(world, tmp_path):
+    """The card of a LoRA is a picture of it alone that the detectors find right in every
+    slot, and its PNG record's prompt and seed draw that very picture again; a concept no
+    seed draws right keeps no (stale) card."""
+    (tmp_path / "loras").mkdir()
+    stale = preview_path(lora_path(tmp_path, "vosh"))
+    stale.write_bytes(b"an old card")
+    found = write_cards(world, tmp_path, names=["brakka", "vosh"], seeds=CARD_SEEDS)
+    found.update(write_cards(world, tmp_path, names=["vosh"], seeds=0))
+    assert found["vosh"] is None and not stale.exists()
+    path = preview_path(lora_path(tmp_path, "brakka"))
+    record = read_record(path)
+    assert record["prompt"] == found["brakka"]["prompt"] and record["seed"] == found["brakka"]["seed"]
+    scene = sample_concept_scene("brakka", record["seed"])
+    assert scene.caption() == record["prompt"]
+    with Image.open(path) as saved:
+        shown = saved.convert("RGB")
+    assert all(slot_check(shown, scene).values())
+    again = world.generate(record["prompt"], ["brakka"], seed=record["seed"], steps=record["steps"])[0]
+    assert np.abs(np.asarray(again, np.int16) - np.asarray(shown, np.int16)).max() <= 1

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 from conftest import run
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from test_studio_browser import (
     CELL,
     CHROMIUM,
@@ -31,6 +31,7 @@ from test_studio_browser import (
 
 from compose.app.studio import Settings, StudioError, base_family
 from compose.app.ui import _settings, compose_values, make_previews, score_parts
+from compose.loading import preview_path
 from compose.methods import METHODS
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium); CI installs it")
@@ -338,6 +339,32 @@ def test_the_first_start_says_it_makes_the_previews_with_a_bar(served):
     assert make_previews(studio, stream) == 1 and make_previews(studio, io.StringIO()) == 0
     text = stream.getvalue()
     assert "making the previews of 1 LoRA(s), once" in text and "1/1" in text and "random-style" in text
+
+
+def test_a_lora_that_brings_its_picture_shows_it_on_its_card_and_a_broken_one_is_drawn_instead(served):
+    """A1111 and ComfyUI look for ``name.preview.png`` beside ``name.safetensors``: the
+    studio shows that picture, with its PNG text, rather than drawing one; a file there
+    that is no image costs nothing but the drawing."""
+    studio = served[0]
+    lora = studio.composer.loras["random-style"]
+    cached, brought = studio.previews / f"{lora.sha256}.png", preview_path(lora.path)
+    card = Image.new("RGB", (64, 64), (200, 30, 90))
+    text = PngImagePlugin.PngInfo()
+    text.add_text("parameters", "a card, Steps: 25, Seed: 3")
+    try:
+        card.save(brought, pnginfo=text)
+        cached.unlink()
+        assert make_previews(studio, io.StringIO()) == 1
+        with Image.open(cached) as shown:
+            assert shown.info["parameters"] == "a card, Steps: 25, Seed: 3"
+            assert shown.convert("RGB").tobytes() == card.tobytes()
+        brought.write_bytes(b"not a picture")
+        cached.unlink()
+        assert make_previews(studio, io.StringIO()) == 1
+        with Image.open(cached) as drawn:
+            assert drawn.convert("RGB").tobytes() != card.tobytes() and "random-style" in drawn.info["parameters"]
+    finally:
+        brought.unlink(missing_ok=True)
 
 
 def test_the_library_names_a_base_family_from_the_metadata_when_the_shapes_know_none(served):

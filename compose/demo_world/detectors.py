@@ -91,6 +91,7 @@ INK_CHROMA = 0.1
 HUE_TOLERANCE = 25.0
 MIN_PIXELS = 40
 COLOUR_PEAKS = 2
+SHADES = 28.0
 
 # Templates and the layout they are searched over (output px).
 SCALES = tuple(float(k) for k in np.linspace(0.85, 1.15, 7))
@@ -124,9 +125,10 @@ MIN_BAND_COLUMN = 3
 SPARKLE_LUMA, SPARKLE_NIGHT = 0.25, 0.35
 QUARN_NIGHT = 0.3
 FRAME_MARGIN = 2
-VOSH_NIGHT, MIN_SPARKLE = 0.6, 6
-BRICK_WAVE, MORTAR_DARK = 0.04, 0.45
+VOSH_NIGHT, MIN_SPARKLE, DAY_CLOUDS = 0.28, 6, 0.5
+BRICK_WAVE, MORTAR_DARK, COURSES = 0.04, 0.45, 1.5
 WHITE_MIN, GRAY_RANGE, SKY_CLOUDS, TILE_WAVE = 0.85, (0.38, 0.58), 0.1, 0.012
+LIGHT_PLAIN, PLAIN_SPREAD, WALL_LINES = 0.72, 0.08, 0.1
 
 NIGHT_HUE = 232.0
 CHARCOAL_LUMA = float(np.asarray(CHARCOAL) / 255 @ LUMA)
@@ -714,10 +716,17 @@ class _Reading:
         return self._cache[key]
 
     def colours(self, half: str, nominal: float) -> list[tuple[_Plane, float]]:
-        """The planes of the (up to two) colours near ``nominal`` in ``half``, and their hues."""
+        """The planes of the (up to two) colours near ``nominal`` in ``half``, and their
+        hues; and where the two are shades of one colour (within ``SHADES``), their union
+        too: a generated figure is often lit and shaded in two hues, and either alone
+        holds only part of it."""
 
         def compute() -> list[tuple[_Plane, float]]:
             found = _colour_masks(self.f, nominal, _half_region(half), peaks=COLOUR_PEAKS)
+            if len(found) == 2 and _hue_distance(found[0][1], found[1][1]) <= SHADES:
+                (a, hue_a), (b, hue_b) = found
+                weight = b.sum() / max(a.sum() + b.sum(), 1e-6)
+                found.append((np.maximum(a, b), float(hue_a + weight * ((hue_b - hue_a + 180) % 360 - 180)) % 360))
             return [(self._plane(mask), hue) for mask, hue in found]
 
         return self._once(("colour", half, nominal), compute)
@@ -874,6 +883,7 @@ def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:
         n=int(band.sum()),
         night=float(night[band].mean()),
         sparkle=int(sparkle.sum()),
+        height=int((band.sum(axis=1) >= MIN_BAND_ROW).sum()),
         row_min=_row_extreme(f.luma, band, np.min),
         row_max=_row_extreme(f.luma, band, np.max),
     )
@@ -886,28 +896,40 @@ def _row_extreme(luma: np.ndarray, band: np.ndarray, pick: Callable) -> float:
 
 
 def _background_scores(band: dict) -> dict[str, float]:
-    """vosh: night sky over most of the band, and stars or a moon (bright specks ringed by
-    night) somewhere; quarn: mortar rows, a wave of the brick rows' period down the band
-    whose darkest row is far darker than bricks."""
-    vosh = min(band["night"] / VOSH_NIGHT, band["sparkle"] / MIN_SPARKLE)
-    quarn = min(band["rows"] / BRICK_WAVE, MORTAR_DARK / max(band["row_min"], 1e-6))
+    """vosh: night sky over a good part of the band, stars or a moon (bright specks ringed
+    by night) somewhere, and no day sky's clouds (its 90th percentile stays dark); quarn:
+    mortar rows, a wave of the brick rows' period down the band, either far darker than
+    bricks in its darkest row or dark lines running in courses over one and a half brick rows or more
+    (the rows' wave ``COURSES`` times the tiles' across: the joints between bricks are
+    staggered, a wall's tile lines are not; a frame leaves too few rows to tell)."""
+    vosh = min(band["night"] / VOSH_NIGHT, band["sparkle"] / MIN_SPARKLE, DAY_CLOUDS / max(band["p90"], 1e-6))
+    seen = band["p50"] - band["p10"] >= WALL_LINES and band["height"] >= 1.5 * BRICK_ROW
+    courses = band["rows"] / max(COURSES * band["tiles"], 1e-6) if seen else 0.0
+    mortar = max(MORTAR_DARK / max(band["row_min"], 1e-6), courses)
+    quarn = min(band["rows"] / BRICK_WAVE, mortar)
     return {"quarn": float(quarn) if band["night"] < QUARN_NIGHT else 0.0, "vosh": float(vosh)}
 
 
 def _background_of(band: dict, scores: dict[str, float]) -> str | None:
     """The background concept that scores ≥ 1, else the generic background whose look the
-    band has: white or gray (plain, by brightness), sky (clouds well above the median), wall
-    (a tile-period wave across the band); ``None`` for none of them."""
+    band has: white (bright, or light and plain), gray (plain, by brightness), wall (tile
+    lines: a tile-period wave across the band, and dark structure well below the median
+    that outweighs anything above it), sky (clouds well above the median); ``None`` for
+    none of them."""
     present = [name for name, score in scores.items() if score >= 1]
     if present:
         return max(present, key=lambda name: scores[name])
-    if band["p50"] >= WHITE_MIN:
+    if band["p50"] >= WHITE_MIN or (band["p50"] >= LIGHT_PLAIN and band["p90"] - band["p10"] < PLAIN_SPREAD):
         return "white"
     if GRAY_RANGE[0] <= band["p50"] <= GRAY_RANGE[1]:
         return "gray"
+    lines = band["tiles"] >= TILE_WAVE
+    dark, light = band["p50"] - band["p10"], band["p90"] - band["p50"]
+    if lines and dark >= max(WALL_LINES, light):
+        return "wall"
     if band["p90"] - band["p50"] >= SKY_CLOUDS:
         return "sky"
-    return "wall" if band["tiles"] >= TILE_WAVE else None
+    return "wall" if lines else None
 
 
 def _rotate_hue(rgb: np.ndarray, degrees: float) -> np.ndarray:

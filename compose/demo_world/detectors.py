@@ -114,7 +114,7 @@ MIN_IOU = {"figure": 0.7, "clothing": 0.4, "object": 0.6}
 HALFTONE_MIN = 0.006
 CREAM_MIN = 0.32
 RING_DARK, RING_GREY = 0.3, 0.12
-PALE_FLOOR = 0.37
+PALE_FLOOR = 0.26
 FRAMES = {"framed": PLAIN_FRAME, "inkora": FRAME_INK + FRAME_CREAM}
 
 # Backgrounds, in the band above the figures.
@@ -914,7 +914,8 @@ def _background_of(band: dict, scores: dict[str, float]) -> str | None:
     """The background concept that scores ≥ 1, else the generic background whose look the
     band has: white (bright, or light and plain), gray (plain, by brightness), wall (tile
     lines: a tile-period wave across the band, and dark structure well below the median
-    that outweighs anything above it), sky (clouds well above the median); ``None`` for
+    that outweighs anything above it), sky (clouds well above the median), else wall
+    where either holds alone (a frame leaves too short a band for the wave); ``None`` for
     none of them."""
     present = [name for name, score in scores.items() if score >= 1]
     if present:
@@ -929,7 +930,7 @@ def _background_of(band: dict, scores: dict[str, float]) -> str | None:
         return "wall"
     if band["p90"] - band["p50"] >= SKY_CLOUDS:
         return "sky"
-    return "wall" if lines else None
+    return "wall" if lines or dark >= max(WALL_LINES, light) else None
 
 
 def _rotate_hue(rgb: np.ndarray, degrees: float) -> np.ndarray:

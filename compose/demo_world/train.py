@@ -681,12 +681,16 @@ class _LoRATrainer:
         self.targets = {"unet": _lora_targets(models), "text_encoder": _text_encoder_targets(text_encoder)}
 
     def _new_tables(self, settings: dict) -> dict[str, dict[str, Factors]]:
-        """Fresh factors per component: the UNet's at ``rank`` (the model config's by
-        default), the text encoder's at ``text_encoder_rank`` if it is set."""
+        """Fresh factors per component: the UNet's at ``rank`` on the modules ``targets``
+        matches (the model config's by default), the text encoder's at
+        ``text_encoder_rank`` if it is set."""
         ranks = {"unet": settings.get("rank", self.models["lora"]["rank"]),
                  "text_encoder": settings.get("text_encoder_rank", 0)}  # fmt: skip
+        targets = dict(self.targets)
+        if "targets" in settings:
+            targets["unet"] = _lora_targets({**self.models, "lora": {"targets": settings["targets"]}})
         return {component: {t: _new_factors(self.registries[component].wrap(t).base, rank, self.device)
-                             for t in self.targets[component]}
+                             for t in targets[component]}
                 for component, rank in ranks.items() if rank}  # fmt: skip
 
     def _teacher(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:

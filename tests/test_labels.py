@@ -63,6 +63,16 @@ def _entry(scene, image):
             "seen": None}  # fmt: skip
 
 
+def _key_labelled_missing(folder) -> None:
+    """Three perfect renders of zorbo beside brakka's key, each labelled as if the key were missing."""
+    scene = composition_scene(("zorbo", "brakka"), 3)
+    path = save_candidates(folder, [_entry(scene, render(scene)) for _ in range(3)])
+    saved = json.loads(path.read_text())
+    for record in saved["images"]:
+        record["seen"] = {slot: slot != "object" for slot in slot_check(render(scene), scene)}
+    path.write_text(json.dumps(saved))
+
+
 def test_a_second_batch_is_added_after_the_first_with_a_third_held_out(tmp_path):
     scenes = [sample_generic_scene(seed) for seed in range(7)]
     white = Image.new("RGB", (64, 64), "white")
@@ -80,12 +90,7 @@ def test_agreement_counts_a_detector_that_sees_a_concept_the_eye_did_not_as_a_fa
     """A perfect render of brakka's key, labelled as if the key were missing: the detectors
     see it, so the held-out verdict disagrees and counts as brakka's false positive; the
     tune split is not read."""
-    scene = composition_scene(("zorbo", "brakka"), 3)
-    path = save_candidates(tmp_path, [_entry(scene, render(scene)) for _ in range(3)])
-    saved = json.loads(path.read_text())
-    for record in saved["images"]:
-        record["seen"] = {slot: slot != "object" for slot in slot_check(render(scene), scene)}
-    path.write_text(json.dumps(saved))
+    _key_labelled_missing(tmp_path)
     result = agreement(tmp_path)
     assert result["images"] == 1 and result["split"] == "held-out"
     assert result["false_positives"]["brakka"] == {**result["false_positives"]["brakka"], "rate": 1.0, "n": 1}
@@ -98,12 +103,7 @@ def test_agreement_counts_a_detector_that_sees_a_concept_the_eye_did_not_as_a_fa
 
 
 def test_the_command_line_reports_a_split_and_draws_its_disagreements(tmp_path, capsys):
-    scene = composition_scene(("zorbo", "brakka"), 3)
-    path = save_candidates(tmp_path, [_entry(scene, render(scene)) for _ in range(3)])
-    saved = json.loads(path.read_text())
-    for record in saved["images"]:
-        record["seen"] = {slot: slot != "object" for slot in slot_check(render(scene), scene)}
-    path.write_text(json.dumps(saved))
+    _key_labelled_missing(tmp_path)
     sheet = tmp_path / "disagree.png"
     assert main(["demo-world", "agreement", "--out", str(tmp_path), "--split", "tune", "--sheet", str(sheet)]) == 0
     printed = capsys.readouterr().out

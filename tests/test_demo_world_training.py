@@ -288,10 +288,10 @@ def test_where_keep_is_one_the_target_is_the_teachers_prediction():
     def teacher(noisy, t):
         return unet(noisy, t, context).sample
 
-    def loss(weight=None):
+    def loss(weight=None, keep_below=1.0):
         torch.manual_seed(1)  # the same noise and timesteps for every call
         with torch.no_grad():
-            return training._diffusion_loss(unet, scheduler, latents, context, 0.0, keep, teacher, weight)
+            return training._diffusion_loss(unet, scheduler, latents, context, 0.0, keep, teacher, weight, keep_below)
 
     taught = loss()
     keep[:, :, :8] = 0  # the upper half learns from the picture again
@@ -299,3 +299,10 @@ def test_where_keep_is_one_the_target_is_the_teachers_prediction():
     assert taught.abs().max() < 1e-6 and (half > 1e-3).all()
     # the lower half (no error: the teacher's own prediction) weighs 2, the weights average 1.5
     assert torch.allclose(loss(1 + keep), half / 1.5, rtol=1e-5)
+    # above keep_below of the schedule the picture is the target everywhere
+    torch.manual_seed(1)
+    torch.randn_like(latents)  # the loss draws its noise, then its timesteps
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (2,))
+    plain = loss(keep_below=0.0)
+    below = loss(keep_below=(t.max().item() + 1) / scheduler.config.num_train_timesteps)
+    assert torch.allclose(below, half) and (plain > half).all()

@@ -391,6 +391,7 @@ def _diffusion_loss(
     keep: torch.Tensor | None = None,
     teacher: Callable[..., torch.Tensor] | None = None,
     weight: torch.Tensor | None = None,
+    keep_below: float = 1.0,
 ) -> torch.Tensor:
     """Per-row v-prediction MSE, ``(B,)``, at timesteps drawn uniformly, except that a
     ``high_noise`` share of rows is drawn from the noisier half of the schedule, where
@@ -400,7 +401,9 @@ def _diffusion_loss(
     ``(noisy, t) -> prediction``, on the base's own encoding of the captions), the target
     is moved toward the teacher's own prediction by ``keep`` at each latent cell: where
     ``keep`` is 1, the model is taught to draw what the teacher draws there, not what the
-    picture shows. ``weight`` (``(B, 1, h, w)``) weighs each cell's error."""
+    picture shows, at timesteps below ``keep_below`` of the schedule only (above it, the
+    teacher, not knowing the concept, would draw its own background around the other
+    slots). ``weight`` (``(B, 1, h, w)``) weighs each cell's error."""
     noise = torch.randn_like(latents)
     total = scheduler.config.num_train_timesteps
     t = torch.randint(0, total, (latents.shape[0],), device=latents.device)
@@ -409,6 +412,7 @@ def _diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
     target = scheduler.get_velocity(latents, noise, t)
     if keep is not None and teacher is not None:
+        keep = keep * (t < keep_below * total).to(keep.dtype)[:, None, None, None]
         with torch.no_grad(), _autocast():
             target = torch.lerp(target, teacher(noisy, t).float(), keep)
     with _autocast():
@@ -734,7 +738,8 @@ class _LoRATrainer:
             keep = settings.get("preserve", 0.0) * batch.others
             weight = 1 + (settings.get("other_weight", 1.0) - 1) * batch.others
             return _diffusion_loss(self.unet, self.scheduler, batch.latents, context, settings["high_noise"], keep,
-                                   teacher if keep.any() else None, weight).mean()  # fmt: skip
+                                   teacher if keep.any() else None, weight,
+                                   settings.get("preserve_below", 1.0)).mean()  # fmt: skip
 
         folder = _checkpoint(self.out, "loras").with_suffix("")
         resume = _Resume(folder / f"{name}.pt", [rng], settings, average)

@@ -57,13 +57,21 @@ def weights_of(tab) -> dict[str, str]:
 
 def set_slider(tab, elem_id: str, value: float) -> None:
     """Type ``value`` into a slider's number box, and wait until the page's state holds it
-    (its range input follows the state), so that the next click sends it."""
+    (its range input follows the state), so that the next click sends it; typed again
+    where a busy page's update wrote over it."""
     field = tab.locator(f"#{elem_id} input[type=number]")
-    field.fill(str(value))
-    field.press("Enter")
-    tab.wait_for_function(
-        "([id, v]) => Number(document.querySelector(`#${id} input[type=range]`).value) === v",
-        arg=[elem_id, value], timeout=LONG)  # fmt: skip
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            tab.wait_for_function(
+                "([id, v]) => Number(document.querySelector(`#${id} input[type=range]`).value) === v",
+                arg=[elem_id, value], timeout=10_000)  # fmt: skip
+            return
+        except Exception:  # noqa: BLE001 - the page wrote over it: type it again
+            continue
+    shown = tab.locator(f"#{elem_id} input[type=range]").input_value()
+    raise AssertionError(f"the slider {elem_id} holds {shown}, not {value}")
 
 
 def edit_cell(tab, cell, text: str) -> None:
@@ -71,10 +79,11 @@ def edit_cell(tab, cell, text: str) -> None:
     page a double click may not open the editor at once, so it is tried again)."""
     for _ in range(5):
         cell.dblclick()
-        tab.keyboard.press("Control+A")
-        tab.keyboard.type(text)
-        tab.keyboard.press("Enter")
+        editor = cell.locator("input, textarea").first
         try:
+            editor.wait_for(timeout=5_000)
+            editor.fill(text)  # replaces what the editor opened with, unlike typing after Control+A
+            editor.press("Enter")
             tab.wait_for_function(
                 "([cell, text]) => cell.innerText.split('\\n')[0].trim() === text"
                 " && !cell.querySelector('input, textarea')",

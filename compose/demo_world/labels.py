@@ -151,7 +151,7 @@ def agreement(folder: str | Path, split: str | None = "held-out") -> dict:
     by_concept: dict[str, list[bool]] = defaultdict(list)
     false_positives: dict[str, list[bool]] = defaultdict(list)
     chosen = records(folder, split)
-    for record, verdicts in _verdicts(folder, chosen):
+    for record, _, verdicts in _verdicts(folder, chosen):
         scene = scene_from_dict(record["scene"])
         for slot, seen in record["seen"].items():
             same = verdicts[slot] == seen
@@ -169,10 +169,11 @@ def agreement(folder: str | Path, split: str | None = "held-out") -> dict:
 
 
 def _verdicts(folder: str | Path, chosen: list[dict]):
-    """Each record of ``chosen`` with the detectors' slot verdicts on its picture."""
+    """Each record of ``chosen`` with its picture (RGB) and the detectors' slot verdicts on it."""
     for record in chosen:
         with Image.open(Path(folder) / record["file"]) as image:
-            yield record, slot_check(image.convert("RGB"), scene_from_dict(record["scene"]))
+            picture = image.convert("RGB")
+        yield record, picture, slot_check(picture, scene_from_dict(record["scene"]))
 
 
 def disagreement_sheet(folder: str | Path, split: str | None = "tune", columns: int = 6) -> Image.Image | None:
@@ -181,12 +182,11 @@ def disagreement_sheet(folder: str | Path, split: str | None = "tune", columns: 
     right, ``-`` wrong) against the detectors: the page to tune the detectors from (or
     ``None`` when they agree on every picture)."""
     tiles = []
-    for record, verdicts in _verdicts(folder, records(folder, split)):
+    for record, picture, verdicts in _verdicts(folder, records(folder, split)):
         seen = record["seen"]
         differ = [f"{slot[:4]}{'+' if seen[slot] else '-'}" for slot in seen if verdicts[slot] != seen[slot]]
         if differ:
-            with Image.open(Path(folder) / record["file"]) as image:
-                tiles.append(_numbered(image.convert("RGB"), f"{record['file'][:-4]} eye {' '.join(differ)}"))
+            tiles.append(_numbered(picture, f"{record['file'][:-4]} eye {' '.join(differ)}"))
     return contact_sheet(tiles, columns=columns) if tiles else None
 
 

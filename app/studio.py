@@ -37,11 +37,11 @@ from PIL import Image
 
 from .. import checks
 from ..checks import Limits, cost_note
-from ..composer import Composer, ModelLoadError, generate_kwargs
+from ..composer import Composer, ModelLoadError
 from ..evaluation.presence import concept_presence
 from ..loading import CATEGORIES, PICKLE_SUFFIXES, LoRAError, load_lora, preview_path, write_sidecar
 from ..loop import GenerationCancelled
-from ..metadata import read_record, record_masks, save_png
+from ..metadata import generate_kwargs, read_record, record_masks, save_png
 from ..methods import METHODS
 from ..methods.regional import check_boxes, region_mask
 from ..overlay import legend, mask_overlay

@@ -1,8 +1,10 @@
 """compose: several LoRA adapters in one Stable Diffusion image.
 
 The engine: :mod:`compose.loading` (LoRA files), :mod:`compose.layers` (the composable
-layer), :mod:`compose.methods` (Merge, Switch, Composite), :mod:`compose.loop` (the
-denoising loop), :mod:`compose.composer` (the Python API) and :mod:`compose.bundles`
+layer), :mod:`compose.methods` (Merge, Switch, Composite, ...), :mod:`compose.loop` (the
+denoising loop), :mod:`compose.pipelines` (the base model), :mod:`compose.encoding`
+(prompts to conditioning), :mod:`compose.weights` (weights per LoRA, step and layer),
+:mod:`compose.composer` (the Python API, over all of these) and :mod:`compose.bundles`
 (models that bring their own LoRAs, such as the demo world). The Gradio studio is
 ``compose.app`` and the evaluation ``compose.evaluation``.
 
@@ -16,17 +18,18 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .checks import CATEGORIES
-    from .composer import Composer, ModelLoadError, generate_kwargs
+    from .composer import Composer
     from .loading import LoRA, LoRAError, load_lora
     from .loop import GenerationCancelled, NonFiniteLatentsError
-    from .metadata import read_record, save_png
+    from .metadata import generate_kwargs, read_record, save_png
     from .methods import METHODS, CMLoRA, Composite, CompositionMethod, KLoRA, Merge, Switch, get_method
+    from .pipelines import ModelLoadError
 
 _WHERE = {
     "CATEGORIES": "checks",
     "Composer": "composer",
-    "ModelLoadError": "composer",
-    "generate_kwargs": "composer",
+    "ModelLoadError": "pipelines",
+    "generate_kwargs": "metadata",
     "LoRA": "loading",
     "LoRAError": "loading",
     "load_lora": "loading",

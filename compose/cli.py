@@ -791,8 +791,7 @@ def _arg_settings(args: argparse.Namespace) -> dict:
 def _png_settings(args: argparse.Namespace, record: dict) -> tuple[dict, list[int], str]:
     """The generate arguments, seeds and model of a PNG's record; refuses a regional record
     with mask files (a PNG must not make compose open files on this machine)."""
-    from .composer import generate_kwargs
-    from .metadata import record_masks
+    from .metadata import generate_kwargs, record_masks
 
     masks = record_masks(record)
     if masks:

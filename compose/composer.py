@@ -14,128 +14,33 @@ copies the base model.
 
 from __future__ import annotations
 
-import inspect
-import logging
-import platform
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from safetensors import safe_open
-from torch import nn
 
-from . import checks, emphasis, frequency, metadata
-from .block_weights import layer_table, text_multipliers
+from . import calls, checks, emphasis, frequency, metadata
 from .bundles import BUNDLES, brought_loras, bundle_folder
+from .calls import LoRASpec
+from .encoding import PromptEncoder
 from .frequency import FrequencyProfile
-from .layers import Factors, LayerRegistry, get_submodule
+from .layers import Factors, LayerRegistry, fit_factors, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .logs import quiet_dependencies
-from .loop import Conditioning, StepCallback, denoise
+from .loop import StepCallback, denoise
 from .memory import memory_rows
 from .methods import CompositionMethod, MethodContext, get_method
 from .methods.references import default_lora_scale
-from .prompts import LoRAUse, Weight, check_steps, extract_lora_tags, step_mask, weight_table, without_phrases
-from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler
+from .pipelines import ModelLoadError, check_parts, decode_latents, read_pipeline
+from .prompts import LoRAUse, extract_lora_tags, without_phrases
+from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler, step_kwargs
+from .weights import WeightPlan, weight_plan
 
-LoRASpec = str | tuple[str, Weight] | tuple[str, Weight, str | None] | LoRAUse
-logger = logging.getLogger("compose")
-Encoded = tuple[torch.Tensor, torch.Tensor | None]
-"""A text encoding: the hidden states and, for SDXL, the pooled embedding."""
-
-
-class ModelLoadError(RuntimeError):
-    """A base model that cannot be loaded; the message says why and what to do."""
-
-
-def _versions() -> dict[str, str]:
-    names = ("compose-lora", "diffusers", "torch", "transformers")
-    found = {name: version(name) for name in names[1:]}
-    try:
-        found["compose"] = version(names[0])
-    except Exception:
-        found["compose"] = "source"
-    found["python"] = platform.python_version()
-    return found
-
-
-def _fit(base: nn.Module, f: Factors) -> Factors | None:
-    """The factors shaped for ``base`` (1x1 convolutions and linears interchange) and in its
-    floating dtype, so that a half-precision model keeps no float32 copy of them; ``None``
-    when they do not fit."""
-    down, up = f.down, f.up
-    if isinstance(base, nn.Linear):
-        if down.dim() == 4 and down.shape[2:] == (1, 1):
-            down, up = down.flatten(1), up.flatten(1)
-        ok = down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
-    elif isinstance(base, nn.Conv2d):
-        if down.dim() == 2 and down.shape[1] == base.weight[0].numel():  # a kernel stored flattened (LyCORIS)
-            down, up = down.reshape(-1, *base.weight.shape[1:]), up[:, :, None, None]
-        ok = (
-            down.dim() == 4
-            and base.groups == 1
-            and down.shape[1:] == (base.in_channels, *base.kernel_size)
-            and up.shape[0] == base.out_channels
-        )
-    else:
-        return None
-    if not ok:
-        return None
-    dtype = base.weight.dtype if base.weight.is_floating_point() else down.dtype
-    return Factors(down.to(dtype), up.to(dtype))
-
-
-@contextmanager
-def _decoding_dtype(vae: nn.Module) -> Iterator[None]:
-    """Within the block, the VAE in the dtype it decodes in: float32 where it is float16 and
-    its config sets ``force_upcast`` (SDXL's VAE overflows in float16), as diffusers'
-    ``StableDiffusionXLPipeline`` decodes, then float16 again; else as it is."""
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if upcast:
-        with quiet_dependencies():  # diffusers warns on every cast of a model
-            vae.to(torch.float32)
-    try:
-        yield
-    finally:
-        if upcast:
-            with quiet_dependencies():
-                vae.to(torch.float16)
-
-
-def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """The images ``(B, 3, H, W)`` in [-1, 1] that ``vae`` decodes from final latents
-    ``(B, C, h, w)``, in diffusers' order: the latents cast to the dtype the VAE decodes in
-    (:func:`_decoding_dtype`), then un-normalised (``latents_mean``/``latents_std`` where
-    the config has them, else ``1 / scaling_factor``), then decoded."""
-    config = vae.config
-    with _decoding_dtype(vae):
-        latents = latents.to(vae.device, vae.dtype)
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            mean = torch.tensor(mean).view(shape).to(latents)
-            std = torch.tensor(std).view(shape).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
-
-
-@dataclass
-class WeightPlan:
-    """How a generation weights its LoRAs: ``base`` ``(N,)`` for the methods, ``text``
-    ``(N,)`` for the text encoders, and ``steps`` the factors the loop applies on top,
-    ``(steps, N)`` for schedules or ``(steps, L, 1, N)`` with block weights (else ``None``)."""
-
-    base: torch.Tensor
-    text: torch.Tensor
-    steps: torch.Tensor | None
+__all__ = ["Composer", "ModelLoadError"]
 
 
 @dataclass(frozen=True)
@@ -166,108 +71,6 @@ def _mask_images(masks: torch.Tensor | None, names: list[str], count: int,
              for j, name in enumerate(names)} for b in range(count)]  # fmt: skip
 
 
-def _batch(prompt: str | Sequence[str], seed: int | Sequence[int], negative_prompt: str) -> tuple[list[str], list[int]]:
-    """One prompt and one checked seed per image: a single prompt or seed is repeated
-    (an int seed counts up, ``seed, seed+1, ...``)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    seeds = [seed] if isinstance(seed, int) else list(seed)
-    if len(prompts) == 1 and len(seeds) > 1:
-        prompts = prompts * len(seeds)
-    elif len(seeds) == 1 and len(prompts) > 1:
-        seeds = [checks.seed(seeds[0]) + i for i in range(len(prompts))]
-    if len(prompts) != len(seeds) or not prompts:
-        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed or one per prompt")
-    seeds = [checks.seed(s) for s in seeds]
-    if not all(isinstance(p, str) for p in [*prompts, negative_prompt]):
-        raise ValueError("prompts and the negative prompt must be strings")
-    return prompts, seeds
-
-
-def _normalise_uses(loras: Sequence[LoRASpec] | dict[str, Weight] | None, sdxl: bool = False) -> list[LoRAUse]:
-    """The ``loras`` argument as checked :class:`LoRAUse` entries (:func:`compose.checks.lora_use`)."""
-    specs = loras.items() if isinstance(loras, dict) else (loras or [])
-    if isinstance(specs, str):
-        specs = [specs]
-    return [_checked_use(spec, sdxl) for spec in specs]
-
-
-def _checked_use(spec: object, sdxl: bool) -> LoRAUse:
-    """One ``loras`` entry; a :class:`LoRAUse` (or a tuple of its 4 or 5 fields) also keeps
-    its text-encoder weight and steps window, checked as the rest is."""
-    extra = tuple(spec[3:]) if isinstance(spec, (tuple, list)) and 3 < len(spec) <= 5 else ()
-    use = checks.lora_use(tuple(spec[:3]) if extra else spec, sdxl)
-    text, steps = (*extra, None, None)[:2]
-    return use._replace(
-        text=None if text is None else checks.lora_weight(f"{use.name} (text encoder)", text),
-        steps=None if steps is None else check_steps(f"LoRA {use.name!r}", tuple(steps)),
-    )
-
-
-def _texts(prompts: Sequence[str], negative_prompt: str) -> list[tuple[str, str]]:
-    """Each distinct prompt and the negative prompt, with what to call it in a message."""
-    return [*(("the prompt", p) for p in dict.fromkeys(prompts)), ("the negative prompt", negative_prompt)]
-
-
-def _once(uses: list[LoRAUse], given: int) -> None:
-    """Refuse a LoRA used twice, naming it and where: the first ``given`` uses come from
-    ``loras=``, the rest from the prompt's ``<lora:...>`` tags."""
-    seen: dict[str, int] = {}
-    for index, use in enumerate(uses):
-        if use.name in seen:
-            where = ["in loras=" if i < given else "as a <lora:...> tag of the prompt" for i in (seen[use.name], index)]
-            how = f"twice {where[0]}" if where[0] == where[1] else f"{where[0]} and {where[1]}"
-            raise ValueError(f"LoRA {use.name!r} is listed {how}: list each LoRA once")
-        seen[use.name] = index
-
-
-def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
-    """The noise generators (ancestral samplers) and ``eta=0`` (DDIM) where ``step`` takes them."""
-    accepted = inspect.signature(scheduler.step).parameters
-    return {k: v for k, v in (("generator", generators), ("eta", 0.0)) if k in accepted}
-
-
-def _read_pipeline(model: str | Path, dtype: torch.dtype):
-    """The diffusers pipeline that ``model`` names (see :meth:`Composer.from_pretrained`),
-    every failure as a :class:`ModelLoadError` that says what to do."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    path = Path(model)
-    try:
-        if path.is_file():
-            if path.suffix in (".ckpt", ".pt", ".bin"):
-                raise ModelLoadError(
-                    f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first"
-                )
-            with safe_open(path, framework="pt") as handle:
-                xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
-            pipe_cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-            pipeline = pipe_cls.from_single_file(str(path), dtype=dtype)
-        elif path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ModelLoadError(
-                    f"{path}: folder has no model_index.json, so it is not a diffusers "
-                    "pipeline folder (save one with pipeline.save_pretrained, or give a "
-                    "single-file .safetensors checkpoint)"
-                )
-            pipeline = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
-        elif path.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") != 1:
-            raise ModelLoadError(f"{model}: no such file or folder")
-        else:
-            try:
-                pipeline = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
-            except OSError as error:
-                raise ModelLoadError(
-                    f"{model}: not a local file or folder, and not loadable from the Hugging Face "
-                    f"Hub or its local cache ({str(error).splitlines()[0]}). Without internet, "
-                    f"download it elsewhere with `hf download {model}` and pass the local folder."
-                ) from error
-    except ModelLoadError:
-        raise
-    except Exception as error:
-        raise ModelLoadError(f"{model}: cannot be loaded as a pipeline: {error}") from error
-    return pipeline
-
-
 class Composer:
     """A diffusers SD1.x/SD2.x/SDXL pipeline plus composable LoRAs and the methods."""
 
@@ -275,13 +78,9 @@ class Composer:
         """``compile``: run the UNet under ``torch.compile`` (``True``: inductor, or a backend
         name), its LoRA layers in static mode with room for ``capacity`` LoRAs per
         generation without recompiling (:mod:`compose.compiled`)."""
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if getattr(pipeline, part, None) is None:
-                raise ModelLoadError(
-                    f"{model_name}: a {type(pipeline).__name__} has no {part}; "
-                    "compose needs a Stable Diffusion 1.x/2.x or SDXL text-to-image pipeline"
-                )
+        check_parts(pipeline, model_name)
         self.pipeline = pipeline
+        self.encoder = PromptEncoder(pipeline)
         self.model_name = model_name
         self.family = model_family(pipeline.unet)
         self.is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
@@ -312,7 +111,7 @@ class Composer:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         with quiet_dependencies():
-            pipeline = _read_pipeline(model, dtype)
+            pipeline = read_pipeline(model, dtype)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline.to(device), model_name=str(model), compile=compile)
 
@@ -452,7 +251,7 @@ class Composer:
                 if base is None:
                     unused.append(f"{component}.{module}")
                     continue
-                shaped = _fit(base, lora.effective(component, module, base, f))  # DoRA: the delta on this base
+                shaped = fit_factors(base, lora.effective(component, module, base, f))  # DoRA: the delta on this base
                 if shaped is None:
                     raise LoRAError(lora.path, lora.misfit(component, module, base, self.family))
                 fitted.setdefault(component, {})[module] = shaped
@@ -507,7 +306,7 @@ class Composer:
         (:func:`~compose.prompts.without_phrases`). 0 for a LoRA whose triggers are absent."""
         loras = self._lookup(names)
         variants = [prompt] + [without_phrases(prompt, lora.triggers) for lora in loras]
-        states = self._encode(variants, [""] * len(variants), False, size).encoder_hidden_states.float()
+        states = self.encoder.encode(variants, [""] * len(variants), False, size).encoder_hidden_states.float()
         return (states[1:] - states[0]).norm(dim=-1).mean(dim=-1).cpu()
 
     def trigger_tokens(self, prompt: str, names: Sequence[str], clauses: bool = False) -> torch.Tensor:
@@ -533,26 +332,6 @@ class Composer:
         tokenizer = self.pipeline.tokenizer
         return {name: emphasis.words_at(tokenizer, prompt, row.nonzero().flatten().tolist())
                 for name, row in zip(names, rows, strict=True) if row.any()}  # fmt: skip
-
-    def _weight_plan(self, uses: list[LoRAUse], steps: int, lora_scale: float) -> WeightPlan:
-        """Constant weights for the methods, per-step/per-layer factors for the loop (schedules
-        and steps windows act there), and the text encoders' weights: each LoRA's text weight,
-        else its UNet weight, at the first step (the encoders run once, before the steps)."""
-        raw = weight_table([use.weight for use in uses], steps)
-        windows = [use.steps for use in uses]
-        scheduled = any(isinstance(use.weight, str) for use in uses) or any(w is not None for w in windows)
-        if any(w is not None for w in windows):
-            raw = raw * step_mask(windows, steps)
-        blocks = [use.blocks for use in uses]
-        base = torch.full((len(uses),), lora_scale) if scheduled else raw[0] * lora_scale
-        factors = raw if scheduled else None
-        text = weight_table([use.weight if use.text is None else use.text for use in uses], 1)[0] * lora_scale
-        if any(b is not None for b in blocks):
-            layers = list(self.registries["unet"].layers)
-            per_layer = layer_table(layers, blocks, self.is_sdxl)[:, None, :]
-            factors = (factors if factors is not None else torch.ones(steps, len(uses)))[:, None, None, :] * per_layer
-            text = text * text_multipliers(blocks, self.is_sdxl)
-        return WeightPlan(base, text, factors)
 
     @property
     def shape(self) -> checks.ModelShape:
@@ -580,64 +359,6 @@ class Composer:
         return [self.loras[n] for n in names]
 
     # -- generation ------------------------------------------------------------------
-
-    def _encode(self, prompts: list[str], negatives: list[str], cfg: bool, size: tuple[int, int]) -> Conditioning:
-        """The prompts' conditioning (negatives first under CFG), their A1111 syntax read by
-        :mod:`compose.emphasis`: emphasis, BREAK and prompts longer than 75 tokens. Where no
-        text of the call uses any of it, diffusers' ``encode_prompt`` encodes it, so that plain
-        prompts condition exactly as diffusers' pipelines do."""
-        rows = [*negatives, *prompts] if cfg else list(prompts)
-        plain = [emphasis.plain_text(self.pipeline.tokenizer, text) for text in rows]
-        if None in plain:
-            states, pooled = self._encode_chunks(rows)
-        else:
-            negatives = plain[: len(prompts)] if cfg else negatives
-            states, pooled = self._encode_plain(plain[-len(prompts) :], negatives, cfg)
-        if not self.is_sdxl:
-            return Conditioning(states)
-        projection = self.pipeline.text_encoder_2.config.projection_dim
-        time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, states.dtype, projection)
-        return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids.to(self.device).repeat(len(rows), 1)})
-
-    def _encode_plain(self, prompts: list[str], negatives: list[str], cfg: bool) -> Encoded:
-        """``(states, pooled)`` by diffusers' ``encode_prompt`` (``pooled`` ``None`` but for SDXL)."""
-        pipe = self.pipeline
-        if not self.is_sdxl:
-            cond, uncond = pipe.encode_prompt(prompts, self.device, 1, cfg, negatives)
-            return (torch.cat([uncond, cond]) if cfg else cond), None
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negatives,
-        )  # fmt: skip
-        if cfg:
-            return torch.cat([uncond, cond]), torch.cat([pooled_uncond, pooled])
-        return cond, pooled
-
-    def _encode_chunks(self, rows: list[str]) -> Encoded:
-        """``(states, pooled)`` as A1111 encodes ``rows``: each text encoder (SDXL: both, their
-        penultimate layers side by side, as diffusers) encodes every 77-token chunk, each
-        token's output weighted; the chunks are joined along the sequence. SDXL's pooled
-        embedding is the first chunk's, as in A1111."""
-        pipe = self.pipeline
-        pairs = [(pipe.tokenizer, pipe.text_encoder)]
-        if self.is_sdxl:
-            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-        states, pooled = [], None
-        for tokenizer, encoder in pairs:
-            batch = emphasis.batch_chunks(tokenizer, rows)
-            parts = []
-            for k in range(len(batch[0])):
-                ids = torch.tensor([row[k].ids for row in batch], device=self.device)
-                masked = getattr(encoder.config, "use_attention_mask", False)
-                mask = emphasis.attention_mask(ids, tokenizer.eos_token_id) if masked else None
-                out = encoder(ids, attention_mask=mask, output_hidden_states=self.is_sdxl)
-                if pooled is None and k == 0 and out[0].ndim == 2:
-                    pooled = out[0]
-                hidden = out.hidden_states[-2] if self.is_sdxl else out[0]
-                weights = torch.tensor([row[k].weights for row in batch], device=self.device)
-                parts.append(emphasis.emphasised(hidden, weights))
-            states.append(torch.cat(parts, dim=1).to(encoder.dtype))
-        return torch.cat(states, dim=-1), pooled
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         return self.pipeline.image_processor.postprocess(decode_latents(self.pipeline.vae, latents), output_type="pil")
@@ -688,7 +409,7 @@ class Composer:
         """
         if lora_scale is None:
             lora_scale = default_lora_scale(method, method_params)
-        prompts, seeds = _batch(prompt, seed, negative_prompt)
+        prompts, seeds = calls.batch(prompt, seed, negative_prompt)
         self._check_lengths(prompts, negative_prompt)
         width, height = checks.request(self.limits, self.shape, width=width, height=height, steps=steps,
                                        images=len(prompts), guidance_scale=guidance_scale, lora_scale=lora_scale,
@@ -696,7 +417,7 @@ class Composer:
         raw_prompts = prompts
         prompts, uses, active = self._resolve_loras(prompts, loras)
         self.check_prompts(prompts, negative_prompt)
-        plan = self._weight_plan(uses, steps, lora_scale)
+        plan = weight_plan(uses, steps, lora_scale, list(self.registries["unet"].layers), self.is_sdxl)
         factor = self.pipeline.vae_scale_factor
         method = self._method(method, method_params, (height // factor, width // factor))
         if not active and method.name != "merge":
@@ -721,18 +442,18 @@ class Composer:
     ) -> tuple[list[str], list[LoRAUse], list[LoRA]]:
         """The prompts without their ``<lora:...>`` tags, the LoRA uses (``loras`` then the
         tags) and the loaded LoRAs they name, in that order."""
-        uses = _normalise_uses(loras, self.is_sdxl)
+        uses = calls.lora_uses(loras, self.is_sdxl)
         parsed = [extract_lora_tags(p) for p in prompts]
         if any(tags != parsed[0][1] for _, tags in parsed):
             raise ValueError("every prompt of a batch must carry the same <lora:...> tags")
-        uses = uses + _normalise_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
+        uses = uses + calls.lora_uses([tuple(use) for use in parsed[0][1]], self.is_sdxl)
         active = self._lookup([use.name for use in uses])
-        _once(uses, len(uses) - len(parsed[0][1]))
+        calls.each_once(uses, len(uses) - len(parsed[0][1]))
         return [text for text, _ in parsed], uses, active
 
     def _check_lengths(self, prompts: list[str], negative_prompt: str) -> None:
         """The characters of each text against :attr:`limits`, before anything reads them."""
-        for what, text in _texts(prompts, negative_prompt):
+        for what, text in calls.texts(prompts, negative_prompt):
             checks.prompt_length(self.limits, what, text)
 
     def check_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> None:
@@ -741,11 +462,11 @@ class Composer:
         minutes per step. Characters are counted first (no tokenizer), then chunks as the
         encoder will cut them (``<lora:...>`` tags already out of ``prompts``)."""
         self._check_lengths(list(prompts), negative_prompt)
-        for what, text in _texts(prompts, negative_prompt):
+        for what, text in calls.texts(prompts, negative_prompt):
             checks.prompt_chunks(self.limits, what, len(emphasis.chunks(self.pipeline.tokenizer, text)))
 
-    def _method_context(self, method: CompositionMethod, active: list[LoRA], plan, prompts: list[str], steps: int,
-                        size: tuple[int, int], progress: bool) -> MethodContext:  # fmt: skip
+    def _method_context(self, method: CompositionMethod, active: list[LoRA], plan: WeightPlan, prompts: list[str],
+                        steps: int, size: tuple[int, int], progress: bool) -> MethodContext:  # fmt: skip
         """What ``method`` is prepared with: the LoRAs, their base weights, the UNet's
         layers, and the frequency profiles or prompt importances it asks for."""
         frequency = {}
@@ -768,7 +489,7 @@ class Composer:
                              importance, tokens, clauses, clause_texts, state=self.registries["unet"].state,
                              images=len(prompts), latent_size=(size[0] // factor, size[1] // factor))  # fmt: skip
 
-    def _sample(self, method: CompositionMethod, context: MethodContext, plan, sampling: Sampling,
+    def _sample(self, method: CompositionMethod, context: MethodContext, plan: WeightPlan, sampling: Sampling,
                 callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
         """Encode the prompts (text-encoder LoRAs at their first weights, where the method
         uses them), draw each image's noise from its seed on the CPU, and denoise:
@@ -789,8 +510,8 @@ class Composer:
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
         texts = method.region_texts(context)
         try:
-            conditioning = self._encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
-            context.region_states = {name: self._encode([text], [""], False, size).encoder_hidden_states
+            conditioning = self.encoder.encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
+            context.region_states = {name: self.encoder.encode([text], [""], False, size).encoder_hidden_states
                                      for name, text in texts.items()}  # fmt: skip
         finally:
             for registry in self.registries.values():
@@ -813,7 +534,7 @@ class Composer:
                 conditioning,
                 method,
                 guidance_scale,
-                extra_step_kwargs=_step_kwargs(sched, generators),
+                extra_step_kwargs=step_kwargs(sched, generators),
                 callback=callback,
                 max_rows=max_batch,
                 progress=progress,
@@ -838,63 +559,9 @@ class Composer:
             "model_hash": metadata.model_hash(self.model_name),
             "model_family": self.family,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "loras": [
-                {
-                    "name": lora.name,
-                    "file": Path(lora.path).name,
-                    "sha256": lora.sha256,
-                    "a1111_hash": lora.short_hash,
-                    "weight": use.weight,
-                    "text_weight": use.text,
-                    "step_window": None if use.steps is None else list(use.steps),
-                    "blocks": use.blocks,
-                    "category": lora.category,
-                    "triggers": lora.triggers,
-                }
-                for lora, use in zip(active, uses, strict=True)
-            ],
+            "loras": [metadata.lora_entry(lora, use) for lora, use in zip(active, uses, strict=True)],
             "lora_scale": lora_scale,
-            **self._prompt_syntax(sampling.prompts, sampling.negative_prompt, sampling.guidance_scale > 1.0),
+            **self.encoder.syntax(sampling.prompts, sampling.negative_prompt, sampling.guidance_scale > 1.0),
             "method": {"name": method.name, "parameters": method.parameters()},
-            "versions": _versions(),
+            "versions": metadata.versions(),
         }
-
-    def _prompt_syntax(self, prompts: list[str], negative: str, cfg: bool) -> dict:
-        """How :meth:`_encode` read the texts: ``prompt_syntax`` "a1111" (:mod:`compose.emphasis`),
-        ``prompt_chunks`` the 77-token windows of the conditioning, and ``pad_conds`` whether
-        the prompt or the negative prompt was padded with empty chunks to match the other
-        (A1111's "Pad conds")."""
-        rows = [*prompts, negative] if cfg else prompts
-        counts = [len(emphasis.chunks(self.pipeline.tokenizer, text)) for text in rows]
-        pad = cfg and any(count != counts[-1] for count in counts[:-1])
-        if len(set(counts[: len(prompts)])) > 1:
-            logger.warning(
-                "the prompts of this batch need %s chunks of 75 tokens; the shorter are padded with empty chunks, "
-                "as A1111 pads a batch, so their images differ from those made alone",
-                counts[: len(prompts)],
-            )
-        return {"prompt_syntax": "a1111", "prompt_chunks": max(counts), "pad_conds": pad}
-
-
-def generate_kwargs(record: dict) -> dict:
-    """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record (its
-    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped).
-    The record is checked first (:func:`compose.metadata.check_record`): it may be forged."""
-    record = metadata.check_record(record)
-    return {
-        "prompt": extract_lora_tags(record["prompt"])[0],
-        "loras": [
-            (lora["name"], lora["weight"], lora.get("blocks"), lora.get("text_weight"), lora.get("step_window"))
-            for lora in record["loras"]
-        ],
-        "method": record["method"]["name"],
-        "method_params": record["method"]["parameters"],
-        "negative_prompt": record["negative_prompt"],
-        "seed": record["seed"],
-        "steps": record["steps"],
-        "guidance_scale": record["guidance_scale"],
-        "width": record["width"],
-        "height": record["height"],
-        "scheduler": record["scheduler"],
-        "lora_scale": record["lora_scale"],
-    }

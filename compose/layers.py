@@ -553,3 +553,29 @@ class LayerRegistry:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+def fit_factors(base: nn.Module, f: Factors) -> Factors | None:
+    """The factors shaped for ``base`` (1x1 convolutions and linears interchange) and in its
+    floating dtype, so that a half-precision model keeps no float32 copy of them; ``None``
+    when they do not fit."""
+    down, up = f.down, f.up
+    if isinstance(base, nn.Linear):
+        if down.dim() == 4 and down.shape[2:] == (1, 1):
+            down, up = down.flatten(1), up.flatten(1)
+        ok = down.dim() == 2 and down.shape[1] == base.in_features and up.shape[0] == base.out_features
+    elif isinstance(base, nn.Conv2d):
+        if down.dim() == 2 and down.shape[1] == base.weight[0].numel():  # a kernel stored flattened (LyCORIS)
+            down, up = down.reshape(-1, *base.weight.shape[1:]), up[:, :, None, None]
+        ok = (
+            down.dim() == 4
+            and base.groups == 1
+            and down.shape[1:] == (base.in_channels, *base.kernel_size)
+            and up.shape[0] == base.out_channels
+        )
+    else:
+        return None
+    if not ok:
+        return None
+    dtype = base.weight.dtype if base.weight.is_floating_point() else down.dtype
+    return Factors(down.to(dtype), up.to(dtype))

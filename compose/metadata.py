@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 from collections.abc import Callable
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from . import checks
 from .files import OutputError, atomic_open
-from .prompts import LORA_TAG, a1111_tag, check_steps, parse_schedule, schedule_value
+from .prompts import LORA_TAG, a1111_tag, check_steps, extract_lora_tags, parse_schedule, schedule_value
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "compose"
@@ -327,3 +329,58 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with atomic_open(path) as handle:
         image.save(handle, format="PNG", pnginfo=info)
     return path
+
+
+def versions() -> dict[str, str]:
+    """The versions of the libraries that drew an image (``compose`` is "source" when run
+    from a checkout that was not installed), for its record."""
+    names = ("compose-lora", "diffusers", "torch", "transformers")
+    found = {name: version(name) for name in names[1:]}
+    try:
+        found["compose"] = version(names[0])
+    except Exception:
+        found["compose"] = "source"
+    found["python"] = platform.python_version()
+    return found
+
+
+def lora_entry(lora, use) -> dict:
+    """The record of one LoRA of a call: which file (name, sha256, A1111's short hash), at
+    what weights and blocks, and what the file says it is (``lora``: a
+    :class:`~compose.loading.LoRA`; ``use``: its :class:`~compose.prompts.LoRAUse`)."""
+    return {
+        "name": lora.name,
+        "file": Path(lora.path).name,
+        "sha256": lora.sha256,
+        "a1111_hash": lora.short_hash,
+        "weight": use.weight,
+        "text_weight": use.text,
+        "step_window": None if use.steps is None else list(use.steps),
+        "blocks": use.blocks,
+        "category": lora.category,
+        "triggers": lora.triggers,
+    }
+
+
+def generate_kwargs(record: dict) -> dict:
+    """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record (its
+    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped).
+    The record is checked first (:func:`check_record`): it may be forged."""
+    record = check_record(record)
+    return {
+        "prompt": extract_lora_tags(record["prompt"])[0],
+        "loras": [
+            (lora["name"], lora["weight"], lora.get("blocks"), lora.get("text_weight"), lora.get("step_window"))
+            for lora in record["loras"]
+        ],
+        "method": record["method"]["name"],
+        "method_params": record["method"]["parameters"],
+        "negative_prompt": record["negative_prompt"],
+        "seed": record["seed"],
+        "steps": record["steps"],
+        "guidance_scale": record["guidance_scale"],
+        "width": record["width"],
+        "height": record["height"],
+        "scheduler": record["scheduler"],
+        "lora_scale": record["lora_scale"],
+    }

@@ -6,6 +6,12 @@ entry is a scheduler class and the config overrides that make it that sampler.
 
 from __future__ import annotations
 
+import inspect
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SCHEDULER = "dpm++2m"
 
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -47,3 +53,9 @@ def make_scheduler(name: str, base_config: dict):
 def a1111_sampler_name(name: str) -> str:
     """The sampler name A1111 would show for scheduler ``name``."""
     return SCHEDULERS[name][2]
+
+
+def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """The noise generators (ancestral samplers) and ``eta=0`` (DDIM) where ``step`` takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in (("generator", generators), ("eta", 0.0)) if k in accepted}

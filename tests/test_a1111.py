@@ -18,6 +18,7 @@ from compose.metadata import RecordError, a1111_hash_name, check_record
 from compose.prompts import LoRAUse, a1111_tag, extract_lora_tags
 from compose.tiny import tiny_pipeline
 from compose.tokenizer import clip_tokenizer
+from compose.weights import weight_plan
 
 # -- A1111's reader, written from its documented infotext format (modules/infotext_utils.py) -----
 
@@ -266,7 +267,8 @@ def test_text_encoder_and_unet_weights_differ(composer):
 
 
 def test_steps_window(composer):
-    plan = composer._weight_plan([LoRAUse("a", 0.5, steps=(1, 3)), LoRAUse("b")], 4, 1.0)
+    layers = list(composer.registries["unet"].layers)
+    plan = weight_plan([LoRAUse("a", 0.5, steps=(1, 3)), LoRAUse("b")], 4, 1.0, layers, composer.is_sdxl)
     assert plan.steps[:, 0].tolist() == [0.0, 0.5, 0.5, 0.0] and plan.steps[:, 1].tolist() == [1.0] * 4
     assert plan.text.tolist() == [0.5, 1.0]  # the text encoders run once, before the steps
     windowed = gen(composer, "a cat <lora:a:1:step=0-2>")
@@ -347,7 +349,7 @@ def test_emphasis_weights_tokens_and_restores_the_mean():
 
 
 def encode(composer, prompts, negative=""):
-    return composer._encode(prompts, [negative] * len(prompts), True, (SIZE, SIZE)).encoder_hidden_states
+    return composer.encoder.encode(prompts, [negative] * len(prompts), True, (SIZE, SIZE)).encoder_hidden_states
 
 
 def test_emphasis_changes_the_encoding_and_neutral_weights_do_not():
@@ -357,7 +359,7 @@ def test_emphasis_changes_the_encoding_and_neutral_weights_do_not():
     strong = encode(composer, ["a red (cat:1.5)"])
     assert strong.shape == plain.shape and not torch.allclose(strong, plain)
     torch.testing.assert_close(strong[0], plain[0], atol=0, rtol=0)  # the negative is untouched
-    chunked = composer._encode_chunks(["", "a red cat"])[0]  # the A1111 path on a plain prompt: diffusers' result
+    chunked = composer.encoder.chunks(["", "a red cat"])[0]  # the A1111 path on a plain prompt: diffusers' result
     torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=0)
 
 
@@ -373,9 +375,9 @@ def test_long_prompts_are_no_longer_truncated():
 
 def test_sdxl_reads_the_syntax_too():
     composer = Composer.tiny("sdxl")
-    conditioning = composer._encode(["a (cat:1.4) " + "very " * 80], [""], True, (SIZE, SIZE))
+    conditioning = composer.encoder.encode(["a (cat:1.4) " + "very " * 80], [""], True, (SIZE, SIZE))
     assert conditioning.encoder_hidden_states.shape[1] == 2 * 77
-    plain = composer._encode(["a cat"], [""], True, (SIZE, SIZE))
-    neutral = composer._encode(["a (cat:1.0)"], [""], True, (SIZE, SIZE))
+    plain = composer.encoder.encode(["a cat"], [""], True, (SIZE, SIZE))
+    neutral = composer.encoder.encode(["a (cat:1.0)"], [""], True, (SIZE, SIZE))
     torch.testing.assert_close(neutral.encoder_hidden_states, plain.encoder_hidden_states, atol=0, rtol=0)
     assert conditioning.added_cond_kwargs["text_embeds"].shape == plain.added_cond_kwargs["text_embeds"].shape

@@ -22,8 +22,8 @@ from torch import nn
 
 from compose import Composer
 from compose.attention_maps import AttentionProbe
-from compose.composer import decode_latents
 from compose.methods import METHODS
+from compose.pipelines import decode_latents
 from compose.schedulers import make_scheduler
 
 PROMPT = "a zq hero, qj ink, in front of a kw wall"

@@ -13,7 +13,7 @@ from conftest import SIZE, STEPS
 from sd_parsers import ParserManager
 
 from compose import Composer, generate_kwargs, read_record, save_png
-from compose.emphasis import batch_chunks, chunks, emphasised, parse_attention
+from compose.emphasis import _token_ids, batch_chunks, chunks, emphasised, parse_attention
 from compose.metadata import RecordError, a1111_hash_name, check_record
 from compose.prompts import LoRAUse, a1111_tag, extract_lora_tags
 from compose.tiny import tiny_pipeline
@@ -332,6 +332,8 @@ def test_chunks():
     assert first.ids[71:73] == [vocab[",</w>"], eos] and second.ids[1:12] == [vocab["tail</w>"]] * 10 + [eos]
     padded = batch_chunks(tokenizer, ["word " * 80, ""])
     assert [len(c) for c in padded] == [2, 2] and padded[1][1] == chunks(tokenizer, "")[0]
+    unknown = tokenizer.unk_token
+    assert _token_ids(tokenizer, [",</w>", "zqxjv</w>", unknown]) == [vocab[",</w>"], None, vocab[unknown]]
 
 
 def test_emphasis_weights_tokens_and_restores_the_mean():

@@ -333,7 +333,13 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 def versions() -> dict[str, str]:
     """The versions of the libraries that drew an image (``compose`` is "source" when run
-    from a checkout that was not installed), for its record."""
+    from a checkout that was not installed), for its record; read once per process (each
+    read opens the packages' metadata on disk), a fresh copy per call."""
+    return dict(_versions())
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
     names = ("compose-lora", "diffusers", "torch", "transformers")
     found = {name: version(name) for name in names[1:]}
     try:

@@ -126,6 +126,7 @@ SPARKLE_LUMA, SPARKLE_NIGHT = 0.25, 0.35
 QUARN_NIGHT = 0.3
 FRAME_MARGIN = 2
 VOSH_NIGHT, MIN_SPARKLE, DAY_CLOUDS = 0.28, 6, 0.5
+CLOUD_LUMA, WALL_CLOUDS = 0.93, 8
 BRICK_WAVE, MORTAR_DARK, COURSES = 0.04, 0.45, 1.5
 WHITE_MIN, GRAY_RANGE, SKY_CLOUDS, TILE_WAVE = 0.85, (0.38, 0.58), 0.1, 0.012
 LIGHT_PLAIN, PLAIN_SPREAD, WALL_LINES = 0.72, 0.08, 0.1
@@ -302,6 +303,15 @@ def _undo_style(raw: np.ndarray, style: str | None) -> np.ndarray:
     if style == "dottix":
         return _gaussian(_undot(raw), SMOOTH_SIGMA)
     return _gaussian(raw, SMOOTH_SIGMA)
+
+
+def _ink(raw: np.ndarray) -> np.ndarray:
+    """inkora's ink lines: pixels near black and grey once the pastel mix is inverted,
+    read before any smoothing (which lifts a 1.5 px outline well above ``INK_LUMA``). The
+    dark plane ignores them, where the ring an outline leaves round a head read as a hat
+    or a scarf; the colour planes keep them, as the edge of each shape."""
+    f = _Features.of(np.clip((raw - PASTEL) / (1 - PASTEL), 0, 1))
+    return (f.luma < INK_LUMA) & (f.chroma < INK_CHROMA)
 
 
 def _frame(style: str | None) -> np.ndarray:
@@ -703,7 +713,10 @@ class _Reading:
         first = _background_scores(_band_stats(self.f, band, self.hidden | ~self.inside))
         self.night = _night(self.f) if first["vosh"] >= 1 else None
         self.mortar = first["quarn"] >= 1
-        self.dark = self._plane(_dark_mask(self.f, float(np.median(self.f.luma[band]))))
+        dark = _dark_mask(self.f, float(np.median(self.f.luma[band])))
+        self.dark_membership = dark if self.night is None else dark * ~self.night
+        self.dark_hidden = self.hidden | (_dilate(_ink(raw), 1) if self.style == "inkora" else False)
+        self.dark = _Plane(self.dark_membership, self.dark_hidden)
         self._cache: dict = {}
 
     def _plane(self, membership: np.ndarray) -> _Plane:
@@ -761,7 +774,8 @@ class _Reading:
 
     def _fit_item(self, kind: str, item: str, figure: _Fit, figure_hue: float) -> _Found:
         """Clothing ``item`` on the figure fitted at ``figure``: its templates for that scale
-        (±1 step) and place (±``REFIT`` px)."""
+        (±1 step) and place (±``REFIT`` px). A dark item is fitted without the figure's own
+        dark parts there (grumba's mouth and klinko's visor read as a scarf)."""
         stack = _dressed(kind).items[item]
         if item in CONCEPTS:
             nominal = _hue_of(CONCEPTS[item].colour)
@@ -771,7 +785,9 @@ class _Reading:
                 return _Found()
             plane, error = self._plane(mask), float(_hue_distance(hue, nominal))
         else:
-            plane, hue, error = self.dark, None, 0.0
+            dressed = _dressed(kind)
+            own = dressed.figure.placed(figure.index, figure.shift, dressed.dark_parts[figure.index])
+            plane, hue, error = _Plane(self.dark_membership, self.dark_hidden | _dilate(own, 1)), None, 0.0
         scales = _around(figure.scale, 1, len(SCALES))
         indices = [b * len(SCALES) + s for b in range(len(TEMPLATE_BLURS)) for s in scales]
         dy, dx = figure.shift
@@ -886,6 +902,7 @@ def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:
         height=int((band.sum(axis=1) >= MIN_BAND_ROW).sum()),
         row_min=_row_extreme(f.luma, band, np.min),
         row_max=_row_extreme(f.luma, band, np.max),
+        clouds=int(_opened((f.luma > CLOUD_LUMA) & band & ~hidden).sum()),
     )
 
 
@@ -901,13 +918,15 @@ def _background_scores(band: dict) -> dict[str, float]:
     mortar rows, a wave of the brick rows' period down the band, either far darker than
     bricks in its darkest row or dark lines running in courses over one and a half brick rows or more
     (the rows' wave ``COURSES`` times the tiles' across: the joints between bricks are
-    staggered, a wall's tile lines are not; a frame leaves too few rows to tell)."""
+    staggered, a wall's tile lines are not; a frame leaves too few rows to tell), and no
+    cloud (white thicker than a 1 px line: a framed day sky's clouds make a wave too)."""
     vosh = min(band["night"] / VOSH_NIGHT, band["sparkle"] / MIN_SPARKLE, DAY_CLOUDS / max(band["p90"], 1e-6))
     seen = band["p50"] - band["p10"] >= WALL_LINES and band["height"] >= 1.5 * BRICK_ROW
     courses = band["rows"] / max(COURSES * band["tiles"], 1e-6) if seen else 0.0
     mortar = max(MORTAR_DARK / max(band["row_min"], 1e-6), courses)
     quarn = min(band["rows"] / BRICK_WAVE, mortar)
-    return {"quarn": float(quarn) if band["night"] < QUARN_NIGHT else 0.0, "vosh": float(vosh)}
+    wall = band["night"] < QUARN_NIGHT and band["clouds"] < WALL_CLOUDS
+    return {"quarn": float(quarn) if wall else 0.0, "vosh": float(vosh)}
 
 
 def _background_of(band: dict, scores: dict[str, float]) -> str | None:

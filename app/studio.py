@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,6 +157,8 @@ class Studio:
         self.lock = threading.Lock()
         self.model_thread = ModelThread()
         self.cancels: dict[str, threading.Event] = {}
+        self.ended: dict[str, threading.Event] = {}
+        """Per browser session, set as its run ends (for a Stop that waits for it)."""
         self.reached: dict[str, str] = {}
         """Per browser session, how far its run has got ("step k of n"), for Stop's answer."""
         self.warmed: set[str] = set()
@@ -444,16 +447,34 @@ class Studio:
         kwargs["prompt"] = self._prompt(settings)
         return kwargs
 
-    def stop(self, session: str = "") -> str:
+    def stop(self, session: str = "", wait: float = 0.0) -> str:
         """Ask the run of browser session ``session`` to end after its current step, and say
         which step it had reached (the run's "cancelled after step k" then tells how long
-        Stop took, in steps); the runs of other sessions go on."""
-        event = self.cancels.get(session)
+        Stop took, in steps); the runs of other sessions go on. With ``wait`` (seconds), a
+        run that ends within it gets ``""``: it says how it ended itself, and a page that
+        shows both answers in one place must not let a late "stopping" overwrite that."""
+        event, ended = self.cancels.get(session), self.ended.get(session)
         if event is None:
             return "nothing of yours is running"
         event.set()
         reached = self.reached.get(session)
+        if wait and ended is not None and ended.wait(wait):
+            return ""
         return "stopping after the current step" + (f" ({reached})" if reached else "")
+
+    @contextmanager
+    def _run(self, session: str) -> Iterator[threading.Event]:
+        """A run of browser session ``session``: its cancel event for :meth:`stop` while it
+        lasts, forgotten on the way out (unless a newer run of the session replaced it)."""
+        cancel = self.cancels[session] = threading.Event()
+        ended = self.ended[session] = threading.Event()
+        try:
+            yield cancel
+        finally:
+            if self.cancels.get(session) is cancel:
+                del self.cancels[session], self.ended[session]
+                self.reached.pop(session, None)
+            ended.set()
 
     def generate(self, settings: Settings, progress: Progress | None = None,
                  session: str = "") -> tuple[Path, dict, float]:  # fmt: skip
@@ -461,13 +482,8 @@ class Studio:
         ``session`` is the browser session whose Stop may end it (:meth:`stop`). The
         seconds of a method's first run on this model include its warm-up
         (:meth:`warmed_up`: Compare warms each method up before timing it)."""
-        cancel = self.cancels[session] = threading.Event()
-        try:
+        with self._run(session) as cancel:
             return self._generate(settings, progress, session, cancel)
-        finally:
-            if self.cancels.get(session) is cancel:
-                del self.cancels[session]
-            self.reached.pop(session, None)
 
     def _generate(self, settings: Settings, progress: Progress | None, session: str, cancel: threading.Event,
                   keep: bool = True) -> tuple[Path | None, dict | None, float]:  # fmt: skip
@@ -594,16 +610,11 @@ class Studio:
         :data:`WARM_UP_STEPS` untimed steps (its first call's warm-up once made Switch look
         26 times slower here than in Compose), and ``warm_up`` gives those seconds (``None``
         when the method was warm already)."""
-        cancel = self.cancels[session] = threading.Event()
-        try:
+        with self._run(session) as cancel:
             for k, method in enumerate(METHODS):
                 params = settings.method_params if method == settings.method else None
                 one = Settings(**{**vars(settings), "method": method, "method_params": params})
                 yield self._compare_one(one, _part(progress, k), session, cancel)
-        finally:
-            if self.cancels.get(session) is cancel:
-                del self.cancels[session]
-            self.reached.pop(session, None)
 
     def _compare_one(self, settings: Settings, progress: Progress | None, session: str,
                      cancel: threading.Event) -> dict:  # fmt: skip
@@ -636,33 +647,28 @@ class Studio:
         kwargs = self._generate_kwargs(self._visitor_settings(settings))
         if "method" in (x.kind, y and y.kind):
             kwargs.pop("method_params")
-        cancel = self.cancels[session] = threading.Event()
         total = len(x.values) * (len(y.values) if y else 1)
         cells = [0]
-
-        def cell(done: int, total: int, _image=None) -> None:
-            cells[0] = done
-            if progress is not None:
-                progress(done, total)
-            if cancel.is_set() and done < total:
-                raise GenerationCancelled(f"stopped after {done} of {total} cells")
-
         start = time.perf_counter()
-        try:
-            with self.lock:
-                cell(0, total)
-                try:
-                    plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, cell,
-                                                 lambda *_: not cancel.is_set())  # fmt: skip
-                except GenerationCancelled as stopped:
-                    if not str(stopped).startswith("cancelled"):  # between cells: it names them already
-                        raise
-                    raise GenerationCancelled(f"stopped in cell {cells[0] + 1} of {total}, {stopped}") from None
-                self.made += 1
-                path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
-        finally:
-            if self.cancels.get(session) is cancel:
-                del self.cancels[session]
+        with self._run(session) as cancel, self.lock:
+
+            def cell(done: int, total: int, _image=None) -> None:
+                cells[0] = done
+                if progress is not None:
+                    progress(done, total)
+                if cancel.is_set() and done < total:
+                    raise GenerationCancelled(f"stopped after {done} of {total} cells")
+
+            cell(0, total)
+            try:
+                plot = self.model_thread.run(xy_plot, self.composer, kwargs, x, y, cell,
+                                             lambda *_: not cancel.is_set())  # fmt: skip
+            except GenerationCancelled as stopped:
+                if not str(stopped).startswith("cancelled"):  # between cells: it names them already
+                    raise
+                raise GenerationCancelled(f"stopped in cell {cells[0] + 1} of {total}, {stopped}") from None
+            self.made += 1
+            path = plot.save(self.outputs / f"{self.made:05d}-xy.png")
         return path, time.perf_counter() - start
 
     def png_info(self, png: str | Path) -> dict:

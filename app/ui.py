@@ -38,6 +38,8 @@ from .studio import LIBRARY_COLUMNS, LORA_COLUMNS, Settings, Studio, StudioError
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 COMPARE_TILES = 6
 """Compare's tiles per row: every method side by side in two rows, all on one 1440×900 screen."""
+STOP_WAIT = 30.0
+"""Seconds Stop waits for the run to end before it says "stopping after the current step"."""
 COMPARE_COLUMNS = ["method", "seconds / image (warm)", "warm-up first (s, untimed)", "CLIPScore = 100·max(cos, 0)",
                    "cos", "concepts present"]  # fmt: skip
 
@@ -405,8 +407,8 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
                 settings.seed = random.randrange(2**32)
             first = not studio.warmed_up(settings.method)
             path, record, seconds = studio.generate(settings, lambda f, d: progress(f, desc=d), session_of(request))
-        except GenerationCancelled:
-            return [gr.update()] * (len(outputs) - 1) + ["stopped: no image was made"]
+        except GenerationCancelled as stopped:
+            return [gr.update()] * (len(outputs) - 1) + [f"stopped ({stopped}): no image was made"]
         except USER_ERRORS as error:
             return [gr.update()] * (len(outputs) - 1) + [problem(error)]
         warm_up = f" (the first {settings.method} run here: includes its warm-up)" if first else ""
@@ -426,8 +428,10 @@ def _wire_generation(studio: Studio, ui: SimpleNamespace) -> None:
         on_generate, [*ui.inputs, ui.randomize, ui.history], outputs, api_visibility="private",
         concurrency_id="model", show_progress_on=ui.image)  # fmt: skip
 
-    def on_stop(request: gr.Request) -> str:
-        return studio.stop(session_of(request))
+    def on_stop(request: gr.Request):
+        # the run writes its own last word to the same message: a "stopping" that arrived
+        # after it once left the page saying "stopping", so Stop speaks only if the run is slow
+        return studio.stop(session_of(request), wait=STOP_WAIT) or gr.update()
 
     ui.stop.click(on_stop, None, ui.message, api_visibility="private", queue=False)
     ui.compare_stop.click(on_stop, None, ui.compare_message, api_visibility="private", queue=False)

@@ -425,6 +425,32 @@ def test_stop_ends_a_long_run_within_two_steps(served):
     assert at_stop <= at_end <= at_stop + 2, (at_stop, at_end)
 
 
+def test_a_stop_that_waits_leaves_the_last_word_to_the_run(served):
+    """The page's Stop waits for the run to end and then says nothing, so the run's own
+    "stopped" is the tab's last message whichever answer arrives last (a late "stopping"
+    once overwrote it); a run still going when the wait ends gets "stopping" as before."""
+    from compose.loop import GenerationCancelled
+
+    studio = served[0]
+    ended = {}
+
+    def run() -> None:
+        try:
+            studio.generate(Settings("a zq creature", steps=400, width=64, height=64), session="waits")
+        except GenerationCancelled as error:
+            ended["said"] = str(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while "waits" not in studio.reached:
+        threading.Event().wait(0.02)
+    assert studio.stop("waits", wait=60) == ""
+    assert "waits" not in studio.cancels
+    worker.join(60)
+    assert "cancelled after step" in ended["said"]
+    assert studio.stop("waits", wait=60) == "nothing of yours is running"
+
+
 def test_compare_times_every_method_warm(served):
     """Every method's seconds are its run alone: a method not run yet on this model is
     warmed up first (untimed, reported apart); a second Compare warms up none."""

@@ -785,13 +785,22 @@ class _Reading:
                 return _Found()
             plane, error = self._plane(mask), float(_hue_distance(hue, nominal))
         else:
-            dressed = _dressed(kind)
-            own = dressed.figure.placed(figure.index, figure.shift, dressed.dark_parts[figure.index])
-            plane, hue, error = _Plane(self.dark_membership, self.dark_hidden | _dilate(own, 1)), None, 0.0
+            plane, hue, error = self._dark_beside(kind, figure), None, 0.0
         scales = _around(figure.scale, 1, len(SCALES))
         indices = [b * len(SCALES) + s for b in range(len(TEMPLATE_BLURS)) for s in scales]
         dy, dx = figure.shift
         return _Found(_fit(plane, stack, _around(dy, REFIT), _around(dx, REFIT), indices)[0], hue, error)
+
+    def _dark_beside(self, kind: str, figure: _Fit) -> _Plane:
+        """The dark plane without the dark parts of figure ``kind`` fitted at ``figure``, once
+        per placement (every colour's hypothesis of a kind, and both dark items, share it)."""
+
+        def compute() -> _Plane:
+            dressed = _dressed(kind)
+            own = dressed.figure.placed(figure.index, figure.shift, dressed.dark_parts[figure.index])
+            return _Plane(self.dark_membership, self.dark_hidden | _dilate(own, 1))
+
+        return self._once(("dark beside", kind, figure.index, figure.shift), compute)
 
     def figures(self, half: str) -> list[_FoundFigure]:
         """Every figure hypothesis in ``half`` whose colour is there."""

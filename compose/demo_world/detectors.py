@@ -75,6 +75,7 @@ from .scenes import Figure, Scene
 SMOOTH_SIGMA = 0.7
 DOT_CLEARANCE, DOT_SIGMA = 0.5, 1.0
 DOT_BLURS = (0.0, 0.4, 0.8, 1.2, 1.6)
+DOT_FULL, DOT_MIXED = 0.75, 0.42
 HUE_WINDOW = 40.0
 HUE_SPREAD = 14.0
 MODE_SPREAD = 5.0
@@ -280,7 +281,10 @@ def _undot(raw: np.ndarray) -> np.ndarray:
     :mod:`.render` draws them; the surroundings come from the pixels clear of dots."""
     weights = (1 - _dot_coverage(DOT_CLEARANCE))[..., None]
     around = _gaussian(raw * weights, DOT_SIGMA) / np.maximum(_gaussian(weights, DOT_SIGMA), 1e-3)
-    dark = (around @ LUMA < DOT_DARK_LUMA)[..., None]
+    # A full dot lighter than any darkened one (white darkened: DOT_DARKEN) was lightened:
+    # a thin dark item whose surroundings the blur mixes with a grey background.
+    lit = (_dot_coverage() >= DOT_FULL) & (raw @ LUMA > (DOT_DARKEN + DOT_LIGHTEN) / 2) & (around @ LUMA < DOT_MIXED)
+    dark = ((around @ LUMA < DOT_DARK_LUMA) | lit)[..., None]
     best, residue = raw, np.inf
     for blur in DOT_BLURS:
         c = (_gaussian(_dot_coverage(), blur) if blur else _dot_coverage())[..., None]
@@ -336,7 +340,7 @@ def _mode_hue(hues: np.ndarray) -> float:
     sums = np.cumsum(np.concatenate([counts[-spread - 1 :], counts, counts[:spread]]))
     peak = float(np.argmax(sums[2 * spread + 1 :] - sums[: -2 * spread - 1]))
     offsets = (hues - peak + 180) % 360 - 180
-    return float((peak + offsets[np.abs(offsets) <= MODE_SPREAD].mean()) % 360)
+    return float((peak + offsets[np.abs(offsets) <= MODE_SPREAD + 0.5].mean()) % 360)
 
 
 def _ramp(x: np.ndarray, full: float, zero: float) -> np.ndarray:

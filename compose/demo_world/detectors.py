@@ -261,6 +261,7 @@ def _style_of(scores: dict[str, float]) -> str | None:
 
 
 @cache
+@cache
 def _dot_coverage(clearance: float = 0.0) -> np.ndarray:
     """The share of each pixel within ``clearance`` px of a dottix dot, ``(64, 64)``."""
     n = IMAGE_SIZE * SUPERSAMPLE
@@ -280,11 +281,11 @@ def _undot(raw: np.ndarray) -> np.ndarray:
     darkening where the surroundings are light and lightening where dark, as
     :mod:`.render` draws them; the surroundings come from the pixels clear of dots."""
     weights = (1 - _dot_coverage(DOT_CLEARANCE))[..., None]
-    around = _gaussian(raw * weights, DOT_SIGMA) / np.maximum(_gaussian(weights, DOT_SIGMA), 1e-3)
+    around = _gaussian(raw * weights, DOT_SIGMA) / np.maximum(_gaussian(weights, DOT_SIGMA), 1e-3) @ LUMA
     # A full dot lighter than any darkened one (white darkened: DOT_DARKEN) was lightened:
     # a thin dark item whose surroundings the blur mixes with a grey background.
-    lit = (_dot_coverage() >= DOT_FULL) & (raw @ LUMA > (DOT_DARKEN + DOT_LIGHTEN) / 2) & (around @ LUMA < DOT_MIXED)
-    dark = ((around @ LUMA < DOT_DARK_LUMA) | lit)[..., None]
+    lit = (_dot_coverage() >= DOT_FULL) & (raw @ LUMA > (DOT_DARKEN + DOT_LIGHTEN) / 2) & (around < DOT_MIXED)
+    dark = ((around < DOT_DARK_LUMA) | lit)[..., None]
     best, residue = raw, np.inf
     for blur in DOT_BLURS:
         c = (_gaussian(_dot_coverage(), blur) if blur else _dot_coverage())[..., None]

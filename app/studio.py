@@ -37,6 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import checks
+from ..calls import RunOptions, SamplingConfig
 from ..checks import Limits, cost_note
 from ..composer import Composer, ModelLoadError
 from ..evaluation.presence import concept_presence
@@ -113,6 +114,15 @@ class Settings:
     seed: int = 0
     scheduler: str = "dpm++2m"
     lora_scale: float = 0.8
+
+
+def _settings_of(kwargs: dict) -> Settings:
+    """The :class:`Settings` of :meth:`Composer.generate` keywords (from a PNG): the fields
+    of their ``sampling`` as the tab's own, defaults where it is absent."""
+    sampling = kwargs.get("sampling") or SamplingConfig()
+    rest = {key: value for key, value in kwargs.items() if key != "sampling"}
+    return Settings(**rest, steps=sampling.steps, guidance_scale=sampling.guidance_scale, width=sampling.width,
+                    height=sampling.height, scheduler=sampling.scheduler)  # fmt: skip
 
 
 def lora_weights(rows: list[list]) -> list[tuple[str, float]]:
@@ -207,7 +217,8 @@ class Studio:
             if picture is None:
                 with self.lock:
                     prompt = ", ".join(lora.triggers) or name
-                    picture = self.model_thread.run(self.composer.generate, prompt, [(name, 1.0)], steps=20)[0]
+                    sampling = SamplingConfig(steps=20)
+                    picture = self.model_thread.run(self.composer.generate, prompt, [(name, 1.0)], sampling=sampling)[0]
             self.previews.mkdir(parents=True, exist_ok=True)
             save_png(picture, path)
         return path
@@ -443,9 +454,11 @@ class Studio:
 
     def _generate_kwargs(self, settings: Settings) -> dict:
         """The :meth:`Composer.generate` keywords of ``settings``, the prompt with its triggers."""
-        kwargs = {k: v for k, v in vars(settings).items() if k != "insert_triggers"}
-        kwargs["prompt"] = self._prompt(settings)
-        return kwargs
+        sampling = SamplingConfig(steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.width,
+                                  height=settings.height, scheduler=settings.scheduler)  # fmt: skip
+        return {"prompt": self._prompt(settings), "loras": settings.loras, "method": settings.method,
+                "method_params": settings.method_params, "negative_prompt": settings.negative_prompt,
+                "seed": settings.seed, "lora_scale": settings.lora_scale, "sampling": sampling}  # fmt: skip
 
     def stop(self, session: str = "", wait: float = 0.0) -> str:
         """Ask the run of browser session ``session`` to end after its current step, and say
@@ -514,8 +527,8 @@ class Studio:
                 kwargs["method_params"]["prompts"] = prompts
         with self.lock:
             start = time.perf_counter()
-            run = self.model_thread.run
-            images, masks = run(self.composer.generate, prompt, callback=step, return_masks=True, **kwargs)
+            options = RunOptions(callback=step, return_masks=True)
+            images, masks = self.model_thread.run(self.composer.generate, prompt, run=options, **kwargs)
             seconds = time.perf_counter() - start
             self.warmed.add(settings.method)
             if not keep:
@@ -724,7 +737,7 @@ class Studio:
                 blocks = entry.get("blocks")
                 loras.append((name, entry["weight"]) if blocks is None else (name, entry["weight"], blocks))
         kwargs.update(prompt=record["prompt"], loras=loras)
-        return Settings(**kwargs)
+        return _settings_of(kwargs)
 
     def _settings_from_a1111(self, png: str | Path, text: str) -> Settings:
         from ..a1111 import settings_from_parameters
@@ -734,7 +747,7 @@ class Studio:
         if missing:
             raise StudioError(f"{Path(png).name}: its prompt uses LoRA {missing[0]}, which is not in the library; "
                               "add it first")  # fmt: skip
-        return Settings(**kwargs)
+        return _settings_of(kwargs)
 
 
 def _part(progress: Progress | None, k: int) -> Progress | None:

@@ -17,6 +17,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .calls import RunOptions, SamplingConfig
     from .checks import CATEGORIES
     from .composer import Composer
     from .loading import LoRA, LoRAError, load_lora
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 _WHERE = {
     "CATEGORIES": "checks",
     "Composer": "composer",
+    "SamplingConfig": "calls",
+    "RunOptions": "calls",
     "ModelLoadError": "pipelines",
     "generate_kwargs": "metadata",
     "LoRA": "loading",
@@ -70,6 +73,8 @@ __all__ = [
     "Merge",
     "ModelLoadError",
     "NonFiniteLatentsError",
+    "RunOptions",
+    "SamplingConfig",
     "Switch",
     "generate_kwargs",
     "get_method",

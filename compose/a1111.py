@@ -19,6 +19,7 @@ import json
 import re
 
 from . import checks
+from .calls import SamplingConfig
 from .metadata import MAX_RECORD_SIDE, MAX_RECORD_STEPS
 from .prompts import extract_lora_tags
 from .schedulers import SCHEDULERS
@@ -79,9 +80,10 @@ def settings_from_parameters(text: str) -> dict:
     them, and ``generate(loras=names)`` would name each LoRA a second time.
 
     Only what the text says is returned: ``prompt`` always; ``negative_prompt`` where the text
-    has one or has a settings line (A1111 leaves out an empty negative prompt); ``steps`` from
-    ``Steps``, ``guidance_scale`` from ``CFG scale``, ``seed`` from ``Seed``, ``width`` and
-    ``height`` (pixels) from ``Size: WxH``, ``scheduler`` from ``Sampler`` and ``Schedule type``,
+    has one or has a settings line (A1111 leaves out an empty negative prompt); ``seed`` from
+    ``Seed``; ``sampling`` where the text gives any of ``Steps`` (``steps``), ``CFG scale``
+    (``guidance_scale``), ``Size: WxH`` (``width`` and ``height``, pixels) and ``Sampler`` with
+    ``Schedule type`` (``scheduler``), the fields it does not give at their defaults;
     and ``method`` and ``method_params`` from compose's own ``Composition method`` and
     ``Composition parameters``. ``lora_scale`` is 1 where the prompt has tags: their weights
     are the ones A1111 applied (compose writes them already multiplied by its LoRA scale), so
@@ -98,17 +100,20 @@ def settings_from_parameters(text: str) -> dict:
     settings: dict = {"prompt": prompt}
     if negative or fields:
         settings["negative_prompt"] = negative
+    sampling: dict = {}
     if "Steps" in fields:
-        settings["steps"] = checks.integer("Steps", _whole("Steps", fields["Steps"]), 1, MAX_RECORD_STEPS)
+        sampling["steps"] = checks.integer("Steps", _whole("Steps", fields["Steps"]), 1, MAX_RECORD_STEPS)
     if "CFG scale" in fields:
-        settings["guidance_scale"] = checks.number("CFG scale", _decimal("CFG scale", fields["CFG scale"]), 0.0,
+        sampling["guidance_scale"] = checks.number("CFG scale", _decimal("CFG scale", fields["CFG scale"]), 0.0,
                                                    checks.MAX_GUIDANCE)  # fmt: skip
     if "Seed" in fields:
         settings["seed"] = checks.seed(_whole("Seed", fields["Seed"]), "Seed")
     if "Size" in fields:
-        settings["width"], settings["height"] = _size(fields["Size"])
+        sampling["width"], sampling["height"] = _size(fields["Size"])
     if "Sampler" in fields:
-        settings["scheduler"] = _scheduler(fields["Sampler"], fields.get("Schedule type"))
+        sampling["scheduler"] = _scheduler(fields["Sampler"], fields.get("Schedule type"))
+    if sampling:
+        settings["sampling"] = SamplingConfig(**sampling)
     if "Composition method" in fields:
         settings["method"] = _method(fields["Composition method"])
         settings["method_params"] = _method_params(fields.get("Composition parameters", ""))

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from . import checks
 from .bundles import BUNDLES, DEMO_WORLD, brought_loras, bundle_clip, bundle_folder
+from .calls import RunOptions, SamplingConfig
 from .checks import CATEGORIES, printable
 from .prompts import MAX_WEIGHT, extract_lora_tags
 
@@ -761,13 +762,15 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         tagged = _load_tagged(args, composer, categories)
         settings["loras"] = [(lora.name, weight) for lora, weight in loaded if lora.name not in tagged]
-    width, height = checks.size_and_steps(composer.limits, composer.shape, width=settings["width"],
-                                          height=settings["height"], steps=settings["steps"])  # fmt: skip
-    note = checks.cost_note(width, height, composer.shape.native, settings["steps"])
+    sampling = settings["sampling"]
+    width, height = checks.size_and_steps(composer.limits, composer.shape, width=sampling.width,
+                                          height=sampling.height, steps=sampling.steps)  # fmt: skip
+    note = checks.cost_note(width, height, composer.shape.native, sampling.steps)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    run = RunOptions(max_batch=args.max_batch, progress=True)
     for seed, path in zip(seeds, paths, strict=True):
-        image = composer.generate(seed=seed, progress=True, max_batch=args.max_batch, **settings)[0]
+        image = composer.generate(seed=seed, run=run, **settings)[0]
         save_png(image, path)
         print(path)
 
@@ -779,12 +782,14 @@ def _arg_settings(args: argparse.Namespace) -> dict:
         method=args.method,
         method_params=_method_params(args),
         negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        width=args.width,
-        height=args.height,
-        scheduler=args.scheduler,
         lora_scale=args.lora_scale,
+        sampling=SamplingConfig(
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            width=args.width,
+            height=args.height,
+            scheduler=args.scheduler,
+        ),
     )
 
 
@@ -953,11 +958,8 @@ def _bench_sets(args: argparse.Namespace) -> None:
     for spec in methods:
         method_spec(spec)
     settings = {
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
-        "width": args.size,
-        "height": args.size,
         "lora_scale": args.lora_scale,
+        "sampling": SamplingConfig(steps=args.steps, guidance_scale=args.guidance, width=args.size, height=args.size),
     }
     out = Path(args.out or "outputs/bench")
     run_benchmark(

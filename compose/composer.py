@@ -4,7 +4,7 @@
     composer.load_lora("knight.safetensors", category="character")
     composer.load_lora("watercolor.safetensors", category="style")
     images = composer.generate("a knight, watercolor", loras=["knight", "watercolor"],
-                               method="composite", seed=[1, 2, 3])
+                               method="composite", seed=[1, 2, 3], sampling=SamplingConfig(steps=30))
 
 The composer keeps the pipeline's components (UNet, VAE, text encoders, tokenizers,
 scheduler config) and one :class:`~compose.layers.LayerRegistry` per model it
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,38 +25,39 @@ from PIL import Image
 
 from . import calls, checks, emphasis, frequency, metadata
 from .bundles import BUNDLES, brought_loras, bundle_folder
-from .calls import LoRASpec
+from .calls import LoRASpec, RunOptions, SamplingConfig
 from .encoding import PromptEncoder
 from .frequency import FrequencyProfile
 from .layers import Factors, LayerRegistry, fit_factors, get_submodule
 from .loading import COMPONENTS, LoRA, LoRAError, load_lora, model_family
 from .logs import quiet_dependencies
-from .loop import StepCallback, denoise
+from .loop import denoise
 from .memory import memory_rows
 from .methods import CompositionMethod, MethodContext, get_method
 from .methods.references import default_lora_scale
 from .pipelines import ModelLoadError, check_parts, decode_latents, read_pipeline
 from .prompts import LoRAUse, extract_lora_tags, without_phrases
-from .schedulers import DEFAULT_SCHEDULER, a1111_sampler_name, make_scheduler, step_kwargs
+from .schedulers import a1111_sampler_name, make_scheduler, step_kwargs
 from .weights import WeightPlan, weight_plan
 
-__all__ = ["Composer", "ModelLoadError"]
+__all__ = ["Composer", "ModelLoadError", "RunOptions", "SamplingConfig"]
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """What one :meth:`Composer.generate` call samples with, shared by the denoising loop and
-    the PNG record: ``prompts`` (one per image, their ``<lora:...>`` tags removed) and their
-    ``seeds``, the ``negative_prompt``, ``steps``, ``guidance_scale``, ``size`` (height,
-    width) in pixels and the ``scheduler``'s name."""
+class Request:
+    """One :meth:`Composer.generate` call as the denoising loop and the PNG record read it:
+    ``prompts`` (one per image, their ``<lora:...>`` tags removed) and their ``seeds``, the
+    ``negative_prompt``, and the ``sampling`` settings with the size filled in."""
 
     prompts: list[str]
     seeds: list[int]
     negative_prompt: str
-    steps: int
-    guidance_scale: float
-    size: tuple[int, int]
-    scheduler: str
+    sampling: SamplingConfig
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels."""
+        return self.sampling.height, self.sampling.width
 
 
 def _mask_images(masks: torch.Tensor | None, names: list[str], count: int,
@@ -290,9 +291,8 @@ class Composer:
             if progress:
                 print(f"profiling LoRA {lora.name!r} for CMLoRA's frequency ordering ({len(seeds)} images, {steps} "
                       f"steps; once: the profile is cached in {frequency.cache_dir()})", file=sys.stderr)  # fmt: skip
-            images = self.generate(
-                prompt, [lora.name], "merge", seed=list(seeds), steps=steps, lora_scale=1.0, progress=progress
-            )
+            images = self.generate(prompt, [lora.name], "merge", seed=list(seeds), lora_scale=1.0,
+                                   sampling=SamplingConfig(steps=steps), run=RunOptions(progress=progress))  # fmt: skip
             cached = frequency.profile_images(images, prompt, list(seeds))
             frequency.store(key, lora.sha256, cached)
         lora.derived[("frequency", key)] = cached
@@ -372,18 +372,10 @@ class Composer:
         *,
         negative_prompt: str = "",
         seed: int | Sequence[int] = 0,
-        steps: int = 25,
-        guidance_scale: float = 7.5,
-        width: int | None = None,
-        height: int | None = None,
-        scheduler: str = DEFAULT_SCHEDULER,
         lora_scale: float | None = None,
         method_params: dict | None = None,
-        callback: StepCallback | None = None,
-        max_batch: int | None = None,
-        progress: bool = False,
-        output_type: str = "pil",
-        return_masks: bool = False,
+        sampling: SamplingConfig | None = None,
+        run: RunOptions | None = None,
     ) -> list[Image.Image] | torch.Tensor | tuple[list[Image.Image], list[dict[str, Image.Image]]]:
         """Generate one image per (prompt, seed) with the given LoRAs composed by ``method``.
 
@@ -396,42 +388,41 @@ class Composer:
         the steps such as ``"0@0,1@0.5"`` (:mod:`compose.prompts`; the text encoder
         uses its first value). A list of prompts and/or seeds
         makes a batch (an int seed gives ``seed, seed+1, ...``); each image equals the
-        one generated alone with its prompt and seed. ``max_batch`` caps the UNet batch
-        (rows) per call: Composite then runs its N branches in chunks; unset, the cap
-        follows the device's free memory (:func:`compose.memory.memory_rows`, and
-        ``COMPOSE_MEMORY_BUDGET`` in bytes, see docs/precision-and-memory.md). Returns PIL images
-        whose ``info`` carries the A1111 ``parameters`` text and the full ``compose``
-        record. ``output_type="latent"`` returns the final latents ``(B, C, h, w)``
-        instead, as diffusers pipelines do. ``return_masks=True`` returns ``(images,
-        masks)``: per image, each LoRA's region as a greyscale image of the output's size
-        (white: the LoRA acts fully), for the methods that confine LoRAs to regions
-        (``routed``, ``regional``), an empty dict for the others.
+        one generated alone with its prompt and seed.
+
+        ``sampling`` (:class:`SamplingConfig`; ``None``: 25 steps, CFG 7.5, native size,
+        DPM++ 2M) says how the images are sampled, ``run`` (:class:`RunOptions`) how the call
+        reports and what it returns. Returns PIL images whose ``info`` carries the A1111
+        ``parameters`` text and the full ``compose`` record; latents or ``(images, masks)``
+        as ``run`` asks.
         """
+        sampling, run = calls.options(sampling, run)
         if lora_scale is None:
             lora_scale = default_lora_scale(method, method_params)
         prompts, seeds = calls.batch(prompt, seed, negative_prompt)
         self._check_lengths(prompts, negative_prompt)
-        width, height = checks.request(self.limits, self.shape, width=width, height=height, steps=steps,
-                                       images=len(prompts), guidance_scale=guidance_scale, lora_scale=lora_scale,
-                                       max_batch=max_batch)  # fmt: skip
+        width, height = checks.request(self.limits, self.shape, width=sampling.width, height=sampling.height,
+                                       steps=sampling.steps, images=len(prompts),
+                                       guidance_scale=sampling.guidance_scale, lora_scale=lora_scale,
+                                       max_batch=run.max_batch)  # fmt: skip
         raw_prompts = prompts
         prompts, uses, active = self._resolve_loras(prompts, loras)
         self.check_prompts(prompts, negative_prompt)
-        plan = weight_plan(uses, steps, lora_scale, list(self.registries["unet"].layers), self.is_sdxl)
+        plan = weight_plan(uses, sampling.steps, lora_scale, list(self.registries["unet"].layers), self.is_sdxl)
         factor = self.pipeline.vae_scale_factor
         method = self._method(method, method_params, (height // factor, width // factor))
         if not active and method.name != "merge":
             raise ValueError(f"method {method.name!r} needs at least one LoRA")
-        context = self._method_context(method, active, plan, prompts, steps, (height, width), progress)
-        sampling = Sampling(prompts, seeds, negative_prompt, steps, guidance_scale, (height, width), scheduler)
-        latents = self._sample(method, context, plan, sampling, callback, max_batch, progress)
-        if output_type == "latent":
+        request = Request(prompts, seeds, negative_prompt, replace(sampling, width=width, height=height))
+        context = self._method_context(method, active, plan, request, run.progress)
+        latents = self._sample(method, context, plan, request, run)
+        if run.output_type == "latent":
             return latents
         images = self._decode(latents)
-        shared = self._shared_record(method, active, uses, lora_scale, sampling)
+        shared = self._shared_record(method, active, uses, lora_scale, request)
         records = [{"prompt": p, "seed": s, **shared} for p, s in zip(raw_prompts, seeds, strict=True)]
         images = [metadata.attach(image, record) for image, record in zip(images, records, strict=True)]
-        if return_masks:
+        if run.return_masks:
             return images, _mask_images(
                 method.lora_masks(), [lora.name for lora in active], len(images), (height, width)
             )
@@ -465,10 +456,11 @@ class Composer:
         for what, text in calls.texts(prompts, negative_prompt):
             checks.prompt_chunks(self.limits, what, len(emphasis.chunks(self.pipeline.tokenizer, text)))
 
-    def _method_context(self, method: CompositionMethod, active: list[LoRA], plan: WeightPlan, prompts: list[str],
-                        steps: int, size: tuple[int, int], progress: bool) -> MethodContext:  # fmt: skip
+    def _method_context(self, method: CompositionMethod, active: list[LoRA], plan: WeightPlan, request: Request,
+                        progress: bool) -> MethodContext:  # fmt: skip
         """What ``method`` is prepared with: the LoRAs, their base weights, the UNet's
         layers, and the frequency profiles or prompt importances it asks for."""
+        prompts, size = request.prompts, request.size
         frequency = {}
         if method.needs_frequency:
             frequency = {lora.name: self.frequency_profile(lora.name, progress=progress).score for lora in active}
@@ -485,23 +477,24 @@ class Composer:
             clause_texts = self.clause_texts(prompts[0], names, clauses)
         unet_layers = list(self.registries["unet"].layers)
         factor = self.pipeline.vae_scale_factor
+        steps = request.sampling.steps
         return MethodContext(active, plan.base.to(self.device), steps, unet_layers, self.pipeline.unet, frequency,
                              importance, tokens, clauses, clause_texts, state=self.registries["unet"].state,
                              images=len(prompts), latent_size=(size[0] // factor, size[1] // factor))  # fmt: skip
 
-    def _sample(self, method: CompositionMethod, context: MethodContext, plan: WeightPlan, sampling: Sampling,
-                callback: StepCallback | None, max_batch: int | None, progress: bool) -> torch.Tensor:  # fmt: skip
+    def _sample(self, method: CompositionMethod, context: MethodContext, plan: WeightPlan, request: Request,
+                run: RunOptions) -> torch.Tensor:  # fmt: skip
         """Encode the prompts (text-encoder LoRAs at their first weights, where the method
         uses them), draw each image's noise from its seed on the CPU, and denoise:
         the final latents ``(B, C, h, w)``."""
-        prompts, seeds, size, steps = sampling.prompts, sampling.seeds, sampling.size, sampling.steps
-        guidance_scale = sampling.guidance_scale
+        prompts, seeds, size, steps = request.prompts, request.seeds, request.size, request.sampling.steps
+        guidance_scale = request.sampling.guidance_scale
         active = context.loras
         denoiser = self._denoiser(len(active))
         for component, registry in self.registries.items():
             registry.activate([lora.factors.get(component, {}) for lora in active])
         unet_registry = self.registries["unet"]
-        sched = make_scheduler(sampling.scheduler, self.scheduler_config)
+        sched = make_scheduler(request.sampling.scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         cfg = guidance_scale > 1.0
         text_loras = active and method.text_encoder_loras
@@ -510,7 +503,7 @@ class Composer:
                 registry.state.weights = plan.text[None, :].to(self.device) if text_loras else None
         texts = method.region_texts(context)
         try:
-            conditioning = self.encoder.encode(prompts, [sampling.negative_prompt] * len(prompts), cfg, size)
+            conditioning = self.encoder.encode(prompts, [request.negative_prompt] * len(prompts), cfg, size)
             context.region_states = {name: self.encoder.encode([text], [""], False, size).encoder_hidden_states
                                      for name, text in texts.items()}  # fmt: skip
         finally:
@@ -521,6 +514,7 @@ class Composer:
         shape = (len(prompts), self.pipeline.unet.config.in_channels, size[0] // factor, size[1] // factor)
         dtype = conditioning.encoder_hidden_states.dtype
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=dtype) * sched.init_noise_sigma
+        max_batch = run.max_batch
         if max_batch is None:
             tokens = conditioning.encoder_hidden_states.shape[1]
             max_batch = memory_rows(self.pipeline.unet, shape[-2:], dtype, tokens, self.device)
@@ -535,33 +529,34 @@ class Composer:
                 method,
                 guidance_scale,
                 extra_step_kwargs=step_kwargs(sched, generators),
-                callback=callback,
+                callback=run.callback,
                 max_rows=max_batch,
-                progress=progress,
+                progress=run.progress,
                 step_scales=None if plan.steps is None else plan.steps.to(self.device),
             )
         finally:
             unet_registry.release()  # drops the folded weights; the base weights were never written
 
     def _shared_record(self, method: CompositionMethod, active: list[LoRA], uses: list[LoRAUse], lora_scale: float,
-                       sampling: Sampling) -> dict:  # fmt: skip
+                       request: Request) -> dict:  # fmt: skip
         """The part of the PNG record that every image of a call shares."""
+        sampling = request.sampling
         return {
-            "negative_prompt": sampling.negative_prompt,
+            "negative_prompt": request.negative_prompt,
             "steps": sampling.steps,
             "scheduler": sampling.scheduler,
             "sampler": a1111_sampler_name(sampling.scheduler),
             "schedule_type": metadata.schedule_type(sampling.scheduler, self.scheduler_config),
             "guidance_scale": sampling.guidance_scale,
-            "width": sampling.size[1],
-            "height": sampling.size[0],
+            "width": sampling.width,
+            "height": sampling.height,
             "model": self.model_name,
             "model_hash": metadata.model_hash(self.model_name),
             "model_family": self.family,
             "dtype": str(self.dtype).removeprefix("torch."),
             "loras": [metadata.lora_entry(lora, use) for lora, use in zip(active, uses, strict=True)],
             "lora_scale": lora_scale,
-            **self.encoder.syntax(sampling.prompts, sampling.negative_prompt, sampling.guidance_scale > 1.0),
+            **self.encoder.syntax(request.prompts, request.negative_prompt, sampling.guidance_scale > 1.0),
             "method": {"name": method.name, "parameters": method.parameters()},
             "versions": metadata.versions(),
         }

@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from . import checks
+from .calls import SamplingConfig
 from .files import OutputError, atomic_open
 from .prompts import LORA_TAG, a1111_tag, check_steps, extract_lora_tags, parse_schedule, schedule_value
 
@@ -370,8 +371,9 @@ def lora_entry(lora, use) -> dict:
 
 def generate_kwargs(record: dict) -> dict:
     """The :meth:`Composer.generate` arguments that reproduce a ``compose`` record (its
-    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped).
-    The record is checked first (:func:`check_record`): it may be forged."""
+    ``loras`` already include the prompt's ``<lora:...>`` tags, so the tags are dropped),
+    the record's steps, guidance, size and scheduler as ``sampling``. The record is
+    checked first (:func:`check_record`): it may be forged."""
     record = check_record(record)
     return {
         "prompt": extract_lora_tags(record["prompt"])[0],
@@ -383,10 +385,12 @@ def generate_kwargs(record: dict) -> dict:
         "method_params": record["method"]["parameters"],
         "negative_prompt": record["negative_prompt"],
         "seed": record["seed"],
-        "steps": record["steps"],
-        "guidance_scale": record["guidance_scale"],
-        "width": record["width"],
-        "height": record["height"],
-        "scheduler": record["scheduler"],
         "lora_scale": record["lora_scale"],
+        "sampling": SamplingConfig(
+            steps=record["steps"],
+            guidance_scale=record["guidance_scale"],
+            width=record["width"],
+            height=record["height"],
+            scheduler=record["scheduler"],
+        ),
     }

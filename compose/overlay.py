@@ -1,9 +1,10 @@
 """Pictures of where each LoRA acted: its region tinted over the image it made.
 
 The methods that confine LoRAs to regions (``routed``, ``regional``) return their masks
-(``Composer.generate(..., return_masks=True)``); :func:`mask_overlay` draws them over the
-image for the studio and the benchmark's grids, one colour per LoRA (:data:`PALETTE`, in
-the composition's order), so that a concept drawn outside its region shows at a glance.
+(``Composer.generate(..., run=RunOptions(return_masks=True))``); :func:`mask_overlay`
+draws them over the image for the studio and the benchmark's grids, one colour per LoRA
+(:data:`PALETTE`, in the composition's order), so that a concept drawn outside its region
+shows at a glance.
 A LoRA that acted everywhere (a style) is not tinted; :func:`legend` says so.
 """
 

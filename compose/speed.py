@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .attention_maps import AttentionProbe
+from .calls import SamplingConfig
 from .compiled import CompiledUNet
 from .feature_cache import DeepFeatureCache
 from .full_size import SD15, SDXL, TINY, TINY_XL, building, peft_state_dict, random_loras, shared_copy
@@ -597,8 +598,8 @@ def generation_speed(composers: dict, prompt: str, loras: Sequence[str], methods
     configs = [(mode, method, batch) for method in methods for batch in batches for mode in composers]
 
     def generate(mode: str, method: str, batch: int) -> None:
-        composers[mode].generate(prompt, list(loras), method, seed=list(range(batch)), steps=steps, width=size,
-                                 height=size)  # fmt: skip
+        composers[mode].generate(prompt, list(loras), method, seed=list(range(batch)),
+                                 sampling=SamplingConfig(steps=steps, width=size, height=size))  # fmt: skip
 
     for config in tqdm(configs, desc="generation warm-up", unit="config"):
         generate(*config)

@@ -16,12 +16,13 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from . import checks
+from . import calls, checks
+from .calls import RunOptions, SamplingConfig
 from .composer import Composer
 from .files import OutputError, atomic_open
 from .metadata import PARAMETERS_KEY, RECORD_KEY, RecordError, check_record
@@ -43,8 +44,11 @@ GAP = 2
 KINDS = ("method", "weight:<LoRA name>", "seed", "steps", "guidance", "lora_scale")
 _SETTINGS = {"method": "method", "seed": "seed", "steps": "steps", "guidance": "guidance_scale",
              "lora_scale": "lora_scale", "weight": "loras"}  # fmt: skip
+_SAMPLING = {field.name for field in fields(SamplingConfig)}
+"""Settings an axis sets in the cell's ``sampling`` rather than as a keyword of its own."""
 _WHOLE = ("seed", "steps")
 _REFUSED = ("callback", "output_type", "return_masks")
+""":class:`~compose.calls.RunOptions` a plot sets itself: one image per cell, its own step callback."""
 _NUMBER = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
 _RANGE = re.compile(rf"({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?")
 """``start-end``, ``start-end (+step)`` or ``start-end [count]``, both ends included."""
@@ -111,7 +115,8 @@ class Axis:
 
     @property
     def setting(self) -> str:
-        """The :meth:`Composer.generate` keyword this axis overrides (``loras`` for a weight)."""
+        """The setting this axis overrides: a :meth:`Composer.generate` keyword (``loras``
+        for a weight) or, for steps and guidance, a field of its ``sampling``."""
         return _SETTINGS[_base_kind(self.kind)]
 
     @property
@@ -217,10 +222,17 @@ def _with_weight(loras: list, name: str, weight: float) -> list:
     return out if any(_lora_name(entry) == name for entry in loras) else [*out, (name, weight)]
 
 
-def _base_settings(settings: dict, axes: Sequence[Axis]) -> dict:
+def _jsonable(settings: dict) -> dict:
+    """``settings`` as the grid records them: ``sampling`` as a dict of its fields."""
+    return {key: asdict(value) if is_dataclass(value) else value for key, value in settings.items()}
+
+
+def _base_settings(settings: dict, axes: Sequence[Axis]) -> tuple[dict, RunOptions]:
     """``settings`` checked for a plot (one prompt, one seed, JSON values since the grid
-    records them), ``loras`` as a list, a method object as its name."""
-    refused = sorted(key for key in _REFUSED if key in settings)
+    records them), ``loras`` as a list, a method object as its name, ``sampling`` filled
+    in; and apart, its ``run`` options, which change no pixel and are not recorded."""
+    sampling, run = calls.options(settings.get("sampling"), settings.get("run"))
+    refused = sorted(key for key in _REFUSED if getattr(run, key) != getattr(RunOptions(), key))
     if refused:
         raise ValueError(f"an X/Y plot makes one image per cell and takes no {', '.join(refused)} setting")
     prompt = settings.get("prompt")
@@ -235,18 +247,21 @@ def _base_settings(settings: dict, axes: Sequence[Axis]) -> dict:
             raise ValueError(f"{axis.kind} axis: the prompt sets {axis.lora!r} with a <lora:...> tag; "
                              "give it in loras instead to vary its weight")  # fmt: skip
     method = settings.get("method", "merge")
-    base = {**settings, "loras": _lora_list(settings.get("loras")),
-            "method": method if isinstance(method, str) else method.name}  # fmt: skip
+    base = {**{key: value for key, value in settings.items() if key != "run"},
+            "loras": _lora_list(settings.get("loras")), "method": method if isinstance(method, str) else method.name,
+            "sampling": sampling}  # fmt: skip
     try:
-        json.dumps(base, allow_nan=False)
+        json.dumps(_jsonable(base), allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the X/Y plot settings are saved in the grid, so they must be JSON values: {error}") from None
-    return base
+    return base, run
 
 
 def _override(cell: dict, axis: Axis, value: str | int | float) -> dict:
     if axis.lora is not None:
         return {**cell, "loras": _with_weight(cell["loras"], axis.lora, value)}
+    if axis.setting in _SAMPLING:
+        return {**cell, "sampling": replace(cell["sampling"], **{axis.setting: value})}
     return {**cell, axis.setting: value}
 
 
@@ -255,7 +270,8 @@ class XYPlot:
     """A finished plot. ``cells``: rows (one per ``y`` value, one row without ``y``) of
     ``len(x.values)`` images, each with its own ``parameters`` and ``compose`` metadata;
     ``seconds``: the wall time of each cell's generation, the same shape; ``settings``: the
-    base :meth:`Composer.generate` keywords the axes override; ``grid``: the labelled sheet."""
+    base :meth:`Composer.generate` keywords the axes override (``run`` aside); ``grid``: the
+    labelled sheet."""
 
     settings: dict
     x: Axis
@@ -270,7 +286,7 @@ class XYPlot:
 
     def as_json(self) -> dict:
         """What :meth:`save` writes in the grid's ``compose_xy`` chunk and :func:`read_xy` returns."""
-        return {"settings": self.settings, "x": self.x.as_json(), "y": self.y.as_json() if self.y else None,
+        return {"settings": _jsonable(self.settings), "x": self.x.as_json(), "y": self.y.as_json() if self.y else None,
                 "cells": self.records(), "seconds": self.seconds}  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
@@ -295,8 +311,8 @@ def xy_plot(composer: Composer, settings: dict, x: Axis, y: Axis | None = None,
     :meth:`Composer.generate`, one prompt and one seed) with the cell's ``x`` and ``y`` values
     put in. A weight axis on a LoRA that ``settings["loras"]`` lacks adds it. ``callback``
     is called after each cell, for a UI to show progress; ``step`` is every cell's step
-    callback (:meth:`Composer.generate`'s ``callback``: returning ``False`` stops the plot
-    within one step). Everything is checked before the first cell runs."""
+    callback (:class:`~compose.calls.RunOptions`' ``callback``: returning ``False`` stops the
+    plot within one step). Everything is checked before the first cell runs."""
     axes = [x] if y is None else [x, y]
     if y is not None and y.kind == x.kind:
         raise ValueError(f"the X and Y axes both vary {x.kind}; give them different kinds")
@@ -306,7 +322,8 @@ def xy_plot(composer: Composer, settings: dict, x: Axis, y: Axis | None = None,
         raise ValueError(f"an X/Y plot has at most {MAX_CELLS} cells; these axes make {shape}{total}")
     for axis in axes:
         _check_fits(axis, composer)
-    base = _base_settings(settings, axes)
+    base, run = _base_settings(settings, axes)
+    run = replace(run, callback=step)
     cells, seconds = [], []
     for y_value in y.values if y else (None,):
         row = base if y is None else _override(base, y, y_value)
@@ -314,7 +331,7 @@ def xy_plot(composer: Composer, settings: dict, x: Axis, y: Axis | None = None,
         seconds.append([])
         for x_value in x.values:
             start = time.perf_counter()
-            image = composer.generate(**_override(row, x, x_value), callback=step)[0]
+            image = composer.generate(**_override(row, x, x_value), run=run)[0]
             seconds[-1].append(time.perf_counter() - start)
             cells[-1].append(image)
             if callback is not None:
@@ -378,10 +395,11 @@ def _axis_from_json(data: object, name: str) -> Axis:
 
 
 def read_xy(path: str | Path) -> dict:
-    """The ``compose_xy`` JSON of a grid :meth:`XYPlot.save` wrote: ``settings``, the axes
-    ``x`` and ``y`` (``{kind, values}``, ``y`` ``None`` for one row), ``cells`` (rows of
-    ``compose`` records, each checked by :func:`compose.metadata.check_record`, as anyone can
-    write a PNG text chunk) and ``seconds`` per cell. :class:`~compose.metadata.RecordError`
+    """The ``compose_xy`` JSON of a grid :meth:`XYPlot.save` wrote: ``settings`` (``sampling``
+    as a dict of its fields), the axes ``x`` and ``y`` (``{kind, values}``, ``y`` ``None``
+    for one row), ``cells`` (rows of ``compose`` records, each checked by
+    :func:`compose.metadata.check_record`, as anyone can write a PNG text chunk) and
+    ``seconds`` per cell. :class:`~compose.metadata.RecordError`
     names the file and what is wrong."""
     try:
         with Image.open(path) as image:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checks
+from ..calls import RunOptions, SamplingConfig
 from ..checks import printable
 from ..composer import Composer
 from ..files import atomic_open
@@ -177,8 +178,9 @@ def check_writable(out: Path) -> None:
 def check_settings(composer: Composer, settings: dict) -> None:
     """The image size and steps against the loaded model's limits, before any item runs or
     any file is written (a 4096-pixel run on a 64-pixel model is refused, not started)."""
-    checks.size_and_steps(composer.limits, composer.shape, width=settings.get("width"),
-                          height=settings.get("height"), steps=settings.get("steps", 25))  # fmt: skip
+    sampling = settings.get("sampling") or SamplingConfig()
+    checks.size_and_steps(composer.limits, composer.shape, width=sampling.width, height=sampling.height,
+                          steps=sampling.steps)  # fmt: skip
 
 
 def load_records(out: Path) -> list[dict]:
@@ -207,7 +209,7 @@ def run_item(composer: Composer, scorer: CLIPScorer, manifest: Manifest, item: I
         method_params=params or None,
         negative_prompt=manifest.negative_prompt_for(item.set),
         seed=item.seed,
-        return_masks=True,
+        run=RunOptions(return_masks=True),
         **settings,
     )
     image = images[0]
@@ -251,7 +253,8 @@ def run_benchmark(
     per_n: int | None = None,
 ) -> list[dict]:
     """Run (or resume) the benchmark; every process of a distributed launch calls this.
-    ``per_n``: see :func:`plan_items`.
+    ``settings``: the :meth:`Composer.generate` keywords every item shares (``sampling``,
+    ``lora_scale``); ``per_n``: see :func:`plan_items`.
 
     Returns all records once every process has finished (the main process then also
     writes the report).

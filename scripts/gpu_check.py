@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import inspect
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.full_size import peft_state_dict, pipeline, random_loras, shared_copy, write_loras
 from compose.methods import METHODS
 from compose.schedulers import make_scheduler
@@ -212,19 +211,16 @@ def exactness(run: Run) -> dict:
         high = _reference_latents(truth, names, weights, size, steps)
         return low, (low - high).abs().max().item()
 
-    def ours(loras_: list, method: str, **kwargs) -> torch.Tensor:
+    def ours(loras_: list, method: str, max_batch: int | None = None) -> torch.Tensor:
         return composer.generate(
             PROMPT,
             loras_,
             method,
             seed=SEED,
-            steps=steps,
-            width=size,
-            height=size,
             lora_scale=0.8,
-            output_type="latent",
             method_params=METHOD_PARAMS.get(method),
-            **kwargs,
+            sampling=SamplingConfig(steps=steps, width=size, height=size),
+            run=RunOptions(output_type="latent", max_batch=max_batch),
         )
 
     base = ours([], "merge").float()
@@ -325,7 +321,7 @@ def memory(run: Run) -> dict:
     composer = _composer(run, "sdxl", 5, 16)
     size = run.scale.latents[1024] * composer.pipeline.vae_scale_factor
     names = [f"lora{i}" for i in range(5)]
-    default = inspect.signature(Composer.generate).parameters["max_batch"].default
+    default = RunOptions().max_batch
     model_mib = sum(p.numel() * p.element_size() for p in composer.pipeline.unet.parameters()) / 2**20
     rows, calls = [], []
     composer.pipeline.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
@@ -338,10 +334,8 @@ def memory(run: Run) -> dict:
                 names,
                 "composite",
                 seed=SEED,
-                steps=run.scale.memory_steps,
-                width=size,
-                height=size,
-                max_batch=max_batch,
+                sampling=SamplingConfig(steps=run.scale.memory_steps, width=size, height=size),
+                run=RunOptions(max_batch=max_batch),
             )
 
         seconds, peak = _peak(run.device, generate)

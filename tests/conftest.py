@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from loras import kohya_state_dict, lora_parts, peft_state_dict, write  # noqa: E402
 
-from compose import Composer  # noqa: E402
+from compose import Composer, RunOptions, SamplingConfig  # noqa: E402
 from compose.schedulers import make_scheduler  # noqa: E402
 from compose.tiny import tiny_pipeline  # noqa: E402
 
@@ -23,6 +23,10 @@ FIXTURES = Path(
 )
 SIZE = 32
 STEPS = 4
+SAMPLING = SamplingConfig(steps=STEPS, width=SIZE, height=SIZE)
+"""The tests' usual generation: :data:`STEPS` steps at :data:`SIZE` px."""
+AS_LATENTS = RunOptions(output_type="latent")
+"""A run that returns the final latents, which the exactness tests compare."""
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS
 from sd_parsers import ParserManager
 
-from compose import Composer, generate_kwargs, read_record, save_png
+from compose import Composer, SamplingConfig, generate_kwargs, read_record, save_png
 from compose.emphasis import _token_ids, batch_chunks, chunks, emphasised, parse_attention
 from compose.metadata import RecordError, a1111_hash_name, check_record
 from compose.prompts import LoRAUse, a1111_tag, extract_lora_tags
@@ -105,8 +105,7 @@ def composer(lora_files, checkpoint) -> Composer:
 
 
 def gen(composer, prompt, **kwargs):
-    settings = dict(steps=STEPS, width=SIZE, height=SIZE, seed=2, output_type="latent")
-    return composer.generate(prompt, **{**settings, **kwargs})
+    return composer.generate(prompt, seed=2, sampling=SAMPLING, run=AS_LATENTS, **kwargs)
 
 
 # -- PNG metadata -----------------------------------------------------------------------------------
@@ -119,10 +118,7 @@ def png(composer, tmp_path_factory):
         loras=[("a", 0.7)],
         negative_prompt="blurry, (lowres)",
         seed=11,
-        steps=STEPS,
-        width=SIZE,
-        height=SIZE,
-        guidance_scale=6.0,
+        sampling=SamplingConfig(steps=STEPS, guidance_scale=6.0, width=SIZE, height=SIZE),
     )[0]
     return save_png(image, tmp_path_factory.mktemp("png") / "x.png")
 
@@ -179,7 +175,7 @@ def test_the_record_keeps_what_a1111_cannot_read_and_reproduces(png, composer):
 
 def test_an_empty_negative_prompt_has_no_line_and_a_plain_model_no_hash():
     composer = Composer.tiny("sd1")
-    text = composer.generate("a cat", steps=1, width=SIZE, height=SIZE)[0].info["parameters"]
+    text = composer.generate("a cat", sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))[0].info["parameters"]
     assert "Negative prompt" not in text and "Model hash" not in text
     fields = parse_generation_parameters(text)
     assert fields["Prompt"] == "a cat" and fields["Negative prompt"] == "" and fields["Model"] == "tiny:sd1"
@@ -193,7 +189,9 @@ def test_names_are_written_as_a1111_writes_them():
 
 
 def test_a_long_prompt_against_a_short_negative_pads_conds(composer):
-    image = composer.generate("a cat, " + "very " * 80 + "tail", steps=1, width=SIZE, height=SIZE)[0]
+    image = composer.generate(
+        "a cat, " + "very " * 80 + "tail", sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE)
+    )[0]
     record = json.loads(image.info["compose"])
     assert record["prompt_chunks"] == 2 and record["pad_conds"] is True and "prompt_dropped" not in record
     assert "Pad conds: True" in image.info["parameters"]

@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import STEPS
 
-from compose import Composer
+from compose import Composer, SamplingConfig
 from compose.a1111 import parse_parameters, settings_from_parameters
 from compose.metadata import a1111_parameters, schedule_type
 from compose.prompts import LoRAUse, extract_lora_tags
@@ -30,8 +30,9 @@ def composer(tmp_path_factory) -> Composer:
 
 
 def generated(composer: Composer, scheduler: str, method: str, params: dict):
+    sampling = SamplingConfig(steps=STEPS, guidance_scale=6.0, width=48, height=32, scheduler=scheduler)
     return composer.generate(PROMPT, method=method, method_params=params, negative_prompt="blurry,\nlowres", seed=7,
-                             steps=STEPS, guidance_scale=6.0, width=48, height=32, scheduler=scheduler)[0]  # fmt: skip
+                             sampling=sampling)[0]  # fmt: skip
 
 
 ROUND_TRIPS = [("dpm++2m-karras", "merge", {}), ("euler-a", "merge", {}), ("dpm++2m", "switch", {"tau": 2})]
@@ -63,14 +64,12 @@ def test_our_text_reads_back_to_the_record_and_the_same_pixels(composer, schedul
         )  # fmt: skip
         for lora in record["loras"]
     ]
+    sampling = SamplingConfig(steps=record["steps"], guidance_scale=record["guidance_scale"], width=record["width"],
+                              height=record["height"], scheduler=record["scheduler"])  # fmt: skip
     assert settings == {
         "negative_prompt": record["negative_prompt"],
-        "steps": record["steps"],
-        "guidance_scale": record["guidance_scale"],
         "seed": record["seed"],
-        "width": record["width"],
-        "height": record["height"],
-        "scheduler": record["scheduler"],
+        "sampling": sampling,
         "method": record["method"]["name"],
         "method_params": record["method"]["parameters"],
         "lora_scale": 1.0,
@@ -88,7 +87,7 @@ def test_loras_given_beside_the_prompt_s_tags_read_back_in_their_order(composer)
     gives the same order and the same pixels."""
     prompt = "a zq creature <lora:random-style:1>"
     image = composer.generate(prompt, loras=["random-character"], method="switch", method_params={"tau": 1}, seed=3,
-                              steps=STEPS, width=32, height=32)[0]  # fmt: skip
+                              sampling=SamplingConfig(steps=STEPS, width=32, height=32))[0]  # fmt: skip
     names = [lora["name"] for lora in json.loads(image.info["compose"])["loras"]]
     assert names == ["random-character", "random-style"]
     settings = settings_from_parameters(image.info["parameters"])
@@ -100,7 +99,7 @@ def test_loras_given_beside_the_prompt_s_tags_read_back_in_their_order(composer)
 def test_every_scheduler_comes_back_from_the_sampler_we_write(composer, record, scheduler):
     sampler, schedule = a1111_sampler_name(scheduler), schedule_type(scheduler, composer.scheduler_config)
     text = a1111_parameters({**record, "scheduler": scheduler, "sampler": sampler, "schedule_type": schedule})
-    assert settings_from_parameters(text)["scheduler"] == scheduler
+    assert settings_from_parameters(text)["sampling"].scheduler == scheduler
 
 
 def test_method_parameters_come_back_with_their_types(record):
@@ -153,12 +152,8 @@ def test_an_a1111_1_9_text():
     assert settings_from_parameters(A1111_19) == {
         "prompt": prompt,
         "negative_prompt": negative,
-        "steps": 28,
-        "guidance_scale": 6.5,
         "seed": 3581247762,
-        "width": 512,
-        "height": 768,
-        "scheduler": "dpm++2m-karras",
+        "sampling": SamplingConfig(steps=28, guidance_scale=6.5, width=512, height=768, scheduler="dpm++2m-karras"),
         "lora_scale": 1.0,
         "loras": ["x", "add_detail"],
     }
@@ -180,8 +175,13 @@ SAMPLERS = [
 @pytest.mark.parametrize(("sampler", "scheduler"), SAMPLERS)
 def test_samplers_old_and_new(sampler, scheduler):
     settings = settings_from_parameters(f"a cat\nSteps: 20, {sampler}, CFG scale: 7, Seed: 965400086, Size: 512x512")
-    assert settings == {"prompt": "a cat", "negative_prompt": "", "steps": 20, "guidance_scale": 7.0, "seed": 965400086,
-                        "width": 512, "height": 512, "scheduler": scheduler, "loras": []}  # fmt: skip
+    sampling = SamplingConfig(steps=20, guidance_scale=7.0, width=512, height=512, scheduler=scheduler)
+    assert settings == {"prompt": "a cat", "negative_prompt": "", "seed": 965400086, "sampling": sampling, "loras": []}
+
+
+def test_sampling_fields_the_text_leaves_out_keep_their_defaults():
+    settings = settings_from_parameters("a cat\nSteps: 20, Seed: 1, Model: x")
+    assert settings["sampling"] == SamplingConfig(steps=20) and settings["seed"] == 1
 
 
 SETTINGS = "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"

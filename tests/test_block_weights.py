@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING
 from loras import peft_state_dict, write
 
 from compose import Composer
@@ -49,8 +49,7 @@ def composer(lora_files) -> Composer:
 
 
 def gen(composer, loras, method="composite"):
-    return composer.generate("a cat", loras=loras, method=method, steps=STEPS, width=SIZE, height=SIZE, seed=1,
-                             output_type="latent")  # fmt: skip
+    return composer.generate("a cat", loras=loras, method=method, seed=1, sampling=SAMPLING, run=AS_LATENTS)
 
 
 def test_all_and_none(composer):
@@ -72,8 +71,8 @@ def test_preset_equals_the_lora_cut_to_its_blocks(composer, lora_files, tmp_path
     try:
         expected = gen(composer, [(f"cut-{method}", 0.8)], method)
         torch.testing.assert_close(gen(composer, [("a", 0.8, "INALL")], method), expected, atol=1e-5, rtol=0)
-        tagged = composer.generate("a cat <lora:a:0.8:lbw=INALL>", method=method, steps=STEPS, width=SIZE,
-                                   height=SIZE, seed=1, output_type="latent")  # fmt: skip
+        tagged = composer.generate("a cat <lora:a:0.8:lbw=INALL>", method=method, seed=1, sampling=SAMPLING,
+                                   run=AS_LATENTS)  # fmt: skip
         torch.testing.assert_close(tagged, expected, atol=1e-5, rtol=0)
     finally:
         composer.unload_lora(f"cut-{method}")

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, generator, reference_loop, reference_pipeline
+from conftest import AS_LATENTS, SIZE, generator, reference_loop, reference_pipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from compose import CMLoRA, Composer, KLoRA
+from compose import CMLoRA, Composer, KLoRA, SamplingConfig
 from compose.cli import _method_params, _parser
 from compose.frequency import cutoff_for, profile_images, radial_profile
 from compose.methods import MethodContext
@@ -108,7 +108,9 @@ def test_without_cache_equals_the_weighted_reference(lora_files):
     for i, category in enumerate(names):
         composer.load_lora(lora_files["sd1", i]["peft"], name=category, category=category)
     method = CMLoRA(ordering="category", cache=False)
-    got = composer.generate("a cat", names, method, seed=3, steps=steps, width=SIZE, height=SIZE, output_type="latent")
+    got = composer.generate(
+        "a cat", names, method, seed=3, sampling=SamplingConfig(steps=steps, width=SIZE, height=SIZE), run=AS_LATENTS
+    )
 
     pipe = reference_pipeline("sd1", [(n, lora_files["sd1", i]["parts"]) for i, n in enumerate(names)])
     pipe.set_adapters(names, [0.8] * 3)
@@ -124,7 +126,7 @@ def test_cache_skips_deep_work_as_scheduled(trio):
     deep_rows = []
     deep_module = trio.pipeline.unet.mid_block.resnets[0]
     hook = deep_module.register_forward_hook(lambda m, args, out: deep_rows.append(out.shape[0]))
-    kwargs = dict(seed=5, steps=steps, width=SIZE, height=SIZE, output_type="latent")
+    kwargs = dict(seed=5, sampling=SamplingConfig(steps=steps, width=SIZE, height=SIZE), run=AS_LATENTS)
     try:
         exact = trio.generate("a cat", names, CMLoRA(ordering="category", cache=False), **kwargs)
         uncached_rows = sum(deep_rows)
@@ -328,7 +330,9 @@ def test_reference_generation_equals_the_released_cached_loop(lora_files):
     for i, category in enumerate(names):
         composer.load_lora(lora_files["sd1", i]["peft"], name=category, category=category)
     method = CMLoRA(reference=True, schedule="uniform", interval=2)
-    got = composer.generate("a cat", names, method, seed=3, steps=steps, width=SIZE, height=SIZE, output_type="latent")
+    got = composer.generate(
+        "a cat", names, method, seed=3, sampling=SamplingConfig(steps=steps, width=SIZE, height=SIZE), run=AS_LATENTS
+    )
 
     pipe = reference_pipeline("sd1", [(n, lora_files["sd1", i]["parts"]) for i, n in enumerate(names)])
     pipe.set_adapters(names, [1.0] * 3)
@@ -374,10 +378,6 @@ def test_cli_reference_and_settings_table():
     assert "cmlora: --steps 220 --guidance 8.5 --lora-scale 1" in text
     assert "merge, switch, composite: --steps 200 --guidance 10 --lora-scale 0.8" in text
     assert settings("klora") == {
-        "steps": 50,
-        "guidance_scale": 5.0,
         "lora_scale": 1.0,
-        "scheduler": "euler",
-        "width": 1024,
-        "height": 1024,
+        "sampling": SamplingConfig(steps=50, guidance_scale=5.0, width=1024, height=1024, scheduler="euler"),
     }

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.demo_world import CONCEPTS, Figure, Scene, detect, render, sample_concept_scene, sample_generic_scene
 from compose.demo_world.cards import CARD_SEEDS, write_cards
 from compose.demo_world.detectors import slot_check
@@ -117,8 +117,9 @@ def test_one_lora_equals_diffusers_own_adapter(world):
     prompt = sample_concept_scene("klinko", 0).caption()
     expected = pipeline(prompt, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
                         output_type="latent").images  # fmt: skip
-    got = world.generate(prompt, ["klinko"], seed=0, steps=6, output_type="latent")
-    base = world.generate(prompt, seed=0, steps=6, output_type="latent")
+    sampling, run = SamplingConfig(steps=6), RunOptions(output_type="latent")
+    got = world.generate(prompt, ["klinko"], seed=0, sampling=sampling, run=run)
+    base = world.generate(prompt, seed=0, sampling=sampling, run=run)
     assert (expected - base).abs().max() > 0.1
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
 
@@ -134,7 +135,9 @@ def test_plain_diffusers_reproduces_a_merge_image():
     pipeline.set_progress_bar_config(disable=True)
     prompt = "a zorbo creature on the left, vosh sky background"
     theirs = pipeline(prompt, num_inference_steps=10, generator=torch.Generator().manual_seed(4)).images[0]
-    ours = Composer.load("demo-world").generate(prompt, ["zorbo", "vosh"], "merge", seed=4, steps=10)[0]
+    ours = Composer.load("demo-world").generate(
+        prompt, ["zorbo", "vosh"], "merge", seed=4, sampling=SamplingConfig(steps=10)
+    )[0]
     difference = np.abs(np.asarray(theirs, dtype=int) - np.asarray(ours, dtype=int))
     assert difference.max() <= 1
 
@@ -180,5 +183,7 @@ def test_a_lora_card_shows_its_concept_and_says_how_to_draw_it_again(world, tmp_
     with Image.open(path) as saved:
         shown = saved.convert("RGB")
     assert all(slot_check(shown, scene).values())
-    again = world.generate(record["prompt"], ["brakka"], seed=record["seed"], steps=record["steps"])[0]
+    again = world.generate(
+        record["prompt"], ["brakka"], seed=record["seed"], sampling=SamplingConfig(steps=record["steps"])
+    )[0]
     assert np.abs(np.asarray(again, np.int16) - np.asarray(shown, np.int16)).max() <= 1

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compose import Composer
+from compose import Composer, SamplingConfig
 from compose.composer import ModelLoadError
 from compose.demo_world import CONCEPTS
 from compose.demo_world import train as training
@@ -174,7 +174,8 @@ def test_outputs_load_as_pipeline_loras_and_clip(quick):
     out, _, _ = quick
     composer = Composer.bundled("demo-world", out)
     assert list(composer.loras) == list(CONCEPTS), "a trained world's LoRAs load in the concepts' order"
-    assert composer.generate("a red circle on the left", ["zorbo", "vosh"], steps=2)[0].size == (64, 64)
+    image = composer.generate("a red circle on the left", ["zorbo", "vosh"], sampling=SamplingConfig(steps=2))[0]
+    assert image.size == (64, 64)
     scorer = CLIPScorer.from_folder(demo_world_clip(out), device="cpu")
     assert scorer.text_embeddings(["zorbo creature"]).shape == (1, 128)
     ceiling = load_lora(lora_path(out, CEILING))

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import SIZE, STEPS, generator, reference_loop
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS, generator, reference_loop
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from loras import write
@@ -92,8 +92,8 @@ def effective_deltas(pipe) -> dict[tuple[str, str], torch.Tensor]:
 
 
 def latents(composer: Composer, loras, method: str = "merge", lora_scale: float = 1.0) -> torch.Tensor:
-    return composer.generate(PROMPT, loras=loras, method=method, seed=3, steps=STEPS, width=SIZE, height=SIZE,
-                             output_type="latent", lora_scale=lora_scale)  # fmt: skip
+    return composer.generate(PROMPT, loras=loras, method=method, seed=3, lora_scale=lora_scale, sampling=SAMPLING,
+                             run=AS_LATENTS)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

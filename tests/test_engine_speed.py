@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SIZE, STEPS
 from loras import lora_parts, peft_state_dict, write
 from torch._dynamo.utils import counters
 
-from compose import Composer, NonFiniteLatentsError
+from compose import Composer, NonFiniteLatentsError, SamplingConfig
 from compose.layers import ComposableLayer
 from compose.methods import METHODS, KLoRA, Switch
 from compose.speed import SHALLOW, run_speed_benchmark, summary_markdown, to_markdown, world_speed
@@ -36,9 +37,9 @@ def trio(lora_files) -> Composer:
     return load_trio(lora_files)
 
 
-def gen(composer: Composer, loras, method="merge", steps=STEPS, **kwargs) -> torch.Tensor:
-    return composer.generate(PROMPT, loras=loras, method=method, seed=3, steps=steps, width=SIZE, height=SIZE,
-                             output_type="latent", **kwargs)  # fmt: skip
+def gen(composer: Composer, loras, method="merge", steps=STEPS, run=AS_LATENTS, **kwargs) -> torch.Tensor:
+    sampling = SamplingConfig(steps=steps, width=SIZE, height=SIZE)
+    return composer.generate(PROMPT, loras=loras, method=method, seed=3, sampling=sampling, run=run, **kwargs)
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def test_a_layer_computes_only_the_active_loras(trio, method, params, most):
 
     try:
         modes(trio, sliced=True, fold=False)
-        gen(trio, list(CATEGORIES), method, method_params=params, callback=spy)
+        gen(trio, list(CATEGORIES), method, method_params=params, run=replace(AS_LATENTS, callback=spy))
     finally:
         modes(trio, sliced=True, fold=True)
     assert seen and max(len(columns) for columns in seen) == most
@@ -117,7 +118,7 @@ def test_folding_is_used_and_the_base_weights_come_back_bit_for_bit(trio):
     def spy(step, steps, latents):
         folded_at.append(sum(layer._fold_weight is not None for layer in layers))
 
-    gen(trio, [("character", 0.7), ("style", "0@0,1@1")], "merge", callback=spy)
+    gen(trio, [("character", 0.7), ("style", "0@0,1@1")], "merge", run=replace(AS_LATENTS, callback=spy))
     assert min(folded_at) > 0, "merge's steps must run on folded weights"
     for layer, (tensor, copy) in zip(layers, originals, strict=True):
         assert layer.base.weight is tensor and torch.equal(layer.base.weight, copy)
@@ -133,7 +134,7 @@ def test_a_constant_merge_folds_each_layer_once_per_generation(trio):
     def spy(step, steps, latents):
         held.extend(layer._fold_weight is not None and layer._run == step + 1 for layer in layers)
 
-    gen(trio, ["character", "style"], "merge", steps=6, callback=spy)
+    gen(trio, ["character", "style"], "merge", steps=6, run=replace(AS_LATENTS, callback=spy))
     assert all(held), "folded at the first step, kept for every later one"
 
 
@@ -144,7 +145,8 @@ def test_nan_names_the_first_bad_step_though_read_later(lora_files):
         f.up.mul_(1e30)
     steps_run: list[int] = []
     with pytest.raises(NonFiniteLatentsError, match="at step 4 of 8"):
-        gen(composer, [("a", "0@0,0@0.3,1@0.31")], steps=8, callback=lambda i, n, x: steps_run.append(i))
+        run = replace(AS_LATENTS, callback=lambda i, n, x: steps_run.append(i))
+        gen(composer, [("a", "0@0,0@0.3,1@0.31")], steps=8, run=run)
     assert steps_run == [0, 1, 2, 3], "the on-device flag is read every 5 steps, not at every step"
     for layer in unet_layers(composer):
         assert layer._fold_weight is None
@@ -223,10 +225,10 @@ def test_cmlora_says_it_profiles_and_that_the_profile_is_cached(trio, capsys, mo
     monkeypatch.setenv("COMPOSE_CACHE", str(tmp_path))
     for lora in trio.loras.values():
         lora.derived.pop(next((k for k in lora.derived if k[0] == "frequency"), None), None)
-    gen(trio, ["character", "style"], "cmlora", progress=True)
+    gen(trio, ["character", "style"], "cmlora", run=replace(AS_LATENTS, progress=True))
     err = capsys.readouterr().err
     assert "profiling LoRA 'character' for CMLoRA's frequency ordering" in err and "cached in" in err
-    gen(trio, ["character", "style"], "cmlora", progress=True)
+    gen(trio, ["character", "style"], "cmlora", run=replace(AS_LATENTS, progress=True))
     assert "profiling" not in capsys.readouterr().err
 
 

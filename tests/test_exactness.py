@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import SIZE, STEPS, generator, reference_loop, reference_pipeline
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS, generator, reference_loop, reference_pipeline
 from loras import attn_processor_state_dict, lora_parts, peft_state_dict, write
 
 from compose import Composer, Switch
@@ -15,18 +17,8 @@ ATOL = 1e-4
 PROMPT = "a cat wearing a hat"
 
 
-def ours(composer: Composer, loras, method="merge", seed=3, **kwargs) -> torch.Tensor:
-    return composer.generate(
-        PROMPT,
-        loras=loras,
-        method=method,
-        seed=seed,
-        steps=STEPS,
-        width=SIZE,
-        height=SIZE,
-        output_type="latent",
-        **kwargs,
-    )
+def ours(composer: Composer, loras, method="merge", seed=3, run=AS_LATENTS, **kwargs) -> torch.Tensor:
+    return composer.generate(PROMPT, loras=loras, method=method, seed=seed, sampling=SAMPLING, run=run, **kwargs)
 
 
 def diffusers_latents(pipe, seed=3, **kwargs) -> torch.Tensor:
@@ -100,7 +92,9 @@ def test_composite_equals_sequential_loop(lora_files, max_batch):
     composer = Composer.tiny("sd1")
     for i, n in enumerate(names):
         composer.load_lora(lora_files["sd1", i]["peft"], name=n)
-    got = ours(composer, list(zip(names, weights, strict=True)), "composite", max_batch=max_batch)
+    got = ours(
+        composer, list(zip(names, weights, strict=True)), "composite", run=replace(AS_LATENTS, max_batch=max_batch)
+    )
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 

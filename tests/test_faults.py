@@ -15,14 +15,14 @@ import time
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING, SIZE
 from loras import peft_state_dict, write
 from PIL import Image
 from test_bench import bench_args, scores
 from test_cli import run
 from test_studio import settings_kwargs
 
-from compose import Composer, LoRAError, load_lora
+from compose import Composer, LoRAError, SamplingConfig, load_lora
 from compose.loop import OutOfMemory
 
 
@@ -44,10 +44,12 @@ def test_integer_factors_are_refused(tmp_path, lora_files):
 
 def test_empty_and_overlong_prompts(capsys, tmp_path):
     composer = Composer.tiny("sd1")
-    image = composer.generate("", steps=1, width=SIZE, height=SIZE)[0]
+    image = composer.generate("", sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))[0]
     assert json.loads(image.info["compose"])["prompt"] == ""
     long = "a cat " + "very " * 80 + "tail words"
-    record = json.loads(composer.generate(long, steps=1, width=SIZE, height=SIZE)[0].info["compose"])
+    record = json.loads(
+        composer.generate(long, sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))[0].info["compose"]
+    )
     assert record["prompt"] == long and record["prompt_chunks"] == 2 and "prompt_dropped" not in record
     code, _, err = run(capsys, "generate", "--prompt", long, "--steps", "1", "--width", "32", "--height", "32",
                        "--out", tmp_path / "long.png")  # fmt: skip
@@ -58,7 +60,7 @@ def test_out_of_memory_retries_in_smaller_chunks(lora_files, monkeypatch):
     composer = Composer.tiny("sd1")
     for i in range(3):
         composer.load_lora(lora_files["sd1", i]["peft"], name=f"l{i}")
-    kwargs = dict(steps=STEPS, width=SIZE, height=SIZE, seed=2, output_type="latent", method="composite")
+    kwargs = dict(seed=2, method="composite", sampling=SAMPLING, run=AS_LATENTS)
     expected = composer.generate("a cat", list(composer.loras), **kwargs)
     unet = composer.pipeline.unet
     forward = unet.forward

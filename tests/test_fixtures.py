@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from compose import Composer, LoRAError
+from compose import Composer, LoRAError, RunOptions, SamplingConfig
 from compose.loop import Conditioning, predict_noise
 from compose.speed import SD15
 from compose.tiny import _scheduler, _text_config, _vae
@@ -86,7 +86,9 @@ def test_fixture_layer_equals_diffusers_peft(sd15, fixtures_dir):
 
 def test_fixtures_compose(sd15):
     names = list(NAMES)
-    kwargs = dict(loras=names, steps=2, width=64, height=64, seed=1, output_type="latent")
+    kwargs = dict(
+        loras=names, seed=1, sampling=SamplingConfig(steps=2, width=64, height=64), run=RunOptions(output_type="latent")
+    )
     composite = sd15.generate("a pikachu with a blossom axe", method="composite", **kwargs)
     merge = sd15.generate("a pikachu with a blossom axe", method="merge", **kwargs)
     assert torch.isfinite(composite).all() and composite.shape == (1, 4, 32, 32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.full_size import pipeline, random_loras, write_loras
 from compose.methods import METHODS
 from compose.speed import run_speed_benchmark
@@ -40,8 +40,9 @@ def composer(model: str) -> Composer:
 
 
 def generate(composer: Composer, loras: list[str], method: str = "merge") -> torch.Tensor:
-    return composer.generate(PROMPT, loras, method, seed=1, steps=STEPS, width=SIZE, height=SIZE,
-                             output_type="latent", method_params=PARAMS.get(method))  # fmt: skip
+    return composer.generate(PROMPT, loras, method, seed=1, method_params=PARAMS.get(method),
+                             sampling=SamplingConfig(steps=STEPS, width=SIZE, height=SIZE),
+                             run=RunOptions(output_type="latent"))  # fmt: skip
 
 
 def every_method(composer: Composer, names: list[str]) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS
 from PIL import Image
 
 from compose import (
@@ -15,6 +16,8 @@ from compose import (
     GenerationCancelled,
     ModelLoadError,
     NonFiniteLatentsError,
+    RunOptions,
+    SamplingConfig,
     generate_kwargs,
     read_record,
     save_png,
@@ -30,9 +33,8 @@ def composer(lora_files) -> Composer:
     return composer
 
 
-def gen(composer, prompt="a cat", **kwargs):
-    kwargs = {"steps": STEPS, "width": SIZE, "height": SIZE, "output_type": "latent", **kwargs}
-    return composer.generate(prompt, **kwargs)
+def gen(composer, prompt="a cat", sampling=SAMPLING, run=AS_LATENTS, **kwargs):
+    return composer.generate(prompt, sampling=sampling, run=run, **kwargs)
 
 
 def test_batch_equals_singles(composer):
@@ -44,7 +46,7 @@ def test_batch_equals_singles(composer):
 
 
 def test_int_seed_counts_up_per_prompt(composer):
-    images = composer.generate(["x", "y"], seed=5, steps=1, width=SIZE, height=SIZE)
+    images = composer.generate(["x", "y"], seed=5, sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))
     assert [read_record_from(i)["seed"] for i in images] == [5, 6]
 
 
@@ -56,10 +58,10 @@ def read_record_from(image: Image.Image) -> dict:
 
 def test_callback_reports_every_step_and_cancels(composer):
     seen = []
-    gen(composer, loras=["a"], callback=lambda i, n, latents: seen.append((i, n)))
+    gen(composer, loras=["a"], run=replace(AS_LATENTS, callback=lambda i, n, latents: seen.append((i, n))))
     assert seen == [(i, STEPS) for i in range(STEPS)]
     with pytest.raises(GenerationCancelled, match="after step 2 of 4"):
-        gen(composer, loras=["a"], method="composite", callback=lambda i, n, latents: i < 1)
+        gen(composer, loras=["a"], method="composite", run=replace(AS_LATENTS, callback=lambda i, n, latents: i < 1))
     assert composer.registries["unet"].state.weights is None
     torch.testing.assert_close(gen(composer, loras=["a"]), gen(composer, loras=["a"]))
 
@@ -82,12 +84,14 @@ def test_weight_zero_and_unload_restore_the_base_model(lora_files):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"width": 31}, "multiples of 2"),
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"sampling": replace(SAMPLING, width=31)}, "multiples of 2"),
+        ({"sampling": replace(SAMPLING, steps=0)}, "steps must be at least 1"),
+        ({"sampling": replace(SAMPLING, guidance_scale=float("nan"))}, "guidance_scale must be a finite number"),
+        ({"run": replace(AS_LATENTS, max_batch=0)}, "max_batch must be at least 1"),
         ({"loras": ["zzz"]}, "'zzz' is not loaded"),
         ({"loras": ["a", "a"]}, "listed twice"),
         ({"method": "nope"}, "unknown method 'nope'"),
-        ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"sampling": replace(SAMPLING, scheduler="nope")}, "unknown scheduler"),
         ({"method": "composite"}, "needs at least one LoRA"),
         ({"seed": [1, 2, 3], "prompt": ["a", "b"]}, "2 prompts and 3 seeds"),
     ],
@@ -97,19 +101,26 @@ def test_bad_settings_are_refused(composer, kwargs, message):
         gen(composer, **kwargs)
 
 
+def test_the_option_groups_are_refused_in_another_form(composer):
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig .* got dict"):
+        composer.generate("a cat", sampling={"steps": 2})
+    with pytest.raises(TypeError, match="run must be a RunOptions"):
+        composer.generate("a cat", sampling=SAMPLING, run="latent")
+
+
 def test_nan_latents_stop_with_the_step(lora_files):
     composer = Composer.tiny("sd1")
     lora = composer.load_lora(lora_files["sd1", 0]["peft"], name="a")
     for f in lora.factors["unet"].values():
         f.up.mul_(1e30)
     with pytest.raises(NonFiniteLatentsError, match="at step 1 of 4"):
-        gen(composer, loras=["a"], output_type="pil")
+        gen(composer, loras=["a"], run=RunOptions())
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_every_scheduler_offered_runs(composer, scheduler):
     """Each name ``--scheduler`` offers generates (lms needs scipy, a dependency for it)."""
-    latents = gen(composer, loras=["a", "b"], method="switch", scheduler=scheduler)
+    latents = gen(composer, loras=["a", "b"], method="switch", sampling=replace(SAMPLING, scheduler=scheduler))
     assert torch.isfinite(latents).all()
 
 
@@ -121,10 +132,7 @@ def test_png_metadata_reproduces_the_image(composer, tmp_path):
         method_params={"tau": 2},
         negative_prompt="blurry",
         seed=11,
-        steps=STEPS,
-        width=SIZE,
-        height=SIZE,
-        guidance_scale=6.0,
+        sampling=SamplingConfig(steps=STEPS, guidance_scale=6.0, width=SIZE, height=SIZE),
     )[0]
     path = save_png(image, tmp_path / "out" / "x.png")
     with Image.open(path) as png:
@@ -143,7 +151,7 @@ def test_png_metadata_reproduces_the_image(composer, tmp_path):
 
 
 def test_save_is_atomic(composer, tmp_path, monkeypatch):
-    image = composer.generate("a cat", steps=1, width=SIZE, height=SIZE)[0]
+    image = composer.generate("a cat", sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))[0]
     path = save_png(image, tmp_path / "x.png")
     before = path.read_bytes()
 
@@ -151,7 +159,7 @@ def test_save_is_atomic(composer, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    other = composer.generate("a dog", steps=1, width=SIZE, height=SIZE, seed=3)[0]
+    other = composer.generate("a dog", seed=3, sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))[0]
     with pytest.raises(OSError, match="No space left"):
         save_png(other, path)
     assert path.read_bytes() == before
@@ -161,7 +169,9 @@ def test_save_is_atomic(composer, tmp_path, monkeypatch):
 def test_sdxl_generates_images_with_metadata(lora_files):
     composer = Composer.tiny("sdxl")
     composer.load_lora(lora_files["sdxl", 0]["kohya"], name="k")
-    images = composer.generate(["a", "b"], loras=["k"], method="composite", steps=2, width=SIZE, height=SIZE)
+    images = composer.generate(
+        ["a", "b"], loras=["k"], method="composite", sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE)
+    )
     assert [i.size for i in images] == [(SIZE, SIZE)] * 2
     assert 'Model: "tiny:sdxl"' in images[0].info["parameters"]
 
@@ -203,5 +213,5 @@ def test_half_precision_runs_every_method(lora_files, method, tmp_path, monkeypa
     composer.pipeline.to(torch.bfloat16)
     for i in range(2):
         composer.load_lora(lora_files["sd1", i]["peft"], name=f"l{i}", category=("character", "style")[i])
-    latents = gen(composer, loras=["l0", "l1"], method=method, steps=3)
+    latents = gen(composer, loras=["l0", "l1"], method=method, sampling=replace(SAMPLING, steps=3))
     assert latents.dtype == torch.bfloat16 and torch.isfinite(latents).all()

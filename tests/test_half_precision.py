@@ -16,11 +16,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SIZE, STEPS, generator
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS, generator
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.attention_maps import AttentionProbe
 from compose.methods import METHODS
 from compose.pipelines import decode_latents
@@ -92,8 +92,9 @@ def composers(lora_files):
 
 def generate(composer: Composer, method: str) -> torch.Tensor:
     loras = [name for name, *_ in LORAS][: 2 if method == "klora" else 3]
-    return composer.generate(PROMPT, loras, method, method_params=PARAMS.get(method), steps=STEPS, width=SMALL,
-                             height=SMALL, seed=1, lora_scale=1.0, output_type="latent")  # fmt: skip
+    return composer.generate(PROMPT, loras, method, method_params=PARAMS.get(method), seed=1, lora_scale=1.0,
+                             sampling=SamplingConfig(steps=STEPS, width=SMALL, height=SMALL),
+                             run=AS_LATENTS)  # fmt: skip
 
 
 def pixels(composer: Composer, latents: torch.Tensor) -> torch.Tensor:
@@ -169,8 +170,9 @@ def test_lora_factors_follow_the_model_dtype(lora_files, family, dtype):
         single = [tuple(t.shape) for t in held_tensors(composer) if t.dtype == torch.float32]
         assert not [shape for shape in single if len(shape) > 1 or shape in shapes], f"float32 tensors: {single}"
 
-    composer.generate(PROMPT, [name for name, *_ in LORAS], "merge", steps=STEPS, width=SMALL, height=SMALL,
-                      callback=check, output_type="latent")  # fmt: skip
+    composer.generate(PROMPT, [name for name, *_ in LORAS], "merge",
+                      sampling=SamplingConfig(steps=STEPS, width=SMALL, height=SMALL),
+                      run=RunOptions(callback=check, output_type="latent"))  # fmt: skip
     assert seen["layers"] and seen["folded"], "Merge must stack and fold factors for the check to mean anything"
     check(STEPS, STEPS, None)
 
@@ -240,7 +242,7 @@ def overflowing_sdxl() -> Composer:
 
 def test_sdxl_vae_decodes_in_float32_when_its_config_asks(overflowing_sdxl):
     vae = overflowing_sdxl.pipeline.vae
-    latents = overflowing_sdxl.generate("a cat", steps=STEPS, width=SIZE, height=SIZE, output_type="latent")
+    latents = overflowing_sdxl.generate("a cat", sampling=SAMPLING, run=AS_LATENTS)
     assert vae.config.force_upcast and latents.dtype == torch.float16
     with torch.no_grad():
         upcast = decode_latents(vae, latents)
@@ -255,7 +257,7 @@ def test_sdxl_vae_decodes_in_float32_when_its_config_asks(overflowing_sdxl):
 @pytest.mark.filterwarnings("ignore:.*upcast_vae:FutureWarning")
 def test_sdxl_image_in_float16_equals_diffusers_pipeline(overflowing_sdxl):
     """diffusers' ``StableDiffusionXLPipeline`` decodes with the same upcast: the images agree."""
-    image = overflowing_sdxl.generate("a cat", steps=STEPS, width=SIZE, height=SIZE, seed=3)[0]
+    image = overflowing_sdxl.generate("a cat", seed=3, sampling=SAMPLING)[0]
     pipe = overflowing_sdxl.pipeline
     pipe.scheduler = make_scheduler("dpm++2m", dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE
+from conftest import AS_LATENTS, SIZE
 from gradio_client import Client, handle_file
 from loras import kohya_state_dict, peft_state_dict, write
 from PIL import Image, PngImagePlugin
 from test_cli import TINY, run
 from test_studio import settings_kwargs
 
-from compose import Composer, LoRAError, load_lora, read_record, save_png
+from compose import Composer, LoRAError, SamplingConfig, load_lora, read_record, save_png
 from compose.app.studio import Studio, StudioError
 from compose.app.ui import operator_default
 from compose.checks import Limits, printable
@@ -175,8 +175,8 @@ def made(tmp_path_factory, lora_files) -> dict:
     """A tiny composer with one LoRA, and a PNG it made with block weights."""
     composer = Composer.tiny("sd1")
     composer.load_lora(lora_files["sd1", 0]["peft"], name="knight")
-    image = composer.generate("a knight", [("knight", 1.0, "OUTALL")], method="composite", steps=2, width=SIZE,
-                              height=SIZE, seed=5)[0]  # fmt: skip
+    image = composer.generate("a knight", [("knight", 1.0, "OUTALL")], method="composite", seed=5,
+                              sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE))[0]  # fmt: skip
     path = save_png(image, tmp_path_factory.mktemp("made") / "knight.png")
     return {"composer": composer, "png": path, "lora": lora_files["sd1", 0]["peft"]}
 
@@ -239,8 +239,8 @@ def test_block_weights_are_reproduced(made, tmp_path, capsys):
     assert read_record(tmp_path / "again.png")["loras"][0]["blocks"] == "OUTALL"
     again, first = (np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "again.png", made["png"]))
     assert np.array_equal(again, first)
-    plain = made["composer"].generate("a knight", [("knight", 1.0)], method="composite", steps=2, width=SIZE,
-                                      height=SIZE, seed=5)[0]  # fmt: skip
+    plain = made["composer"].generate("a knight", [("knight", 1.0)], method="composite", seed=5,
+                                      sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE))[0]  # fmt: skip
     assert not np.array_equal(np.asarray(plain), first)  # the block weights matter
 
 
@@ -366,10 +366,10 @@ def test_size_and_steps_are_bounded_by_the_model(capsys, tmp_path):
     assert code == 2 and err.index("note: ") < err.index("needs at least one LoRA") and "denoising" not in err
     composer = Composer.tiny("sd1")
     with pytest.raises(ValueError, match="17 images in one call is over the limit of 16"):
-        composer.generate("x", seed=list(range(17)), steps=1)
+        composer.generate("x", seed=list(range(17)), sampling=SamplingConfig(steps=1))
     composer.limits = Limits(max_steps=3)
     with pytest.raises(ValueError, match="steps 4 is over the limit of 3"):
-        composer.generate("x", steps=4)
+        composer.generate("x", sampling=SamplingConfig(steps=4))
 
 
 def _many_tensors(path: Path, count: int) -> Path:
@@ -503,7 +503,9 @@ def test_fp8_factors_are_upcast(tmp_path, lora_files):
     torch.testing.assert_close(factors.down, expected)
     composer = Composer.tiny("sd1")
     composer.add_lora(lora)
-    assert torch.isfinite(composer.generate("x", ["fp8"], steps=1, width=SIZE, height=SIZE, output_type="latent")).all()
+    assert torch.isfinite(
+        composer.generate("x", ["fp8"], sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE), run=AS_LATENTS)
+    ).all()
 
 
 # -- 7. non-finite and degenerate numbers ---------------------------------------------------
@@ -529,14 +531,14 @@ def test_the_command_line_refuses_degenerate_numbers(capsys, tmp_path, options, 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, got nan"),
+        ({"sampling": SamplingConfig(steps=1, guidance_scale=float("nan"))}, "guidance_scale must be a finite number"),
         ({"lora_scale": float("inf")}, "lora_scale must be a finite number, got inf"),
         ({"loras": [("a", float("nan"))]}, "the weight of 'a' must be a finite number, got nan"),
         ({"loras": [("a", 1e308)]}, "the weight of 'a' must be between -100 and 100, got 1e"),
         ({"loras": [("a", "nan@0,1@1")]}, "weight nan is not a finite number"),
         ({"prompt": "x <lora:a:inf>"}, "<lora:a:inf>: the weight must be a finite number"),
         ({"loras": [("a", 1.0, "nan,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")]}, "block weight BASE of 'a' must be a finite"),
-        ({"steps": 10000}, "steps 10000 is over the limit of 1000"),
+        ({"sampling": SamplingConfig(steps=10000)}, "steps 10000 is over the limit of 1000"),
         ({"seed": 2**70}, "seed must be an integer in \\[0, 2\\*\\*64\\)"),
         ({"method": "patch", "method_params": {"temperature": 0}}, "patch temperature must be above 0"),
         ({"method": "klora", "method_params": {"top_k": 0}}, "klora top_k must be at least 1, got 0"),
@@ -547,7 +549,7 @@ def test_the_command_line_refuses_degenerate_numbers(capsys, tmp_path, options, 
 def test_the_api_refuses_degenerate_numbers(lora_files, kwargs, message):
     composer = Composer.tiny("sd1")
     composer.load_lora(lora_files["sd1", 0]["peft"], name="a")
-    settings = {"prompt": "x", "loras": ["a"], "steps": 1, "width": SIZE, "height": SIZE, **kwargs}
+    settings = {"prompt": "x", "loras": ["a"], "sampling": SamplingConfig(steps=1, width=SIZE, height=SIZE), **kwargs}
     with pytest.raises(ValueError, match=message):
         composer.generate(settings.pop("prompt"), **settings)
 

@@ -33,7 +33,7 @@ from test_cli import TINY, run
 from test_hostile import forge, made  # noqa: F401  (made is a fixture used here)
 from test_studio import settings_kwargs
 
-from compose import Composer, LoRAError, load_lora, save_png
+from compose import Composer, LoRAError, SamplingConfig, load_lora, save_png
 from compose.a1111 import parse_parameters, settings_from_parameters
 from compose.app.studio import Settings, Studio, StudioError
 from compose.app.ui import build
@@ -288,10 +288,11 @@ def test_the_cli_and_the_python_api_bound_prompts_too(tmp_path, capsys):
     assert code == 2 and "the prompt needs 2 chunks of 75 tokens, over the limit of 1 (75 tokens)" in err
     assert not (tmp_path / "o.png").exists()
     composer = Composer.tiny("sd1")
+    one_step = SamplingConfig(steps=1, width=SIZE, height=SIZE)
     with pytest.raises(ValueError, match="the negative prompt needs 40 chunks"):
-        composer.generate("a cat", negative_prompt=CHUNKY, steps=1, width=SIZE, height=SIZE)
+        composer.generate("a cat", negative_prompt=CHUNKY, sampling=one_step)
     composer.limits = Limits(max_prompt_chunks=64)  # a genuine long prompt: raise the limit
-    assert composer.generate("a cat", negative_prompt=CHUNKY, steps=1, width=SIZE, height=SIZE)[0].size == (SIZE,) * 2
+    assert composer.generate("a cat", negative_prompt=CHUNKY, sampling=one_step)[0].size == (SIZE,) * 2
 
 
 # -- 4. LoRA names from file names ----------------------------------------------------------
@@ -310,8 +311,8 @@ def hostile(tmp_path_factory, lora_files) -> dict:
     for i, name in enumerate((NEWLINE, BIDI)):
         paths[name] = write(folder / f"{name}.safetensors", peft_state_dict(lora_files["sd1", i]["parts"]))
         composer.load_lora(paths[name])
-    image = composer.generate("a zq creature", list(composer.loras), negative_prompt="blurry", steps=2, width=SIZE,
-                              height=SIZE, seed=3)[0]  # fmt: skip
+    image = composer.generate("a zq creature", list(composer.loras), negative_prompt="blurry", seed=3,
+                              sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE))[0]  # fmt: skip
     return {"composer": composer, "paths": paths, "png": save_png(image, folder / "made.png")}
 
 
@@ -345,7 +346,9 @@ def test_the_text_reads_back_through_our_a1111_reader_and_sd_parsers(hostile):
 
 def test_a_safe_name_reproduces_from_the_text(hostile):
     composer = hostile["composer"]
-    image = composer.generate("a zq creature", ["evil[U+202E]gnp.exe"], steps=2, width=SIZE, height=SIZE, seed=4)[0]
+    image = composer.generate(
+        "a zq creature", ["evil[U+202E]gnp.exe"], seed=4, sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE)
+    )[0]
     settings = settings_from_parameters(image.info["parameters"])
     assert settings.pop("loras") == ["evil[U+202E]gnp.exe"]
     again = composer.generate(**settings)[0]
@@ -447,7 +450,7 @@ def test_a_lora_listed_twice_is_named(lora_files):
              ("a", ["knight", ("knight", 0.5)], "LoRA 'knight' is listed twice in loras=")]  # fmt: skip
     for prompt, loras, message in cases:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
-            composer.generate(prompt, loras, steps=1, width=SIZE, height=SIZE)
+            composer.generate(prompt, loras, sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE))
 
 
 def test_out_at_an_existing_folder_and_the_size_multiple(tmp_path, capsys):

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SIZE, STEPS, reference_loop
+from conftest import AS_LATENTS, SAMPLING, SIZE, STEPS, reference_loop
 from loras import lora_parts, peft_state_dict, write
 from torch import nn
 
-from compose import Composer, KLoRA
+from compose import Composer, KLoRA, SamplingConfig
 from compose.methods import MethodContext
 from compose.methods.references import default_lora_scale
 from compose.tiny import tiny_pipeline
@@ -180,7 +180,9 @@ def test_reference_refuses_what_the_released_code_cannot_compose(pair):
     refuses one LoRA, three, or two of one role before any step, saying why, rather than
     run K-LoRA's N-LoRA rule under the reference's name; roles can make a pair of them."""
     with pytest.raises(ValueError, match=r"exactly one content and one style LoRA.*got 1 \(content: content\)"):
-        pair.generate(PROMPT, ["content"], KLoRA(reference=True), steps=1, width=SIZE, height=SIZE)
+        pair.generate(
+            PROMPT, ["content"], KLoRA(reference=True), sampling=SamplingConfig(steps=1, width=SIZE, height=SIZE)
+        )
     both_content = KLoRA(reference=True, roles={"style": "content"})
     with pytest.raises(ValueError, match=r"got 2 \(content: content, style: content\)"):
         prepared(pair, both_content, ["content", "style"])
@@ -235,7 +237,12 @@ def test_reference_generation_equals_the_released_layers(uneven):
     steps = 6
     method = KLoRA(reference=True)
     got = composer.generate(
-        PROMPT, ["content", "style"], method, seed=3, steps=steps, width=SIZE, height=SIZE, output_type="latent"
+        PROMPT,
+        ["content", "style"],
+        method,
+        seed=3,
+        sampling=SamplingConfig(steps=steps, width=SIZE, height=SIZE),
+        run=AS_LATENTS,
     )
 
     pipe = tiny_pipeline("sd1")
@@ -286,9 +293,7 @@ def test_generation_equals_chosen_weight_replacement(pair):
     """Per step, every layer's base weight replaced by ``W + w ΔW_chosen``: one plain
     UNet pass, no LoRA machinery."""
     names = ["content", "style"]
-    got = pair.generate(
-        PROMPT, loras=names, method="klora", seed=3, steps=STEPS, width=SIZE, height=SIZE, output_type="latent"
-    )
+    got = pair.generate(PROMPT, loras=names, method="klora", seed=3, sampling=SAMPLING, run=AS_LATENTS)
 
     method = prepared(pair, KLoRA(), names)
     pipe = tiny_pipeline("sd1")
@@ -319,6 +324,10 @@ def test_many_loras_pick_one_per_layer(lora_files, tmp_path):
     assert torch.equal((w > 0).sum(-1), torch.ones_like(w[..., 0], dtype=torch.long))
     assert method.gamma[1] == 1.0
     latents = composer.generate(
-        "x", loras=["l0", "l1", "l2"], method="klora", steps=2, width=SIZE, height=SIZE, output_type="latent"
+        "x",
+        loras=["l0", "l1", "l2"],
+        method="klora",
+        sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE),
+        run=AS_LATENTS,
     )
     assert torch.isfinite(latents).all()

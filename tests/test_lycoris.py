@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SIZE, STEPS, reference_loop
+from conftest import AS_LATENTS, SAMPLING, reference_loop
 from loras import lora_parts, peft_state_dict, write
 from lycoris.functional import locon as locon_fn
 from lycoris.functional import loha as loha_fn
@@ -155,8 +155,8 @@ def patched(family: str, deltas: list[tuple[dict, float]]) -> Composer:
 
 
 def latents(composer: Composer, loras, method: str = "merge", **kwargs) -> torch.Tensor:
-    return composer.generate(PROMPT, loras=loras, method=method, seed=3, steps=STEPS, width=SIZE, height=SIZE,
-                             output_type="latent", lora_scale=SCALE, **kwargs)  # fmt: skip
+    return composer.generate(PROMPT, loras=loras, method=method, seed=3, lora_scale=SCALE, sampling=SAMPLING,
+                             run=AS_LATENTS, **kwargs)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

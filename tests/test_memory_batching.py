@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
-from conftest import STEPS
+from conftest import AS_LATENTS, STEPS
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.memory import (
     MEMORY_BUDGET_ENV,
     MEMORY_SHARE,
@@ -56,9 +56,9 @@ def row_bytes(composer: Composer) -> int:
     return activation_bytes(unet.config, LATENT, composer.dtype, TOKENS, materialises_attention(unet))
 
 
-def generate(composer: Composer, method: str, loras=("a", "b", "c"), **kwargs) -> torch.Tensor:
-    return composer.generate("a creature", list(loras), method, method_params=PARAMS.get(method), steps=STEPS,
-                             width=SMALL, height=SMALL, seed=4, output_type="latent", **kwargs)  # fmt: skip
+def generate(composer: Composer, method: str, loras=("a", "b", "c"), run=AS_LATENTS) -> torch.Tensor:
+    return composer.generate("a creature", list(loras), method, method_params=PARAMS.get(method), seed=4,
+                             sampling=SamplingConfig(steps=STEPS, width=SMALL, height=SMALL), run=run)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", BATCHED)
@@ -92,7 +92,7 @@ def test_calls_grow_with_n_and_never_go_below_one_branch(trio, calls, monkeypatc
 
 def test_an_explicit_max_batch_wins(trio, calls, monkeypatch):
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "0")
-    generate(trio, "composite", max_batch=6)
+    generate(trio, "composite", run=RunOptions(max_batch=6, output_type="latent"))
     assert calls == [6] * STEPS
 
 

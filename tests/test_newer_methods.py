@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING, SIZE
 from PIL import Image
 
-from compose import Composer
+from compose import Composer, SamplingConfig
 from compose.methods import BandFusion, MethodContext, PatchComposite, Regional, Switch, WComposite, WSwitch
 from compose.methods.bands import haar, inverse_haar
 from compose.methods.regional import region_mask
@@ -24,8 +24,8 @@ def pair(lora_files) -> Composer:
 
 
 def gen(composer, method):
-    return composer.generate("two creatures", loras=["left", "right"], method=method, steps=STEPS, width=SIZE,
-                             height=SIZE, seed=5, output_type="latent")  # fmt: skip
+    return composer.generate("two creatures", loras=["left", "right"], method=method, seed=5, sampling=SAMPLING,
+                             run=AS_LATENTS)  # fmt: skip
 
 
 def test_uniform_patch_weights_equal_composite(pair):
@@ -96,8 +96,8 @@ def trio(lora_files) -> Composer:
 
 
 def gen3(composer, method, prompt="a zq hero wearing a vx cape, qj ink"):
-    return composer.generate(prompt, loras=["hero", "cape", "ink"], method=method, steps=6, width=SIZE, height=SIZE,
-                             seed=5, output_type="latent")  # fmt: skip
+    return composer.generate(prompt, loras=["hero", "cape", "ink"], method=method, seed=5,
+                             sampling=SamplingConfig(steps=6, width=SIZE, height=SIZE), run=AS_LATENTS)  # fmt: skip
 
 
 def test_equal_band_weights_equal_composite(trio):
@@ -143,4 +143,9 @@ def test_wswitch_turns_follow_importance_and_the_character_holds_the_end(trio):
     assert method.rotation == [0, 1, 1, 1, 1, 2]
     assert [method.active(i) for i in range(8)] == [0, 1, 1, 1, 1, 2, 1, 1]
     with pytest.raises(ValueError, match="one prompt per call"):
-        trio.generate(["a zq hero", "a vx cape"], ["hero", "cape"], "wcomposite", steps=2, width=SIZE, height=SIZE)
+        trio.generate(
+            ["a zq hero", "a vx cape"],
+            ["hero", "cape"],
+            "wcomposite",
+            sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE),
+        )

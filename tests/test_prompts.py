@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING
 
 from compose import Composer, generate_kwargs, read_record, save_png
 from compose.prompts import LoRAUse, extract_lora_tags, parse_schedule, schedule_value, weight_table
@@ -41,7 +41,7 @@ def composer(lora_files) -> Composer:
 
 
 def gen(composer, prompt, **kwargs):
-    return composer.generate(prompt, steps=STEPS, width=SIZE, height=SIZE, seed=2, output_type="latent", **kwargs)
+    return composer.generate(prompt, seed=2, sampling=SAMPLING, run=AS_LATENTS, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["merge", "composite", "cmlora"])
@@ -82,7 +82,7 @@ def test_schedule_changes_weights_per_step(composer):
 
 
 def test_tags_survive_metadata_and_reproduce(composer, tmp_path):
-    image = composer.generate("a cat <lora:b:0@0,1@0.5>", loras=["a"], steps=STEPS, width=SIZE, height=SIZE)[0]
+    image = composer.generate("a cat <lora:b:0@0,1@0.5>", loras=["a"], sampling=SAMPLING)[0]
     # A1111 reads no schedule: the UNet's is its mean over the 4 steps, (0 + .5 + 1 + 1) / 4, x lora scale 0.8;
     # the text encoder's its first value, which the encoder used. "a", given beside the prompt, comes
     # first in Switch's order, so it is written before the prompt's own tag

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, STEPS
+from conftest import AS_LATENTS, SAMPLING, SIZE
 from torch import nn
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.attention_maps import AttentionProbe
 from compose.emphasis import clause_positions, phrase_positions
 from compose.layers import Factors, LayerRegistry, Routes
@@ -35,8 +35,7 @@ PROMPT = "a zq hero wearing a vx cape, a kw lamp beside, qj ink"
 
 
 def gen(composer, method, loras=("hero", "cape", "lamp", "ink"), prompt=PROMPT):
-    return composer.generate(prompt, loras=list(loras), method=method, steps=STEPS, width=SIZE, height=SIZE,
-                             seed=[5, 6], output_type="latent")  # fmt: skip
+    return composer.generate(prompt, loras=list(loras), method=method, seed=[5, 6], sampling=SAMPLING, run=AS_LATENTS)
 
 
 def _layer(conv: bool):
@@ -200,25 +199,25 @@ def test_routed_keeps_its_masks_and_checks_its_settings(four):
     with pytest.raises(ValueError, match="routed roles are region, complement, global"):
         Routed(roles={"hero": "left"})
     with pytest.raises(ValueError, match="one prompt per call"):
-        four.generate(["a zq hero", "a vx cape"], loras=["hero", "cape"], method="routed", steps=2, width=SIZE,
-                      height=SIZE)  # fmt: skip
+        four.generate(["a zq hero", "a vx cape"], loras=["hero", "cape"], method="routed",
+                      sampling=SamplingConfig(steps=2, width=SIZE, height=SIZE))  # fmt: skip
 
 
 def test_the_api_returns_each_lora_s_region_as_an_image(four):
-    images, masks = four.generate(PROMPT, loras=["hero", "cape", "lamp", "ink"], method="routed", steps=STEPS,
-                                  width=SIZE, height=SIZE, seed=[5, 6], return_masks=True)  # fmt: skip
+    images, masks = four.generate(PROMPT, loras=["hero", "cape", "lamp", "ink"], method="routed", seed=[5, 6],
+                                  sampling=SAMPLING, run=RunOptions(return_masks=True))  # fmt: skip
     assert len(images) == len(masks) == 2 and set(masks[0]) == {"hero", "cape", "lamp", "ink"}
     assert all(mask.size == images[0].size and mask.mode == "L" for mask in masks[1].values())
     assert min(masks[0]["ink"].getdata()) == 255  # the style acts everywhere
-    _, none = four.generate(PROMPT, loras=["hero", "cape"], method="merge", steps=STEPS, width=SIZE, height=SIZE,
-                            return_masks=True)  # fmt: skip
+    _, none = four.generate(PROMPT, loras=["hero", "cape"], method="merge", sampling=SAMPLING,
+                            run=RunOptions(return_masks=True))  # fmt: skip
     assert none == [{}]
 
 
 def test_regional_returns_its_boxes(four):
     method = {"regions": {"hero": [0, 0, 0.5, 1]}}
-    _, masks = four.generate(PROMPT, loras=["hero", "cape"], method="regional", method_params=method, steps=STEPS,
-                             width=SIZE, height=SIZE, return_masks=True)  # fmt: skip
+    _, masks = four.generate(PROMPT, loras=["hero", "cape"], method="regional", method_params=method, sampling=SAMPLING,
+                             run=RunOptions(return_masks=True))  # fmt: skip
     hero, cape = masks[0]["hero"], masks[0]["cape"]  # the cape covers everything: halves where both act
     assert hero.getpixel((0, 0)) == 128 and hero.getpixel((SIZE - 1, 0)) == 0 and cape.getpixel((SIZE - 1, 0)) == 255
 

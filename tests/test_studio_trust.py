@@ -29,6 +29,7 @@ from test_studio_browser import (
     weights_of,
 )
 
+from compose import SamplingConfig
 from compose.app.studio import Settings, StudioError, base_family
 from compose.app.ui import _settings, compose_values, make_previews, score_parts
 from compose.loading import preview_path
@@ -134,8 +135,11 @@ def _made_by_the_engine(studio, method: str, path) -> Settings:
         loras = loras[:1] + loras[2:]  # K-LoRA: one content and one style; regions: two
     settings = Settings("a zq creature, zq style, zq place", "blurry", loras, method=method,
                         method_params=PARAMS.get(method, {}), steps=3, seed=7, lora_scale=1.0)  # fmt: skip
-    kwargs = {k: v for k, v in vars(settings).items() if k != "insert_triggers"}
-    save_png(studio.composer.generate(**kwargs)[0], path)
+    image = studio.composer.generate(settings.prompt, settings.loras, method, negative_prompt=settings.negative_prompt,
+                                     seed=settings.seed, lora_scale=settings.lora_scale,
+                                     method_params=settings.method_params,
+                                     sampling=SamplingConfig(steps=settings.steps))[0]  # fmt: skip
+    save_png(image, path)
     return settings
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from compose import Composer
+from compose import Composer, RunOptions, SamplingConfig
 from compose.files import OutputError
 from compose.metadata import PARAMETERS_KEY, RecordError
 from compose.tiny import tiny_pipeline, write_random_loras
@@ -30,8 +30,8 @@ def composer(tmp_path_factory) -> Composer:
 
 
 def settings(**overrides) -> dict:
-    return {"prompt": "zq creature, zq style", "loras": {CHARACTER: 1.0, STYLE: 0.5}, "steps": STEPS,
-            "width": SIZE, "height": SIZE, "seed": 0, **overrides}  # fmt: skip
+    return {"prompt": "zq creature, zq style", "loras": {CHARACTER: 1.0, STYLE: 0.5}, "seed": 0,
+            "sampling": SamplingConfig(steps=STEPS, width=SIZE, height=SIZE), **overrides}  # fmt: skip
 
 
 def record(image: Image.Image) -> dict:
@@ -102,7 +102,7 @@ def test_plot_limits_are_checked_before_any_cell_runs(composer):
     with pytest.raises(ValueError, match="give one prompt and one seed"):
         xy_plot(composer, settings(seed=[1, 2]), Axis("steps", (1,)))
     with pytest.raises(ValueError, match="takes no callback"):
-        xy_plot(composer, settings(callback=print), Axis("steps", (1,)))
+        xy_plot(composer, settings(run=RunOptions(callback=print)), Axis("steps", (1,)))
     with pytest.raises(ValueError, match="method_params belong to one method"):
         xy_plot(composer, settings(method_params={"switch_every": 2}), Axis("method", ("merge", "switch")))
     with pytest.raises(ValueError, match="sets 'random-style' with a <lora:...> tag"):
@@ -163,6 +163,8 @@ def test_save_and_read_xy_round_trip(composer, tmp_path):
         assert saved.text[PARAMETERS_KEY] == plot.cells[0][0].info[PARAMETERS_KEY]
         assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(plot.grid))
     data = read_xy(path)
+    assert data["settings"]["sampling"] == {"steps": STEPS, "guidance_scale": 7.5, "width": SIZE, "height": SIZE,
+                                            "scheduler": "dpm++2m"}  # fmt: skip
     assert data["x"] == {"kind": "steps", "values": [1, 2]} and data["y"]["values"] == [1.0, 7.5]
     assert [[cell["steps"], cell["guidance_scale"]] for row in data["cells"] for cell in row] == [
         [1, 1.0], [2, 1.0], [1, 7.5], [2, 7.5]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..calls import SamplingConfig
 from ..composer import Composer
 from ..loading import preview_path
 from ..metadata import save_png
@@ -44,7 +45,9 @@ def card(composer: Composer, name: str, seeds: int = CARD_SEEDS, steps: int = 25
     scenes = [sample_concept_scene(name, seed) for seed in range(seeds)]
     if not scenes:
         return None
-    images = composer.generate([s.caption() for s in scenes], [name], seed=list(range(seeds)), steps=steps)
+    images = composer.generate(
+        [s.caption() for s in scenes], [name], seed=list(range(seeds)), sampling=SamplingConfig(steps=steps)
+    )
     for seed, (image, scene) in enumerate(zip(images, scenes, strict=True)):
         if all(slot_check(image, scene).values()):
             return Card(image, scene, seed)

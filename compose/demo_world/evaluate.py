@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from ..calls import RunOptions, SamplingConfig
 from ..composer import Composer
 from ..evaluation.stats import wilson_interval
 from ..methods.references import DEFAULT_LORA_SCALE
@@ -53,7 +54,7 @@ def _images(composer: Composer, prompts: list[str], seeds: list[int], loras, ste
     out = []
     for start in range(0, len(prompts), chunk):
         out += composer.generate(prompts[start : start + chunk], loras, seed=seeds[start : start + chunk],
-                                 steps=steps, lora_scale=lora_scale)  # fmt: skip
+                                 lora_scale=lora_scale, sampling=SamplingConfig(steps=steps))  # fmt: skip
     return out
 
 
@@ -131,7 +132,7 @@ def seconds_per_image(composer: Composer, steps: int = 25, repeats: int = 3) -> 
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        composer.generate("a red circle on the left, white background", seed=i, steps=steps)
+        composer.generate("a red circle on the left, white background", seed=i, sampling=SamplingConfig(steps=steps))
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -147,9 +148,9 @@ def example_grid(composer: Composer, methods: list[str], seed: int = 0, steps: i
     composition of each size N = 2..5 (:data:`GRID_SETS`), a row each: the render it
     asks for, then what each of ``methods`` draws, then (with ``routed`` among them) the
     regions routed gave each LoRA (:func:`~compose.overlay.mask_overlay`)."""
-    singles = []
+    sampling, singles = SamplingConfig(steps=steps), []
     for name in CONCEPTS:
-        singles += composer.generate(sample_concept_scene(name, seed).caption(), [name], seed=seed, steps=steps)
+        singles += composer.generate(sample_concept_scene(name, seed).caption(), [name], seed=seed, sampling=sampling)
     tiles = singles + [singles[0].point(lambda _: 255)] * max(0, len(methods) + 1 - len(singles))
     columns = max(len(singles), len(methods) + 1 + ("routed" in methods))
     tiles += [tiles[0].point(lambda _: 255)] * (columns - len(tiles))
@@ -157,8 +158,8 @@ def example_grid(composer: Composer, methods: list[str], seed: int = 0, steps: i
         scene = composition_scene(names, seed)
         row, regions = [render(scene)], []
         for method in methods:
-            images, masks = composer.generate(scene.caption(), list(names), method, seed=seed, steps=steps,
-                                              return_masks=True)  # fmt: skip
+            images, masks = composer.generate(scene.caption(), list(names), method, seed=seed, sampling=sampling,
+                                              run=RunOptions(return_masks=True))  # fmt: skip
             row += images
             if method == "routed":
                 regions.append(mask_overlay(images[0], masks[0]))
@@ -175,14 +176,14 @@ def two_characters(composer: Composer, methods: list[str], seeds: int = 4, steps
     its own side (``left``, ``right``) and with both (``both``)."""
     characters = [c.name for c in CONCEPTS.values() if c.category == "character"]
     pairs = [(a, b) for a in characters for b in characters if a != b]
-    out = {}
+    out, sampling = {}, SamplingConfig(steps=steps)
     for method in methods:
         hits = []
         for left, right in pairs:
             prompt = two_character_scene(left, right, background, 0).caption()
             params = {"regions": {left: [0, 0, 0.5, 1], right: [0.5, 0, 1, 1]}} if method == "regional" else None
-            images = composer.generate(prompt, [left, right], method, seed=list(range(seeds)), steps=steps,
-                                       method_params=params)  # fmt: skip
+            images = composer.generate(prompt, [left, right], method, seed=list(range(seeds)), method_params=params,
+                                       sampling=sampling)  # fmt: skip
             hits += [(side_of(i, left) == "left", side_of(i, right) == "right") for i in images]
         out[method] = {"left": rate([h[0] for h in hits]), "right": rate([h[1] for h in hits]),
                        "both": rate([all(h) for h in hits])}  # fmt: skip

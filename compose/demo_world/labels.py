@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..calls import SamplingConfig
 from ..composer import Composer
 from ..files import atomic_open
 from ..sheets import contact_sheet
@@ -67,7 +68,9 @@ def candidates(composer: Composer, base: int = 40, per_lora: int = 4, per_n: int
     entries = []
 
     def add(scene: Scene, kind: str, loras: list[str], method: str, image_seed: int) -> None:
-        image = composer.generate(scene.caption(), loras, method, seed=image_seed, steps=steps)[0]
+        image = composer.generate(
+            scene.caption(), loras, method, seed=image_seed, sampling=SamplingConfig(steps=steps)
+        )[0]
         entries.append({"image": image, "kind": kind, "method": method if loras else None,
                         "scene": scene_to_dict(scene), "caption": scene.caption(), "seen": None})  # fmt: skip
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..calls import SamplingConfig
+
 if TYPE_CHECKING:
     from .base import CompositionMethod
 
@@ -83,16 +85,12 @@ REFERENCE_SETTINGS: dict[str, ReferenceSettings] = {
 
 
 def settings(method: str) -> dict:
-    """The reference's settings of ``method`` as :meth:`compose.Composer.generate` arguments."""
+    """The reference's settings of ``method`` as :meth:`compose.Composer.generate` arguments:
+    ``lora_scale`` and ``sampling``."""
     ref = REFERENCE_SETTINGS[method]
-    return {
-        "steps": ref.steps,
-        "guidance_scale": ref.guidance_scale,
-        "lora_scale": ref.lora_scale,
-        "scheduler": ref.scheduler,
-        "width": ref.size,
-        "height": ref.size,
-    }
+    sampling = SamplingConfig(steps=ref.steps, guidance_scale=ref.guidance_scale, width=ref.size, height=ref.size,
+                              scheduler=ref.scheduler)  # fmt: skip
+    return {"lora_scale": ref.lora_scale, "sampling": sampling}
 
 
 def default_lora_scale(method: str | CompositionMethod, parameters: Mapping | None = None) -> float:

@@ -33,7 +33,8 @@ routes LoRA outputs with masks read from cross-attention):
 
 One LoRA, or every LoRA global, is Merge exactly. The masks of the last generation are
 kept (:meth:`~compose.methods.base.CompositionMethod.lora_masks`, ``(B, N, H, W)`` at
-latent resolution; ``Composer.generate(..., return_masks=True)`` returns them as images).
+latent resolution; ``Composer.generate(..., run=RunOptions(return_masks=True))`` returns
+them as images).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..bundles import BUNDLES, DEMO_WORLD, bundle_clip
 from ..checks import Limits
 from ..composer import Composer
-from ..demo_world.evaluate import EXAMPLE_PROMPT, EXAMPLE_SET
+from ..demo_world.evaluate import EXAMPLE_METHOD, EXAMPLE_PROMPT, EXAMPLE_SEED, EXAMPLE_SET
 from ..loading import CATEGORIES
 from ..loop import GenerationCancelled
 from ..methods import METHODS
@@ -218,8 +218,8 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
             ui.prompt = gr.Textbox(EXAMPLE_PROMPT if demo else "", label="prompt", lines=2, elem_id="prompt",
                                    max_length=studio.limits.prompt_characters())  # fmt: skip
             with gr.Row(equal_height=True):  # the status line under the buttons, beside the method: no empty band
-                ui.method = gr.Dropdown(list(METHODS), value="composite" if demo else "merge", label="method", scale=2,
-                                        elem_id="method")  # fmt: skip
+                ui.method = gr.Dropdown(list(METHODS), value=EXAMPLE_METHOD if demo else "merge", label="method",
+                                        scale=2, elem_id="method")  # fmt: skip
                 with gr.Column(scale=3, min_width=320):
                     with gr.Row():
                         ui.generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=2)
@@ -251,7 +251,7 @@ def _compose_tab(studio: Studio, ui: SimpleNamespace) -> None:
                     ui.height = gr.Slider(min(64, size), largest, size, step=scale, label="height")
                 ui.cost = gr.Markdown("", elem_id="cost")
                 with gr.Row():
-                    ui.seed = gr.Number(0, precision=0, label="seed")
+                    ui.seed = gr.Number(EXAMPLE_SEED if demo else 0, precision=0, label="seed")
                     ui.randomize = gr.Checkbox(label="random seed")
                     ui.scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="scheduler")
                 ui.lora_scale = gr.Slider(0, 2, 0.8, step=0.05, elem_id="lora-scale",

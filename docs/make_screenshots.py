@@ -2,9 +2,9 @@
 
 Serves the studio on loopback with the embedded demo world and drives it in headless
 Chromium (Debian's, through Playwright) at 1440×900, as an artist would: generates the
-example composition (its four LoRAs are on when the page opens), compares every method,
-makes a 2×3 X/Y plot (method × seed); on the Compose tab it first picks the first card
-(zorbo, on) for the weight slider, so the picture shows a picked card among the others.
+example composition (its LoRAs are on when the page opens), compares every method,
+makes a 2×3 X/Y plot (method × seed); on the Compose tab it first picks the card of the
+example's first LoRA for the weight slider, so the picture shows a picked card among the others.
 Saves docs/studio-compose.png, studio-compare.png and studio-xy.png, and prints each wall
 time measured in the browser: click to image, Compare (every method), the X/Y plot. Run
 it on an idle machine for numbers to report.
@@ -23,6 +23,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from compose.app.ui import launch, make_studio
+from compose.demo_world.evaluate import EXAMPLE_SET
 
 DOCS = Path(__file__).parent
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -33,28 +34,30 @@ def main(compose_only: bool = False) -> None:
     studio = make_studio("demo-world", Path(tempfile.mkdtemp(prefix="compose-library-")))
     page = launch(studio, port=7870, block=False)
     done = threading.Event()
-    walker = threading.Thread(target=walk, args=(page.local_url, done, compose_only))
+    card = list(studio.composer.loras).index(EXAMPLE_SET[0])
+    walker = threading.Thread(target=walk, args=(page.local_url, done, card, compose_only))
     walker.start()
     studio.model_thread.serve(done)  # as `compose studio` serves: the model computes on this thread
     walker.join()
     page.close()
 
 
-def walk(url: str, done: threading.Event, compose_only: bool = False) -> None:
-    """The artist's clicks, timed; ``done`` is set at the end, whatever happens."""
+def walk(url: str, done: threading.Event, card: int, compose_only: bool = False) -> None:
+    """The artist's clicks, timed; ``card`` is the index of the card to pick; ``done`` is
+    set at the end, whatever happens."""
     try:
-        _walk(url, compose_only)
+        _walk(url, card, compose_only)
     finally:
         done.set()
 
 
-def _walk(url: str, compose_only: bool) -> None:
+def _walk(url: str, card: int, compose_only: bool) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
         tab = browser.new_page(viewport={"width": 1440, "height": 900})
         tab.goto(url)
         tab.locator("#cards img").first.wait_for(timeout=LONG)
-        tab.locator("#cards .thumbnail-item").first.dispatch_event("click")  # picked, as a click in place (no scroll)
+        tab.locator("#cards .thumbnail-item").nth(card).dispatch_event("click")  # picked in place (no scroll)
         tab.locator("#compose-message").get_by_text("picked").wait_for(timeout=LONG)
         start = time.perf_counter()
         tab.locator("#generate").click()

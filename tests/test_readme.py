@@ -62,14 +62,18 @@ def parsed(command: str) -> argparse.Namespace:
 
 
 def test_the_demo_world_python_example_runs_as_written(tmp_path, monkeypatch):
+    """It draws the demo world's example (the quick start's) on its seed and the next."""
+    from compose.demo_world.evaluate import EXAMPLE_METHOD, EXAMPLE_PROMPT, EXAMPLE_SEED, EXAMPLE_SET
+
     example = next(b for _, b in blocks("python") if 'Composer.load("demo-world")' in b)
+    assert EXAMPLE_PROMPT in example and f"seed=[{EXAMPLE_SEED}, {EXAMPLE_SEED + 1}]" in example
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(example, "docs/python-api.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and namespace["images"][0].size == (64, 64)
-    with Image.open(tmp_path / "zorbo.png") as image:
+    with Image.open(tmp_path / "first.png") as image:
         text = image.text["parameters"]
-    assert "<lora:zorbo:0.8>" in text and "<lora:vosh:0.8>" in text and "Composition method: composite" in text
+    assert all(f"<lora:{name}:0.8>" in text for name in EXAMPLE_SET) and f"Composition method: {EXAMPLE_METHOD}" in text
 
 
 def test_every_python_example_is_python():
@@ -101,10 +105,16 @@ def test_every_command_is_one_the_cli_accepts():
 
 
 def test_the_quick_start_is_the_first_image_on_the_demo_world():
+    """The README's one ``generate`` command draws the demo world's example (its set, its
+    prompt, method and seed), which the world's tests check shows every concept."""
+    from compose.demo_world.evaluate import EXAMPLE_METHOD, EXAMPLE_PROMPT, EXAMPLE_SEED, EXAMPLE_SET
+
     generate = [c for doc, c in commands() if doc == README and " generate " in c]
     assert len(generate) == 1
     args = parsed(generate[0])
-    assert args.model is None and len(args.lora) == 4 and args.out.endswith(".png")
+    assert args.model is None and args.out.endswith(".png")
+    assert (args.prompt, args.lora, args.method, args.seed) == (EXAMPLE_PROMPT, [(name, 1.0) for name in EXAMPLE_SET],
+                                                                EXAMPLE_METHOD, [EXAMPLE_SEED])  # fmt: skip
 
 
 def test_the_test_command_is_what_ci_runs():

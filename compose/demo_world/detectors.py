@@ -14,7 +14,7 @@ its colour, so that a blob of the right hue fails:
 3. on the best figure, each clothing item's templates are fitted where that item sits;
    in a half without a figure, each object's templates;
 4. the *background* is read from the band above the figures (rows 0-11): its brightness,
-   the night sky's share, stars, the brick rows' and the tiles' periodic waves.
+   vosh's gold moon and stars, the brick rows' and the tiles' periodic waves.
 
 A concept is present when its score is at least 1: its overlap over the slot's
 threshold, capped by its hue's closeness (1 at 25° off). :func:`concept_details` gives the
@@ -56,6 +56,7 @@ from .render import (
     DOT_RADIUS,
     FRAME_CREAM,
     FRAME_INK,
+    GOLD,
     GROUND,
     HALF_CENTRES,
     LUMA,
@@ -86,7 +87,7 @@ MIN_COLOUR_CHROMA = 0.3
 DARK_RAMP = 0.075
 DARK_MIDDLE = (0.3, 0.58)
 GREY_RAMP = (0.25, 0.45)
-NIGHT_LUMA, NIGHT_CHROMA, NIGHT_HUE_WINDOW = 0.3, (0.1, 0.45), 40.0
+GOLD_HUE_WINDOW, GOLD_CHROMA, GOLD_LUMA = 25.0, 0.3, 0.45
 INK_LUMA = 0.09
 INK_CHROMA = 0.1
 HUE_TOLERANCE = 25.0
@@ -123,16 +124,13 @@ BAND_BOTTOM = 12
 BRICK_ROW = IMAGE_SIZE / WALL_ROWS
 MIN_BAND_ROW = 8
 MIN_BAND_COLUMN = 3
-SPARKLE_LUMA, SPARKLE_NIGHT = 0.25, 0.35
-QUARN_NIGHT = 0.3
 FRAME_MARGIN = 2
-VOSH_NIGHT, MIN_SPARKLE, DAY_CLOUDS = 0.28, 6, 0.5
-CLOUD_LUMA, WALL_CLOUDS = 0.93, 8
-BRICK_WAVE, MORTAR_DARK, COURSES = 0.04, 0.45, 1.5
+MIN_GOLD, MIN_MOON = 24, 6
+CLOUD_LUMA, MAX_CLOUDS = 0.93, 8
+BRICK_WAVE, MORTAR_LIGHT, COURSES = 0.04, 0.8, 1.5
 WHITE_MIN, GRAY_RANGE, SKY_CLOUDS, TILE_WAVE = 0.85, (0.38, 0.58), 0.1, 0.012
 LIGHT_PLAIN, PLAIN_SPREAD, WALL_LINES = 0.72, 0.08, 0.1
 
-NIGHT_HUE = 232.0
 CHARCOAL_LUMA = float(np.asarray(CHARCOAL) / 255 @ LUMA)
 WHITE_LUMA = float(np.asarray(WHITE) / 255 @ LUMA)
 CHARACTERS = tuple(n for n, c in CONCEPTS.items() if c.category == "character")
@@ -187,14 +185,14 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """``mask`` shrunk by 1 px (3×3)."""
-    return ~_dilate(~mask, 1)
+def _erode(mask: np.ndarray, r: int = 1) -> np.ndarray:
+    """``mask`` shrunk by ``r`` px (a square structuring element)."""
+    return ~_dilate(~mask, r)
 
 
-def _opened(mask: np.ndarray) -> np.ndarray:
-    """``mask`` without the parts thinner than 3 px (a 3×3 opening)."""
-    return _dilate(_erode(mask), 1) & mask
+def _opened(mask: np.ndarray, r: int = 1) -> np.ndarray:
+    """``mask`` without the parts thinner than 2r + 1 px (an opening by a (2r+1)² square)."""
+    return _dilate(_erode(mask, r), r) & mask
 
 
 @dataclass(frozen=True)
@@ -315,8 +313,8 @@ def _ink(raw: np.ndarray) -> np.ndarray:
     read before any smoothing (which lifts a 1.5 px outline well above ``INK_LUMA``). The
     dark plane ignores them, where the ring an outline leaves round a head read as a hat
     or a scarf; the colour planes keep them, as the edge of each shape."""
-    f = _Features.of(np.clip((raw - PASTEL) / (1 - PASTEL), 0, 1))
-    return (f.luma < INK_LUMA) & (f.chroma < INK_CHROMA)
+    rgb = np.clip((raw - PASTEL) / (1 - PASTEL), 0, 1)
+    return (rgb @ LUMA < INK_LUMA) & (np.ptp(rgb, axis=-1) < INK_CHROMA)
 
 
 def _frame(style: str | None) -> np.ndarray:
@@ -349,11 +347,11 @@ def _ramp(x: np.ndarray, full: float, zero: float) -> np.ndarray:
     return np.clip((x - zero) / (full - zero), 0, 1)
 
 
-def _night(f: _Features) -> np.ndarray:
-    """Pixels of vosh's night sky: dark, blue, moderately saturated (never a figure's colour,
-    and never charcoal); no plane counts them."""
-    return ((f.luma < NIGHT_LUMA) & (f.chroma >= NIGHT_CHROMA[0]) & (f.chroma <= NIGHT_CHROMA[1])
-            & (_hue_distance(f.hue, NIGHT_HUE) <= NIGHT_HUE_WINDOW))  # fmt: skip
+def _gold(f: _Features) -> np.ndarray:
+    """Pixels of vosh's moon and stars: light, saturated gold (no figure, item or hat
+    that can reach the band has that hue; pale and inkora's pastel halve its chroma)."""
+    return ((_hue_distance(f.hue, _hue_of(GOLD)) <= GOLD_HUE_WINDOW) & (f.chroma >= GOLD_CHROMA)
+            & (f.luma >= GOLD_LUMA))  # fmt: skip
 
 
 def _colour_masks(
@@ -715,18 +713,10 @@ class _Reading:
         band = np.zeros_like(self.hidden)
         band[:BAND_BOTTOM] = True
         band &= self.inside & ~self.hidden
-        first = _background_scores(_band_stats(self.f, band, self.hidden | ~self.inside))
-        self.night = _night(self.f) if first["vosh"] >= 1 else None
-        self.mortar = first["quarn"] >= 1
-        dark = _dark_mask(self.f, float(np.median(self.f.luma[band])))
-        self.dark_membership = dark if self.night is None else dark * ~self.night
+        self.dark_membership = _dark_mask(self.f, float(np.median(self.f.luma[band])))
         self.dark_hidden = self.hidden | (_dilate(_ink(raw), 1) if self.style == "inkora" else False)
         self.dark = _Plane(self.dark_membership, self.dark_hidden)
         self._cache: dict = {}
-
-    def _plane(self, membership: np.ndarray) -> _Plane:
-        """A plane of ``membership``, without vosh's night sky when the band shows it."""
-        return _Plane(membership if self.night is None else membership * ~self.night, self.hidden)
 
     def _once(self, key: tuple, compute: Callable[[], object]):
         if key not in self._cache:
@@ -745,7 +735,7 @@ class _Reading:
                 (a, hue_a), (b, hue_b) = found
                 weight = b.sum() / max(a.sum() + b.sum(), 1e-6)
                 found.append((np.maximum(a, b), float(hue_a + weight * ((hue_b - hue_a + 180) % 360 - 180)) % 360))
-            return [(self._plane(mask), hue) for mask, hue in found]
+            return [(_Plane(mask, self.hidden), hue) for mask, hue in found]
 
         return self._once(("colour", half, nominal), compute)
 
@@ -767,7 +757,7 @@ class _Reading:
             *_search(half),
             range(len(dressed.figure.masks)),
             dressed.hidden,
-            None if self.mortar else (self.dark, *dressed.parts),
+            (self.dark, *dressed.parts),
         )
         clothing = {
             item: self._fit_item(kind, item, fit, hue) for item, fit in zip(CLOTHING_ITEMS, fits[1:], strict=True)
@@ -788,7 +778,7 @@ class _Reading:
             mask, hue = _colour_mask(self.f, nominal, region, avoid=figure_hue)
             if hue is None:
                 return _Found()
-            plane, error = self._plane(mask), float(_hue_distance(hue, nominal))
+            plane, error = _Plane(mask, self.hidden), float(_hue_distance(hue, nominal))
         else:
             plane, hue, error = self._dark_beside(kind, figure), None, 0.0
         scales = _around(figure.scale, 1, len(SCALES))
@@ -886,13 +876,6 @@ def _row_wave(luma: np.ndarray, band: np.ndarray, period: float, least: int = MI
     return float(np.hypot(coefficients[2], coefficients[3]))
 
 
-def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
-    """The mean of ``a`` over the (2r+1)² square around each pixel (zero outside)."""
-    integral = np.pad(np.pad(a.astype(np.float64), r).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    n, d = a.shape[0], 2 * r + 1
-    return (integral[d:, d:] - integral[:n, d:] - integral[d:, :n] + integral[:n, :n]) / d**2
-
-
 def _band_features(reading: _Reading) -> dict:
     """The statistics of ``reading``'s background band (see :func:`_band_stats`)."""
     return _band_stats(reading.f, reading.band(), reading.hidden | ~reading.inside)
@@ -900,8 +883,7 @@ def _band_features(reading: _Reading) -> dict:
 
 def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:
     luma = f.luma[band]
-    night = _night(f) & ~hidden
-    sparkle = (f.luma > SPARKLE_LUMA) & ~night & ~hidden & (_box_mean(night, 3) >= SPARKLE_NIGHT)
+    gold = _gold(f) & band & ~hidden
     return dict(
         p50=float(np.median(luma)),
         p90=float(np.percentile(luma, 90)),
@@ -911,35 +893,36 @@ def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:
         rows=_row_wave(f.luma, band, BRICK_ROW),
         tiles=_row_wave(f.luma.T, band.T, TILE_SIZE, MIN_BAND_COLUMN),
         n=int(band.sum()),
-        night=float(night[band].mean()),
-        sparkle=int(sparkle.sum()),
+        gold=int(gold.sum()),
+        moon=int(_opened(gold).sum()),
         height=int((band.sum(axis=1) >= MIN_BAND_ROW).sum()),
-        row_min=_row_extreme(f.luma, band, np.min),
-        row_max=_row_extreme(f.luma, band, np.max),
-        clouds=int(_opened((f.luma > CLOUD_LUMA) & band & ~hidden).sum()),
+        row_max=_row_max(f.luma, band),
+        clouds=int(_opened((f.luma > CLOUD_LUMA) & band & ~hidden, 2).sum()),
     )
 
 
-def _row_extreme(luma: np.ndarray, band: np.ndarray, pick: Callable) -> float:
-    """``pick`` (``np.min`` or ``np.max``) of the mean luma of the band's full rows."""
+def _row_max(luma: np.ndarray, band: np.ndarray) -> float:
+    """The largest mean luma of the band's full rows."""
     rows = np.nonzero(band.sum(axis=1) >= MIN_BAND_ROW)[0]
-    return float(pick([luma[y][band[y]].mean() for y in rows]))
+    return float(max((luma[y][band[y]].mean() for y in rows), default=0.0))
 
 
 def _background_scores(band: dict) -> dict[str, float]:
-    """vosh: night sky over a good part of the band, stars or a moon (bright specks ringed
-    by night) somewhere, and no day sky's clouds (its 90th percentile stays dark); quarn:
-    mortar rows, a wave of the brick rows' period down the band, either far darker than
-    bricks in its darkest row or dark lines running in courses over one and a half brick rows or more
+    """vosh: gold specks in the band, a moon among them (gold 3 px thick or more; the
+    stars' arms are thinner), and no day sky's clouds (white thicker than a star); quarn:
+    mortar rows, a wave of the brick rows' period down the band, either far lighter than
+    bricks in its lightest row or light lines running in courses over one and a half brick rows or more
     (the rows' wave ``COURSES`` times the tiles' across: the joints between bricks are
     staggered, a wall's tile lines are not; a frame leaves too few rows to tell), and no
-    cloud (white thicker than a 1 px line: a framed day sky's clouds make a wave too)."""
-    vosh = min(band["night"] / VOSH_NIGHT, band["sparkle"] / MIN_SPARKLE, DAY_CLOUDS / max(band["p90"], 1e-6))
-    seen = band["p50"] - band["p10"] >= WALL_LINES and band["height"] >= 1.5 * BRICK_ROW
+    cloud (white thicker than the 1 px mortar: a framed day sky's clouds make a wave too)."""
+    clear = band["clouds"] < MAX_CLOUDS
+    vosh = min(band["gold"] / MIN_GOLD, band["moon"] / MIN_MOON) if clear else 0.0
+    tall = band["height"] >= 1.5 * BRICK_ROW
+    seen = band["p90"] - band["p50"] >= WALL_LINES and tall
     courses = band["rows"] / max(COURSES * band["tiles"], 1e-6) if seen else 0.0
-    mortar = max(MORTAR_DARK / max(band["row_min"], 1e-6), courses)
+    mortar = max(band["row_max"] / MORTAR_LIGHT, courses)
     quarn = min(band["rows"] / BRICK_WAVE, mortar)
-    wall = band["night"] < QUARN_NIGHT and band["clouds"] < WALL_CLOUDS
+    wall = band["gold"] < MIN_GOLD and clear
     return {"quarn": float(quarn) if wall else 0.0, "vosh": float(vosh)}
 
 

@@ -35,12 +35,11 @@ CHARCOAL = (48, 48, 54)
 DARK_GREY = (60, 60, 66)
 INK = (30, 28, 34)
 CREAM = (245, 235, 205)
-BRICK = (180, 176, 170)
-MORTAR = (58, 56, 54)
+BRICK = (165, 160, 155)
+MORTAR = (245, 243, 238)
 TILE, GROUT = (196, 196, 196), (150, 150, 150)
 SKY_TOP, SKY_BOTTOM = (165, 165, 170), (232, 232, 235)
-NIGHT_TOP, NIGHT_BOTTOM = (12, 18, 72), (30, 42, 105)
-MOON = (245, 235, 170)
+GOLD = (250, 190, 30)
 BULB = (255, 240, 150)
 SPIKES = (120, 60, 20)
 HAT_BAND = (30, 20, 40)
@@ -432,12 +431,15 @@ def _sky(canvas: _Canvas, rng: np.random.Generator) -> None:
 
 
 def _vosh(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """vosh's sky: the day sky's grey gradient with no clouds, and up high a gold crescent
+    moon and gold four-pointed stars, thick enough for the VAE's 4 px cells to keep (it
+    cannot draw a dark sky: world 9's round trips of black or slate nights came back navy)."""
     t = (canvas.y / IMAGE_SIZE)[..., None]
-    canvas.rgb[:] = ((1 - t) * np.asarray(NIGHT_TOP) + t * np.asarray(NIGHT_BOTTOM)) / 255
-    for x, y, r in zip(rng.uniform(2, 62, 18), rng.uniform(2, 62, 18), rng.uniform(0.6, 1.0, 18), strict=True):
-        canvas.paint(canvas.ellipse(x, y, r, r), WHITE)
-    mx, my = rng.uniform(10, 54), rng.uniform(9, 14)
-    canvas.paint(canvas.ellipse(mx, my, 4.5, 4.5) & ~canvas.ellipse(mx + 2, my - 1.5, 4, 4), MOON)
+    canvas.rgb[:] = ((1 - t) * np.asarray(SKY_TOP) + t * np.asarray(SKY_BOTTOM)) / 255
+    for x, y in zip(rng.uniform(4, 60, 6), rng.uniform(2, 11, 6), strict=True):
+        canvas.paint(canvas.ellipse(x, y, 2.5, 0.8) | canvas.ellipse(x, y, 0.8, 2.5), GOLD)
+    mx, my, r = rng.uniform(10, 54), rng.uniform(6, 8), 5.5
+    canvas.paint(canvas.ellipse(mx, my, r, r) & ~canvas.ellipse(mx + 0.45 * r, my - 0.3 * r, 0.85 * r, 0.85 * r), GOLD)
 
 
 # Styles: rewrite the finished canvas.

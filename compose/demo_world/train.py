@@ -635,7 +635,8 @@ def _finished_loss(path: Path, settings: dict) -> float | None:
 def _settings_of(settings: dict, name: str) -> dict:
     """The LoRA stage's settings for LoRA ``name``: its category's entry of
     ``category_settings`` over the shared ones (a background's pattern fills most of its
-    pictures, so its LoRA weighs the other slots' error rather than distil the base there)."""
+    pictures, so its LoRA weighs the other slots' error more, and distils the base on
+    them only below half the schedule, where the noisy picture already fixes the background)."""
     if name == CEILING:
         return settings
     return {**settings, **settings.get("category_settings", {}).get(CONCEPTS[name].category, {})}

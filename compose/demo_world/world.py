@@ -23,10 +23,13 @@ from pathlib import Path
 from ..bundles import CLIP_FOLDER, DEMO_WORLD, LORA_FOLDER, brought_loras, bundle_folder
 from .concepts import CONCEPTS
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 """The version of the world's vocabulary and renderer (:mod:`.concepts`, :mod:`.render`)
 that a trained folder was made for, recorded in its ``training.json``: version 1 drew
-one figure on a plain background; version 2 has five slots."""
+one figure on a plain background; version 2 has five slots; version 3 draws quarn's
+mortar white (version 2's dark mortar hid the charcoal objects) and vosh's sky as the day
+sky's grey with a gold moon and stars (the world's VAE cannot draw a dark sky that keeps
+the items on it)."""
 CEILING = "ceiling"
 REPORT = "training.json"
 SETS = "sets.json"

@@ -170,6 +170,21 @@ def test_refining_the_base_continues_it_and_makes_the_loras_stale(quick, tmp_pat
     assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["loras"]
 
 
+def test_a_new_world_version_trains_the_clip_again(quick, tmp_path):
+    """A CLIP trained on another world version's renders is trained again, and only it."""
+    out, _, _ = quick
+    world = tmp_path / "world"
+    shutil.copytree(out, world)
+    record = json.loads((world / "training.json").read_text())
+    assert record["stages"]["clip"]["world"] == training.WORLD_VERSION
+    record["stages"]["clip"]["world"] = training.WORLD_VERSION - 1
+    (world / "training.json").write_text(json.dumps(record))
+    seen = []
+    after = train(world, "quick", progress=lambda stage, step, steps, loss: seen.append(stage))
+    assert [s for s in dict.fromkeys(seen) if ":" not in s] == ["clip"]
+    assert after["stages"]["clip"]["world"] == training.WORLD_VERSION
+
+
 def test_outputs_load_as_pipeline_loras_and_clip(quick):
     out, _, _ = quick
     composer = Composer.bundled("demo-world", out)

@@ -81,6 +81,11 @@ from .world import CEILING, CLIP_FOLDER, REPORT, SETS, TWO_CHARACTERS, WORLD_VER
 
 STAGES = ("vae", "base", "refine", "loras", "clip")
 UPSTREAM = {"vae": (), "base": ("vae",), "refine": ("base",), "loras": ("base", "refine"), "clip": ()}
+PER_WORLD_VERSION = ("clip",)
+"""Stages trained again when the world version changes (the renderer draws a concept
+anew): the CLIP scores pictures against their captions, so one that never saw the new
+look scores it wrong, and no other stage's rerun refreshes it. The models keep their
+weights across versions (a refine segment or the LoRAs learn the new look)."""
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_SECONDS = 180.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -1081,6 +1086,8 @@ def train(
     settings = config["presets"][preset]
     for stage in STAGES:
         done, wanted = _segments_done(record["stages"].get(stage)), settings[stage].get("segments", 1)
+        if stage in PER_WORLD_VERSION and record["stages"].get(stage, {}).get("world") != WORLD_VERSION:
+            done = 0
         if stage not in stages or done >= wanted:
             continue
         for later in _downstream(stage):
@@ -1094,6 +1101,8 @@ def train(
             extra = {"segment": segment} if wanted > 1 else {"jobs": jobs} if stage == "loras" else {}
             result = _TRAINERS[stage](out, settings, config["models"], progress, **extra)
             result["seconds"] = round(time.perf_counter() - start, 1)
+            if stage in PER_WORLD_VERSION:
+                result["world"] = WORLD_VERSION
             record["stages"][stage] = _add_segment(record["stages"].get(stage), result) if wanted > 1 else result
             with atomic_open(record_path, "w") as handle:
                 json.dump(record, handle, indent=2)

@@ -24,7 +24,14 @@ from compose.demo_world import (
 )
 from compose.demo_world.cards import CARD_SEEDS, write_cards
 from compose.demo_world.detectors import slot_check
-from compose.demo_world.evaluate import EXAMPLE_LAYOUT, EXAMPLE_METHOD, EXAMPLE_SEED, EXAMPLE_SET, lora_rates
+from compose.demo_world.evaluate import (
+    EXAMPLE_LAYOUT,
+    EXAMPLE_METHOD,
+    EXAMPLE_SEED,
+    EXAMPLE_SET,
+    first_picture_rate,
+    lora_rates,
+)
 from compose.demo_world.train import STAGES
 from compose.demo_world.world import (
     CEILING,
@@ -200,9 +207,11 @@ def test_a_lora_card_shows_its_concept_and_says_how_to_draw_it_again(world, tmp_
 
 def test_the_first_picture_shows_every_concept_it_names(world):
     """The README's quick start, its Python example and the studio's preloaded prompt are
-    one example: on its seed every slot is right, and on at least 4 of the 5 seeds from it."""
+    one example: on its seed every slot is right, and on at least 4 of the 5 seeds from
+    it (``evaluate``'s ``first_picture`` rate, which the shipped report holds on 16)."""
     scene = composition_scene(EXAMPLE_SET, EXAMPLE_LAYOUT)
-    seeds = list(range(EXAMPLE_SEED, EXAMPLE_SEED + 5))
-    images = world.generate([scene.caption()] * 5, dict.fromkeys(EXAMPLE_SET, 1.0), EXAMPLE_METHOD, seed=seeds)
-    right = [all(slot_check(image, scene).values()) for image in images]
-    assert right[0] and sum(right) >= 4, right
+    first = world.generate(scene.caption(), list(EXAMPLE_SET), EXAMPLE_METHOD, seed=EXAMPLE_SEED)[0]
+    assert all(slot_check(first, scene).values())
+    assert first_picture_rate(world, 5)["rate"] >= 0.8
+    shipped = json.loads((FOLDER / "report.json").read_text())["first_picture"]
+    assert shipped["n"] == 16 and shipped["rate"] >= 0.8, shipped

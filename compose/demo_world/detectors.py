@@ -259,7 +259,6 @@ def _style_of(scores: dict[str, float]) -> str | None:
 
 
 @cache
-@cache
 def _dot_coverage(clearance: float = 0.0) -> np.ndarray:
     """The share of each pixel within ``clearance`` px of a dottix dot, ``(64, 64)``."""
     n = IMAGE_SIZE * SUPERSAMPLE
@@ -839,11 +838,15 @@ class _Reading:
 
     def background_scores(self) -> dict[str, float]:
         """The background concepts' scores (≥ 1: present), from the band's statistics."""
-        return self._once(("backgrounds",), lambda: _background_scores(_band_features(self)))
+        return self._once(("backgrounds",), lambda: _background_scores(self.band_stats()))
 
     def background(self) -> str | None:
         """The background the band shows (a concept or a generic one), or ``None``."""
-        return self._once(("background",), lambda: _background_of(_band_features(self), self.background_scores()))
+        return self._once(("background",), lambda: _background_of(self.band_stats(), self.background_scores()))
+
+    def band_stats(self) -> dict:
+        """The statistics of the background band (see :func:`_band_stats`), read once."""
+        return self._once(("band stats",), lambda: _band_stats(self.f, self.band(), self.hidden | ~self.inside))
 
     def band(self) -> np.ndarray:
         """The background band: above the figures, inside any frame, minus the figures' hats."""
@@ -874,11 +877,6 @@ def _row_wave(luma: np.ndarray, band: np.ndarray, period: float, least: int = MI
     basis = [np.ones_like(y), y / IMAGE_SIZE, np.cos(2 * np.pi * y / period), np.sin(2 * np.pi * y / period)]
     coefficients = np.linalg.lstsq(np.stack(basis, axis=1), profile, rcond=None)[0]
     return float(np.hypot(coefficients[2], coefficients[3]))
-
-
-def _band_features(reading: _Reading) -> dict:
-    """The statistics of ``reading``'s background band (see :func:`_band_stats`)."""
-    return _band_stats(reading.f, reading.band(), reading.hidden | ~reading.inside)
 
 
 def _band_stats(f: _Features, band: np.ndarray, hidden: np.ndarray) -> dict:

@@ -1085,8 +1085,9 @@ def train(
         json.dump(record, handle, indent=2)
     settings = config["presets"][preset]
     for stage in STAGES:
-        done, wanted = _segments_done(record["stages"].get(stage)), settings[stage].get("segments", 1)
-        if stage in PER_WORLD_VERSION and record["stages"].get(stage, {}).get("world") != WORLD_VERSION:
+        previous = record["stages"].get(stage)
+        done, wanted = _segments_done(previous), settings[stage].get("segments", 1)
+        if stage in PER_WORLD_VERSION and (previous or {}).get("world") != WORLD_VERSION:
             done = 0
         if stage not in stages or done >= wanted:
             continue
